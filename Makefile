@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` and `make test`. Both build .venv first (again when pyproject.toml changes).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DEMO_OUT ?= out/demo
+
+# Spark's Python workers must run the venv's interpreter (else "No module named cv2"); local runs stay on loopback.
+export PYSPARK_PYTHON        := $(abspath $(BIN)/python)
+export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN)/python)
+export SPARK_LOCAL_IP        ?= 127.0.0.1
+export TF_CPP_MIN_LOG_LEVEL  ?= 2
+
+.PHONY: demo test venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	DEMO_OUT=$(DEMO_OUT) bash scripts/demo.sh
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,1 @@
+"""Image code that runs anywhere (no Spark): decoding, enhancement, the per-image pipeline."""
