@@ -1,0 +1,45 @@
+"""What every spark-submit entry point shares: common flags, logging, config, the session, exit codes."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Callable, Mapping
+
+from cxr.config import load_config
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--conf", help="a YAML file (or a profile name in conf/) layered over conf/default.yaml")
+    parser.add_argument("--master", help="Spark master URL; default: spark-submit's --master, else conf")
+    parser.add_argument("--log-level", default="INFO", help="log level of the job's own messages (default INFO)")
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("py4j", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_job(args: argparse.Namespace, overrides: Mapping[str, Any], body: Callable[[Any, dict], int | None]) -> int:
+    """Load config, start Spark, run body(spark, config); known user errors exit 2 with one clear line."""
+    from cxr.spark.session import get_spark
+
+    setup_logging(args.log_level)
+    config = load_config(args.conf, overrides)
+    spark = get_spark(config, master=args.master)
+    try:
+        return int(body(spark, config) or 0)
+    except (FileNotFoundError, ValueError) as exc:
+        logging.getLogger("cxr").error("%s", exc)
+        return 2
+    except RuntimeError as exc:
+        if type(exc).__name__ == "OutputExistsError":
+            logging.getLogger("cxr").error("%s", exc)
+            return 2
+        raise
+    finally:
+        spark.stop()

@@ -1,0 +1,55 @@
+"""A batch of files (path, content) -> a batch of preprocessed rows, each either an image or a rejection.
+
+Pandas in, pandas out, so that Spark's mapInPandas can call it on Arrow batches and tests can call it
+without Spark. A file never escapes as an exception: whatever goes wrong becomes a row with a reason.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Mapping
+
+import pandas as pd
+
+from cxr.image.pipeline import PreprocessParams, preprocess_bytes
+from cxr.image.rejection import RejectedImage
+from cxr.labels import infer_label
+
+COLUMNS = ("path", "rel_path", "label", "sha256", "status", "stage", "reason", "image", "height", "width",
+           "orig_height", "orig_width", "orig_dtype", "source_format", "color_mode")
+
+
+def relative_to(path: str, root: str) -> str:
+    prefix = root.rstrip("/") + "/"
+    return path[len(prefix):] if path.startswith(prefix) else path.rsplit("/", 1)[-1]
+
+
+def process_file(path: str, content: bytes | None, root: str, params: PreprocessParams,
+                 aliases: Mapping[str, str]) -> dict:
+    rel = relative_to(path, root)
+    row = dict.fromkeys(COLUMNS)
+    row.update(path=path, rel_path=rel, label=infer_label(rel, aliases), status="error")
+    try:
+        data = bytes(content) if content is not None else b""
+        row["sha256"] = hashlib.sha256(data).hexdigest()
+        decoded, image = preprocess_bytes(data, params)
+    except RejectedImage as exc:
+        row.update(stage=exc.stage, reason=exc.reason)
+        return row
+    except MemoryError:
+        row.update(stage="decode", reason="ran out of memory while decoding this image")
+        return row
+    except Exception as exc:  # a file must never crash the job: report what happened instead
+        row.update(stage="internal", reason=f"unexpected {type(exc).__name__} while preprocessing: {exc}")
+        return row
+    row.update(status="ok", image=image.tobytes(), height=int(image.shape[0]), width=int(image.shape[1]),
+               orig_height=decoded.orig_height, orig_width=decoded.orig_width, orig_dtype=decoded.orig_dtype,
+               source_format=decoded.source_format, color_mode=decoded.color_mode)
+    return row
+
+
+def process_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, aliases: Mapping[str, str]) -> pd.DataFrame:
+    rows = [process_file(p, c, root, params, aliases) for p, c in zip(frame["path"], frame["content"])]
+    out = pd.DataFrame(rows, columns=list(COLUMNS))
+    for col in ("height", "width", "orig_height", "orig_width"):
+        out[col] = out[col].astype("Int32")
+    return out

@@ -1,0 +1,94 @@
+"""Reading image archives with Spark's binaryFile source and preprocessing them on the executors.
+
+Shared by the preprocess job and the score job, so that both read, filter and prepare files the same way.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping, Sequence
+
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from cxr.image.batch import process_frame
+from cxr.image.pipeline import PreprocessParams
+
+PREPROCESSED_SCHEMA = T.StructType([
+    T.StructField("path", T.StringType()),
+    T.StructField("rel_path", T.StringType()),
+    T.StructField("label", T.StringType()),
+    T.StructField("sha256", T.StringType()),
+    T.StructField("status", T.StringType()),
+    T.StructField("stage", T.StringType()),
+    T.StructField("reason", T.StringType()),
+    T.StructField("image", T.BinaryType()),
+    T.StructField("height", T.IntegerType()),
+    T.StructField("width", T.IntegerType()),
+    T.StructField("orig_height", T.IntegerType()),
+    T.StructField("orig_width", T.IntegerType()),
+    T.StructField("orig_dtype", T.StringType()),
+    T.StructField("source_format", T.StringType()),
+    T.StructField("color_mode", T.StringType()),
+])
+
+
+def _case_insensitive(ext: str) -> str:
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in ext)
+
+
+def extension_glob(extensions: Sequence[str]) -> str:
+    """A Hadoop glob matching file names ending in any extension, in any letter case (*.{[pP][nN][gG],...})."""
+    return "*.{" + ",".join(_case_insensitive(e.lstrip(".")) for e in extensions) + "}"
+
+
+def _reader(spark: SparkSession):
+    return spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+
+
+def _relative(root: str) -> Column:
+    return F.substring(F.col("path"), len(root.rstrip("/")) + 2, 1 << 30)
+
+
+def _extension_ok(extensions: Sequence[str]) -> Column:
+    pattern = r"\.(" + "|".join(re.escape(e.lstrip(".").lower()) for e in extensions) + r")$"
+    return F.lower(F.col("path")).rlike(pattern)
+
+
+def _in_excluded_dir(root: str, exclude_dirs: Sequence[str]) -> Column:
+    if not exclude_dirs:
+        return F.lit(False)
+    pattern = r"(^|/)(" + "|".join(re.escape(d.lower()) for d in exclude_dirs) + r")/"
+    return F.lower(_relative(root)).rlike(pattern)
+
+
+def list_files(spark: SparkSession, root: str, extensions: Sequence[str], exclude_dirs: Sequence[str],
+               max_bytes: int) -> DataFrame:
+    """Every file under root (names only, no content read) with what the job will do with it:
+    `read`, `too_large`, `ignored_extension` or `ignored_dir`."""
+    listing = _reader(spark).load(root).select("path", "length")
+    kind = (F.when(~_extension_ok(extensions), "ignored_extension")
+            .when(_in_excluded_dir(root, exclude_dirs), "ignored_dir")
+            .when(F.col("length") > max_bytes, "too_large")
+            .otherwise("read"))
+    return listing.withColumn("kind", kind).withColumn(
+        "extension", F.lower(F.regexp_extract(F.col("path"), r"(\.[^./]+)$", 1)))
+
+
+def read_contents(spark: SparkSession, root: str, extensions: Sequence[str], exclude_dirs: Sequence[str],
+                  max_bytes: int) -> DataFrame:
+    """(path, content) of the files to read. The extension glob and the length filter are pushed into the
+    file source, so that other files and oversized ones are never loaded into memory."""
+    df = (_reader(spark).option("pathGlobFilter", extension_glob(extensions)).load(root)
+          .where(F.col("length") <= max_bytes))
+    return df.where(~_in_excluded_dir(root, exclude_dirs)).select("path", "content")
+
+
+def preprocess_images(files: DataFrame, root: str, params: PreprocessParams, aliases: Mapping[str, str]) -> DataFrame:
+    """Decode + equalize + brighten + resize on the executors, one Arrow batch at a time."""
+
+    def run(batches):
+        for frame in batches:
+            yield process_frame(frame, root, params, aliases)
+
+    return files.mapInPandas(run, schema=PREPROCESSED_SCHEMA)

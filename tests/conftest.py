@@ -1,0 +1,41 @@
+"""Shared fixtures: one real local[2] SparkSession for the whole test session (a start costs ~10 s)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def shared_data(name: str) -> Path:
+    """A folder of ../shared/data, or skip the test saying why (only where ../shared is absent)."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real data folder {path} is absent (it lives in ../shared beside the project)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def config():
+    from cxr.config import load_config
+
+    return load_config()
+
+
+@pytest.fixture(scope="session")
+def spark(config):
+    from cxr.spark.session import get_spark
+
+    session = get_spark(config, master="local[2]", app_name="cxr-tests",
+                        extra_conf={"spark.sql.shuffle.partitions": 4, "spark.ui.enabled": False,
+                                    "spark.ui.showConsoleProgress": False})
+    yield session
+    session.stop()
