@@ -324,7 +324,10 @@ def _display_values(arr: np.ndarray, ds, dtype, *, invert: bool) -> np.ndarray:
     else:
         src = arr
     values = apply_modality_lut(src, ds)  # stored values -> modality values (e.g. slope/intercept)
-    shown = _cv_ready(apply_voi_lut(values, ds, index=0))  # the window / VOI LUT the modality chose
+    shown = apply_voi_lut(values, ds, index=0)  # the window / VOI LUT the modality chose
+    if shown is not values and "VOILUTSequence" not in ds and float(ds.get("RescaleSlope") or 1) < 0:
+        shown = -shown  # pydicom 3.0 maps a window onto a range flipped by a negative slope: undo that
+    shown = _cv_ready(shown)
     if _is_constant(shown):
         shown = values  # a window that misses every pixel would blank a real image: ignore it
     out = _stretch(shown, dtype, invert=invert)
