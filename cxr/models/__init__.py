@@ -1,0 +1,1 @@
+"""Model builders (Keras) and the one place models are saved and loaded (Keras and cxr.nn)."""

@@ -1,0 +1,233 @@
+"""Saving and loading both kinds of model behind one interface: `load_predictor(model_dir)`.
+
+A model directory holds the weights (model.keras for Keras, model.npz + model.json for cxr.nn) and
+metrics.json: how it was trained and on what data, including the preprocess params that scoring must
+repeat on raw images. Nothing is ever unpickled: Keras models load with safe_mode=True (a Lambda layer or
+any other arbitrary code is refused) and cxr.nn reads .npz with allow_pickle=False.
+
+Spark workers import this module: TensorFlow is imported only when a Keras model is actually loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from cxr import CLASSES
+
+METRICS_FILE = "metrics.json"
+KERAS_FILE = "model.keras"
+SCRATCH_FILES = ("model.json", "model.npz")
+SCHEMA = "cxr.model/1"
+
+
+class UnsafeModelError(ValueError):
+    """A model file that cannot be loaded without running code it carries (or is not a model at all)."""
+
+
+def write_metadata(model_dir: str | Path, metadata: Mapping[str, Any]) -> Path:
+    path = Path(model_dir) / METRICS_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True, default=_json_default) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_metadata(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: not a model directory written by cxr")
+    return json.loads(path.read_text())
+
+
+def model_kind(model_dir: str | Path) -> str:
+    d = Path(model_dir)
+    if (d / KERAS_FILE).is_file():
+        return "keras"
+    if all((d / f).is_file() for f in SCRATCH_FILES):
+        return "scratch"
+    raise FileNotFoundError(f"{d} holds neither {KERAS_FILE} nor {' + '.join(SCRATCH_FILES)}")
+
+
+def save_keras(model, model_dir: str | Path, metadata: Mapping[str, Any]) -> Path:
+    d = Path(model_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    model.save(d / KERAS_FILE)
+    write_metadata(d, {**metadata, "kind": "keras", "files": [KERAS_FILE, METRICS_FILE]})
+    return d
+
+
+def save_scratch(net, model_dir: str | Path, metadata: Mapping[str, Any]) -> Path:
+    from cxr.nn.io import save
+
+    d = Path(model_dir)
+    save(net, d, metadata={"name": metadata.get("name"), "classes": list(CLASSES), "input": metadata.get("input")})
+    write_metadata(d, {**metadata, "kind": "scratch", "files": [*SCRATCH_FILES, METRICS_FILE]})
+    return d
+
+
+def list_models(models_dir: str | Path) -> list[Path]:
+    """Model directories directly under models_dir (those with metrics.json and weights), by name."""
+    root = Path(models_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"models folder does not exist: {models_dir}")
+    found = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            model_kind(d)
+        except FileNotFoundError:
+            continue
+        if (d / METRICS_FILE).is_file():
+            found.append(d)
+    return found
+
+
+_TF_LIMITED = False
+
+
+def limit_tf_threads(threads: int = 1) -> None:
+    """One TF thread per Python worker: Spark already runs one worker per core (only works before TF starts)."""
+    global _TF_LIMITED
+    if _TF_LIMITED:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # TF already initialised in this process (e.g. the driver): keep its pools
+        pass
+    _TF_LIMITED = True
+
+
+class Predictor:
+    """`.predict_proba(x)` on float32 (N, H, W, 1) in [0, 1] at the preprocess size -> (N, 3) probabilities
+    in cxr.CLASSES order; `.metadata` is the model's metrics.json (with the preprocess params)."""
+
+    kind = "?"
+
+    def __init__(self, model_dir: Path, metadata: dict, batch_size: int = 64):
+        self.model_dir = Path(model_dir)
+        self.metadata = metadata
+        self.name = metadata.get("name", self.model_dir.name)
+        self.batch_size = int(batch_size)
+        inp = metadata.get("input") or {}
+        self.input_size = tuple(inp.get("data_size") or ())  # (H, W) the preprocess job wrote
+        self.model_size = tuple(inp.get("model_size") or self.input_size)
+
+    def _check(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim == 3:
+            x = x[..., None]
+        if x.ndim != 4 or x.shape[-1] != 1:
+            raise ValueError(f"expected images (N, H, W, 1), got shape {x.shape}")
+        if self.input_size and tuple(x.shape[1:3]) != self.input_size:
+            raise ValueError(f"model {self.name} expects {self.input_size[0]}x{self.input_size[1]} images "
+                             f"(preprocess.size={self.metadata.get('preprocess', {}).get('size')}), got "
+                             f"{x.shape[1]}x{x.shape[2]}")
+        return x.astype(np.float32, copy=False)
+
+    def _resize(self, x: np.ndarray) -> np.ndarray:
+        """Scratch models may train on a smaller copy of each image (area averaging): same here."""
+        if not self.model_size or tuple(x.shape[1:3]) == self.model_size:
+            return x
+        return resize_batch(x, self.model_size)
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+def resize_batch(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    h, w = size
+    out = np.empty((x.shape[0], h, w, 1), np.float32)
+    for i in range(x.shape[0]):
+        out[i, :, :, 0] = cv2.resize(x[i, :, :, 0], (w, h), interpolation=cv2.INTER_AREA)
+    return out
+
+
+class KerasPredictor(Predictor):
+    kind = "keras"
+
+    def __init__(self, model_dir: Path, metadata: dict, batch_size: int = 64):
+        super().__init__(model_dir, metadata, batch_size)
+        self.model = load_keras(Path(model_dir) / KERAS_FILE)
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        x = self._resize(self._check(x))
+        out = np.empty((x.shape[0], len(CLASSES)), np.float32)
+        for start in range(0, x.shape[0], self.batch_size):
+            chunk = x[start:start + self.batch_size]
+            out[start:start + len(chunk)] = np.asarray(self.model(chunk, training=False))
+        return out
+
+
+class ScratchPredictor(Predictor):
+    kind = "scratch"
+
+    def __init__(self, model_dir: Path, metadata: dict, batch_size: int = 64):
+        super().__init__(model_dir, metadata, batch_size)
+        from cxr.nn.io import load
+
+        self.model = load(model_dir)
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        x = self._resize(self._check(x))
+        return np.asarray(self.model.predict_proba(x, batch_size=self.batch_size), dtype=np.float32)
+
+
+def load_keras(path: str | Path):
+    """keras.saving.load_model with safe_mode=True: refuses Lambda layers and other embedded code."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except ValueError as exc:
+        if "safe_mode" in str(exc) or "lambda" in str(exc).lower():
+            raise UnsafeModelError(f"{path}: refused to load, it would run embedded code: {exc}") from exc
+        raise
+
+
+def load_predictor(model_dir: str | Path, batch_size: int = 64) -> Predictor:
+    """The model in model_dir (either kind) behind Predictor's interface."""
+    d = Path(model_dir)
+    metadata = read_metadata(d)
+    kind = model_kind(d)
+    if metadata.get("kind") not in (None, kind):
+        raise ValueError(f"{d}: metrics.json says kind={metadata.get('kind')!r} but the files are {kind}")
+    cls = KerasPredictor if kind == "keras" else ScratchPredictor
+    return cls(d, metadata, batch_size=batch_size)
+
+
+_CACHE: dict[tuple, Predictor] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def cached_predictor(model_dir: str | Path, batch_size: int = 64, tf_threads: int | None = 1) -> Predictor:
+    """For Spark workers: load each model once per Python worker (reused across tasks), keyed by path and
+    modification time so a model rewritten in place is not served stale."""
+    d = Path(model_dir).resolve()
+    kind = model_kind(d)
+    stamp = max((d / f).stat().st_mtime_ns for f in ([KERAS_FILE] if kind == "keras" else SCRATCH_FILES))
+    key = (str(d), stamp, (d / METRICS_FILE).stat().st_mtime_ns, batch_size)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            if kind == "keras" and tf_threads:
+                limit_tf_threads(tf_threads)
+            _CACHE[key] = load_predictor(d, batch_size=batch_size)
+        return _CACHE[key]
