@@ -83,6 +83,7 @@ RASTER = {
     "jpeg_cmyk": (_encode(Image.fromarray(RGB).convert("CMYK"), "JPEG", quality=92), "JPEG", "CMYK", np.uint8, 6, 1.5),
     "webp_lossless": (_encode(Image.fromarray(RGB), "WEBP", lossless=True), "WEBP", "RGB", np.uint8, 1, 0.6),
     "gif": (_encode(Image.fromarray(GRAY), "GIF"), "GIF", "P", np.uint8, 0, 0),  # Pillow opens GIFs as palette
+    "jpeg2000": (_encode(Image.fromarray(GRAY16), "JPEG2000"), "JPEG2000", "I;16", np.uint16, 0, 0),  # lossless
 }
 
 
@@ -105,7 +106,7 @@ def test_raster_matches_pillow(case):
     assert diff.max() <= max_diff and diff.mean() <= mean_diff, (diff.max(), diff.mean())
 
 
-@pytest.mark.parametrize("case", ["png16", "tiff16"])
+@pytest.mark.parametrize("case", ["png16", "tiff16", "jpeg2000"])
 def test_16bit_keeps_high_byte(case):
     result = decode_image(RASTER[case][0])
     assert result.pixels.max() > 255  # not truncated to the low byte, not scaled down to 8 bits
