@@ -6,7 +6,6 @@ writes
 
     OUT/COVID/   OUT/NORMAL/   OUT/VIRAL/    class folders: valid images in mixed formats, plus broken files
     OUT/MANIFEST.csv                         relative_path,class,patient_id,sha256 of every *valid* image
-    OUT/.cxr-synth.json                      the summary (hidden: Spark/Hadoop listings skip dot-files)
 
 The images are drawn, not sampled from real data: a body with shoulders and neck, two dark lung fields,
 heart shadow, spine, clavicles, ribs as faint bright arcs and vascular markings from the hila, then a
@@ -46,7 +45,6 @@ import cv2
 import numpy as np
 
 CLASSES = ("COVID", "NORMAL", "VIRAL")
-MARKER = ".cxr-synth.json"
 MANIFEST = "MANIFEST.csv"
 MIN_SIZE = 32
 
@@ -588,29 +586,43 @@ def _plan_class(cls: str, ci: int, per_class: int, seed: int) -> list[dict]:
     return plan
 
 
+_MANIFEST_HEADER = "relative_path,class,patient_id,sha256"
+
+
+def _is_ours(out: Path) -> bool:
+    """An earlier cxr.synth output: a MANIFEST.csv with our header, and no folders but the class folders."""
+    try:
+        with open(out / MANIFEST, encoding="utf-8") as f:
+            header = f.readline().strip()
+    except OSError:
+        return False
+    dirs = {p.name for p in out.iterdir() if p.is_dir()}
+    return header == _MANIFEST_HEADER and dirs <= set(CLASSES)
+
+
 def _prepare_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
-        if not (out / MARKER).exists():
-            raise FileExistsError(f"{out} is not empty and was not written by cxr.synth "
-                                  f"(no {MARKER}); refusing to write into it")
+        if not _is_ours(out):
+            raise FileExistsError(f"{out} is not empty and does not look like an earlier cxr.synth output "
+                                  f"(no {MANIFEST} with header {_MANIFEST_HEADER}); refusing to write into it")
         for cls in CLASSES:
             shutil.rmtree(out / cls, ignore_errors=True)
-        for name in (MANIFEST, MARKER):
-            (out / name).unlink(missing_ok=True)
+        (out / MANIFEST).unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
 def generate_archive(out_dir, per_class: int = 40, size: int = 256, seed: int = 0, broken: bool = True) -> dict:
-    """Write the synthetic archive to out_dir; return a summary dict (also saved as out_dir/.cxr-synth.json).
+    """Write the synthetic archive to out_dir; return a summary dict (`python -m cxr.synth OUT --json` prints it).
 
     Summary keys: seed, per_class, size, classes (valid files per class, duplicate included),
     formats (valid files per format), n_valid, n_patients, images (one dict per valid file: path,
     class, format, patient_id, shape, dtype), duplicates ([{path, original}]), broken ([{path,
     class, problem}]), manifest (file name).
 
-    Rewriting a directory made by an earlier run replaces its class folders; any other non-empty
+    Rewriting a directory made by an earlier run (MANIFEST.csv with this header, only class folders)
+    replaces its class folders and manifest, leaving other files there alone; any other non-empty
     directory is refused (FileExistsError).
     """
     if per_class < 1:
@@ -668,7 +680,7 @@ def generate_archive(out_dir, per_class: int = 40, size: int = 256, seed: int = 
     images.sort(key=lambda d: d["path"])
     with open(out / MANIFEST, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(["relative_path", "class", "patient_id", "sha256"])
+        w.writerow(_MANIFEST_HEADER.split(","))
         for d in images:
             w.writerow([d["path"], d["class"], d["patient_id"], d["sha256"]])
 
@@ -688,7 +700,6 @@ def generate_archive(out_dir, per_class: int = 40, size: int = 256, seed: int = 
         "broken": broken_list,
         "manifest": MANIFEST,
     }
-    (out / MARKER).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return summary
 
 
