@@ -75,3 +75,11 @@ def test_lazy_build_and_initialisers_like_keras():
     assert k.dtype == np.float32 and np.abs(k).max() <= limit
     assert k.std() == pytest.approx(limit / np.sqrt(3), rel=0.05)  # uniform, not normal
     assert not net.layers[1].params["bias"].any()
+
+
+def test_conv_inference_in_chunks_equals_whole_batch():
+    x, _ = blobs(23)
+    net = cnn((8, 8, 1), 3, filters=3, hidden=4, padding="same", seed=1)
+    whole = net.predict_proba(x, batch_size=None)
+    net.layers[0].max_inference_cols_bytes = 3 * 8 * 8 * 9 * 4  # three samples per chunk
+    np.testing.assert_allclose(net.predict_proba(x, batch_size=None), whole, rtol=1e-6, atol=1e-7)

@@ -3,7 +3,7 @@
 Every layer works on a whole batch at once: convolutions are im2col + one matmul, pooling is a
 reshape. The only Python loops are over kernel offsets (9 for a 3x3 kernel), never over samples
 or pixels. A layer keeps what backward needs only when forward is called with ``training=True``,
-so inference calls can share one network between threads.
+and inference leaves the layer untouched, so threads can share one network for prediction.
 """
 
 from __future__ import annotations
@@ -164,13 +164,26 @@ class Conv2D(Layer):
         cols = win.transpose(0, 1, 2, 4, 5, 3).reshape(n * ho * wo, kh * kw * c)
         return cols, (n, ho, wo)
 
+    # Inference on big images goes through im2col in sample chunks so the column matrix stays
+    # below this size; training keeps the whole batch's columns for the kernel gradient.
+    max_inference_cols_bytes = 64 * 2**20
+
     def forward(self, x, training=False):
+        kh, kw = self.kernel_size
+        per_sample = np.prod(self.compute_output_shape(x.shape[1:])[:2]) * kh * kw * x.shape[3] * x.itemsize
+        chunk = max(1, int(self.max_inference_cols_bytes // max(per_sample, 1)))
+        if not training and x.shape[0] > chunk:
+            return np.concatenate([self._forward(x[i:i + chunk], False) for i in range(0, x.shape[0], chunk)])
+        return self._forward(x, training)
+
+    def _forward(self, x, training):
         cols, (n, ho, wo) = self._im2col(x)
         k = self.params["kernel"]
         y = cols @ k.reshape(-1, self.filters)
         if self.use_bias:
             y += self.params["bias"]
-        self._cache = (x.shape, cols) if training else None
+        if training:
+            self._cache = (x.shape, cols)
         return y.reshape(n, ho, wo, self.filters)
 
     def backward(self, dy, need_dx=True):
@@ -243,7 +256,8 @@ class DepthwiseConv2D(Layer):
         y = y.reshape(n, ho, wo, c * m)
         if self.use_bias:
             y += self.params["bias"]
-        self._cache = (x.shape, xp) if training else None
+        if training:
+            self._cache = (x.shape, xp)
         return y
 
     def backward(self, dy, need_dx=True):
@@ -294,7 +308,8 @@ class MaxPool2D(Layer):
         ph, pw = self.pool_size
         ho, wo = h // ph, w // pw
         y = x[:, :ho * ph, :wo * pw, :].reshape(n, ho, ph, wo, pw, c).max(axis=(2, 4))
-        self._cache = (x, y) if training else None
+        if training:
+            self._cache = (x, y)
         return y
 
     def backward(self, dy, need_dx=True):
@@ -321,7 +336,8 @@ class Flatten(Layer):
         return (int(np.prod(input_shape)),)
 
     def forward(self, x, training=False):
-        self._cache = x.shape if training else None
+        if training:
+            self._cache = x.shape
         return x.reshape(x.shape[0], -1)
 
     def backward(self, dy, need_dx=True):
@@ -358,7 +374,8 @@ class Dense(Layer):
         y = x @ self.params["kernel"]
         if self.use_bias:
             y += self.params["bias"]
-        self._cache = x if training else None
+        if training:
+            self._cache = x
         return y
 
     def backward(self, dy, need_dx=True):
@@ -374,7 +391,8 @@ class ReLU(Layer):
 
     def forward(self, x, training=False):
         y = np.maximum(x, 0)
-        self._cache = y if training else None
+        if training:
+            self._cache = y
         return y
 
     def backward(self, dy, need_dx=True):
@@ -398,7 +416,8 @@ class Softmax(Layer):
 
     def forward(self, x, training=False):
         y = softmax(x)
-        self._cache = y if training else None
+        if training:
+            self._cache = y
         return y
 
     def backward(self, dy, need_dx=True):
