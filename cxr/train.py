@@ -29,7 +29,9 @@ SCRATCH_FAMILIES = ("scratch-cnn", "scratch-dnn")
 ALL_MODELS = (*FAMILIES, *SCRATCH_FAMILIES)
 
 
-class ModelExistsError(RuntimeError):
+class OutputExistsError(RuntimeError):
+    """Model folders that would be overwritten (the CLI turns this into exit code 2)."""
+
     pass
 
 
@@ -222,7 +224,7 @@ def run(data_dir: str, out_dir: str, config: Mapping[str, Any], models: Sequence
     out = Path(out_dir)
     clashes = [t["name"] for t in todo if (out / t["name"]).exists()]
     if clashes and not overwrite:
-        raise ModelExistsError(f"{out} already holds {', '.join(clashes)}; pass --overwrite to replace them")
+        raise OutputExistsError(f"{out} already holds {', '.join(clashes)}; pass --overwrite to replace them")
 
     t0 = time.perf_counter()
     manifest, manifest_sha = read_manifest(data_dir)

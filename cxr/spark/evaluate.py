@@ -215,3 +215,18 @@ def run(spark: SparkSession, data_dir: str, models_dir: str, config: Mapping[str
         path.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
         log.info("wrote %s", path)
     return out
+
+
+def format_summary(evaluation: Mapping[str, Any]) -> str:
+    """The lines the jobs print: one per model, then the warnings."""
+    data = evaluation["data"]
+    lines = [f"evaluate: {data['images']} {evaluation['split']} images from {data['patients']} patients, "
+             f"{evaluation['partitions']} partitions, {evaluation['timings_s']['total']:.0f}s"]
+    for name, s in evaluation["models"].items():
+        lo, hi = s["accuracy_ci95"]
+        f1 = "n/a" if s["macro_f1"] is None else f"{s['macro_f1']:.4f}"
+        nv = s["normal_vs_viral"]["accuracy"]
+        lines.append(f"  {name:<14} accuracy {s['accuracy'] or 0:.4f} [{lo or 0:.3f}, {hi or 0:.3f}]  macro-F1 {f1}  "
+                     f"NORMAL-vs-VIRAL {'n/a' if nv is None else f'{nv:.4f}'}")
+    lines += [f"  warning: {w}" for w in evaluation["warnings"]]
+    return "\n".join(lines)

@@ -1,0 +1,34 @@
+"""spark-submit jobs/evaluate.py --data PRE_OUT --models MODELS_DIR [--split test]: score every model on the
+split across the executors, then write MODELS_DIR/evaluation_<split>.json and MODELS_DIR/report.md."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from cxr.cli import base_parser, run_job  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = base_parser(__doc__)
+    parser.add_argument("--data", required=True, help="the preprocess job's output folder")
+    parser.add_argument("--models", required=True, help="models folder written by jobs/train.py")
+    parser.add_argument("--split", help="split to evaluate (default: conf evaluate.split, i.e. test)")
+    parser.add_argument("--only", help="comma list of model names to evaluate (default: all in --models)")
+    parser.add_argument("--partitions", type=int, help="Spark partitions for the split's rows")
+    args = parser.parse_args(argv)
+    overrides = {"evaluate.split": args.split, "evaluate.partitions": args.partitions}
+
+    def body(spark, config):
+        from cxr.report import write_report
+        from cxr.spark.evaluate import format_summary, run
+
+        only = [m.strip() for m in args.only.split(",")] if args.only else None
+        evaluation = run(spark, args.data, args.models, config, models=only)
+        print(format_summary(evaluation))
+        print(f"report: {write_report(args.models, evaluation, split=evaluation['split'])}")
+
+    return run_job(args, overrides, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
