@@ -32,7 +32,6 @@ import functools
 import hashlib
 import io
 import json
-import math
 import os
 import shutil
 import struct
@@ -308,7 +307,7 @@ def _viral(F: _Frame, rng: np.random.Generator, severity: float) -> np.ndarray:
 
 
 def _extras(F: _Frame, rng: np.random.Generator, img: np.ndarray) -> None:
-    """Class-independent clutter: ECG electrodes and a lead marker letter, sometimes."""
+    """Class-independent clutter on the patient: ECG electrodes, sometimes."""
     S = F.S
     if rng.random() < 0.3:
         layer = np.zeros((S, S), np.uint8)
@@ -318,6 +317,11 @@ def _extras(F: _Frame, rng: np.random.Generator, img: np.ndarray) -> None:
             cv2.circle(layer, (int(x * 16), int(y * 16)), int(0.028 * S * 16), 110, max(1, int(F.k)),
                        cv2.LINE_AA, _SHIFT)
         img += 0.35 * _blur(layer.astype(np.float32) / 255.0, 0.5 * F.k)
+
+
+def _marker(F: _Frame, rng: np.random.Generator, img: np.ndarray) -> None:
+    """A lead side marker (on the detector, so drawn after the pose), sometimes."""
+    S = F.S
     if rng.random() < 0.5:
         layer = np.zeros((S, S), np.uint8)
         corner_x = rng.uniform(0.04, 0.12) if rng.random() < 0.5 else rng.uniform(0.82, 0.87)
@@ -382,10 +386,11 @@ def render_chest(label: str, size: int = 256, rng: np.random.Generator | int | N
 
     # pose: rotation of a few degrees, scale, shift; outside the canvas is air
     ang = rng.uniform(-4.0, 4.0)
-    scale = rng.uniform(0.92, 1.06)
-    M = cv2.getRotationMatrix2D((S / 2, S / 2), ang, scale)
+    scale = rng.uniform(1.0, 1.14)
+    M = cv2.getRotationMatrix2D((S / 2, 0.45 * S), ang, scale)
     M[:, 2] += rng.uniform(-0.04, 0.04, 2) * S
     img = cv2.warpAffine(img, M, (S, S), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    _marker(F, rng, img)
 
     # exposure: heel-effect gradient, gamma, contrast; then a class-independent mean brightness
     gx = np.linspace(-1, 1, S, dtype=np.float32)
@@ -485,7 +490,7 @@ def encode(img: np.ndarray, fmt: str, rng: np.random.Generator, *, patient_id: s
            study_date: str = "20200101") -> bytes:
     """Bytes of `img` (float [0, 1]) in one of FORMATS."""
     if fmt == "png8":
-        return _imencode(".png", _to_u8(img), [cv2.IMWRITE_PNG_COMPRESSION, 6])
+        return _imencode(".png", _to_u8(img))
     if fmt == "jpeg":
         return _imencode(".jpg", _to_u8(img), [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(85, 96))])
     if fmt == "png16":
