@@ -17,7 +17,13 @@ electrodes or a lead marker. The three classes differ only in lung texture:
     VIRAL   diffuse perihilar / interstitial streaky reticular texture radiating from both hila
 
 Every image's mean brightness is drawn from the same distribution whatever its class, so a
-global-brightness classifier is at chance while texture separates the classes.
+global-brightness classifier is at chance while texture separates the classes. Exposure, gamma and
+contrast vary a lot on purpose: a CNN learns the classes in a few epochs at 64x64 when each image is
+normalised (z-score, or histogram equalisation), much more slowly on raw [0, 1] pixels.
+
+Per class there are at most 6 special-format files (DICOM, 16-bit PNG, RGB JPEG, RGBA PNG, BMP,
+TIFF, upper-case extensions, a name with a space); the rest are 8-bit PNG and JPEG. With
+per_class < 6 the lower-priority specials are left out (DICOM comes first).
 
 Everything is a function of the seed: two runs with the same arguments give byte-identical files
 (no timestamps in PNG/TIFF/DICOM, DICOM UIDs derived from the seed). Same bytes are guaranteed for
