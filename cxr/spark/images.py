@@ -5,6 +5,7 @@ Shared by the preprocess job and the score job, so that both read, filter and pr
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote, urlsplit
 from typing import Mapping, Sequence
 
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -62,13 +63,30 @@ def _in_excluded_dir(root: str, exclude_dirs: Sequence[str]) -> Column:
     return F.lower(_relative(root)).rlike(pattern)
 
 
+def _as_path_column(uri: str) -> str:
+    """inputFiles() gives encoded URIs (file:///a%20b.png); the scan's path column has Hadoop's form (file:/a b.png)."""
+    parts = urlsplit(uri)
+    authority = f"//{parts.netloc}" if parts.netloc else ""
+    return f"{parts.scheme}:{authority}{unquote(parts.path)}" if parts.scheme else unquote(uri)
+
+
 def list_files(spark: SparkSession, root: str, extensions: Sequence[str], exclude_dirs: Sequence[str],
                max_bytes: int) -> DataFrame:
     """Every file under root (names only, no content read) with what the job will do with it:
-    `read`, `too_large`, `ignored_extension` or `ignored_dir`."""
-    listing = _reader(spark).load(root).select("path", "length")
+    `read`, `empty`, `too_large`, `ignored_extension` or `ignored_dir`.
+
+    Spark's file scan silently skips 0-byte files, so they are found from the file index itself
+    (inputFiles) and added back, to be reported rather than lost."""
+    nonempty = _reader(spark).load(root).select("path", "length")
+    every = _reader(spark).load(root).inputFiles()
+    listing = nonempty
+    if len(every) != nonempty.count():
+        indexed = spark.createDataFrame([(_as_path_column(p),) for p in every], "path string")
+        empty = indexed.join(nonempty, "path", "left_anti").withColumn("length", F.lit(0).cast("long"))
+        listing = nonempty.unionByName(empty)
     kind = (F.when(~_extension_ok(extensions), "ignored_extension")
             .when(_in_excluded_dir(root, exclude_dirs), "ignored_dir")
+            .when(F.col("length") == 0, "empty")
             .when(F.col("length") > max_bytes, "too_large")
             .otherwise("read"))
     return listing.withColumn("kind", kind).withColumn(

@@ -106,9 +106,9 @@ def run(spark: SparkSession, input_dir: str, output_dir: str, config: Mapping[st
     kinds = {r["kind"]: r["count"] for r in listing.groupBy("kind").count().collect()}
     ignored = {f"{r['kind']}{r['extension'] or '(none)'}": r["count"] for r in
                listing.where(F.col("kind").startswith("ignored")).groupBy("kind", "extension").count().collect()}
-    n_input = kinds.get("read", 0) + kinds.get("too_large", 0)
-    clock.lap("list", "%d files to read, %d too large, %d ignored %s", kinds.get("read", 0),
-              kinds.get("too_large", 0), sum(ignored.values()), ignored or "")
+    n_input = sum(n for kind, n in kinds.items() if not kind.startswith("ignored"))
+    clock.lap("list", "%d files to read, %d empty, %d too large, %d ignored %s", kinds.get("read", 0),
+              kinds.get("empty", 0), kinds.get("too_large", 0), sum(ignored.values()), ignored or "")
     if n_input == 0:
         log.warning("no image files under %s (extensions: %s)", input_dir, ", ".join(extensions))
 
@@ -119,12 +119,14 @@ def run(spark: SparkSession, input_dir: str, output_dir: str, config: Mapping[st
     status = {r["status"]: r["count"] for r in processed.groupBy("status").count().collect()}
     clock.lap("decode", "%d decoded, %d rejected", status.get("ok", 0), status.get("error", 0))
 
-    too_large = (listing.where(F.col("kind") == "too_large")
-                 .select("path", F.lit(None).cast("string").alias("sha256"), F.lit(None).cast("string").alias("label"),
-                         F.lit("read").alias("stage"),
-                         F.format_string(f"file is %d bytes, over the {pre['max_file_mb']} MB limit "
-                                         "(preprocess.max_file_mb): not read", F.col("length")).alias("reason")))
-    errors = processed.where(F.col("status") == "error").select(*ERROR_COLUMNS).unionByName(too_large)
+    unread = (listing.where(F.col("kind").isin("too_large", "empty"))
+              .select("path", F.lit(None).cast("string").alias("sha256"), F.lit(None).cast("string").alias("label"),
+                      F.lit("read").alias("stage"),
+                      F.when(F.col("kind") == "empty", F.lit("file is empty (0 bytes)"))
+                      .otherwise(F.format_string(f"file is %d bytes, over the {pre['max_file_mb']} MB limit "
+                                                 "(preprocess.max_file_mb): not read", F.col("length")))
+                      .alias("reason")))
+    errors = processed.where(F.col("status") == "error").select(*ERROR_COLUMNS).unionByName(unread)
 
     ranked = processed.where(F.col("status") == "ok").withColumn(
         "_rank", F.row_number().over(Window.partitionBy("sha256").orderBy("path")))
