@@ -159,10 +159,13 @@ class Conv2D(Layer):
         xp = _pad_input(x, kh, kw, self.padding)
         n, _, _, c = xp.shape
         ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
-        # (N, Ho, Wo, C, kh, kw) view -> (N*Ho*Wo, kh*kw*C) copy, rows ordered like the kernel.
-        win = sliding_window_view(xp, (kh, kw), axis=(1, 2))
-        cols = win.transpose(0, 1, 2, 4, 5, 3).reshape(n * ho * wo, kh * kw * c)
-        return cols, (n, ho, wo)
+        # (N*Ho*Wo, kh*kw*C), columns ordered like the reshaped kernel. One strided block copy per
+        # kernel offset is about twice as fast as copying a transposed sliding_window_view.
+        cols = np.empty((n, ho, wo, kh * kw, c), dtype=x.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                cols[:, :, :, i * kw + j, :] = xp[:, i:i + ho, j:j + wo, :]
+        return cols.reshape(n * ho * wo, kh * kw * c), (n, ho, wo)
 
     # Inference on big images goes through im2col in sample chunks so the column matrix stays
     # below this size; training keeps the whole batch's columns for the kernel gradient.
@@ -191,9 +194,11 @@ class Conv2D(Layer):
         kh, kw = self.kernel_size
         k = self.params["kernel"]
         dy2 = dy.reshape(-1, self.filters)
-        self.grads["kernel"] = (cols.T @ dy2).reshape(k.shape)
+        # Gradients go into the arrays allocated at build time: the optimizer holds references
+        # to them, and rewriting big arrays in place avoids a fresh allocation every step.
+        np.matmul(cols.T, dy2, out=self.grads["kernel"].reshape(-1, self.filters))
         if self.use_bias:
-            self.grads["bias"] = dy2.sum(axis=0)
+            np.sum(dy2, axis=0, out=self.grads["bias"])
         if not need_dx:
             return None
         n, h, w, c = x_shape
@@ -268,9 +273,9 @@ class DepthwiseConv2D(Layer):
         c, m = k.shape[2], k.shape[3]
         dy5 = dy.reshape(n, ho, wo, c, m)
         win = sliding_window_view(xp, (kh, kw), axis=(1, 2))
-        self.grads["kernel"] = np.einsum("nhwcij,nhwcm->ijcm", win, dy5, optimize=True)
+        self.grads["kernel"][...] = np.einsum("nhwcij,nhwcm->ijcm", win, dy5, optimize=True)
         if self.use_bias:
-            self.grads["bias"] = dy.reshape(-1, c * m).sum(axis=0)
+            np.sum(dy.reshape(-1, c * m), axis=0, out=self.grads["bias"])
         if not need_dx:
             return None
         dxp = np.zeros(xp.shape, dtype=dy.dtype)
@@ -307,7 +312,16 @@ class MaxPool2D(Layer):
         n, h, w, c = x.shape
         ph, pw = self.pool_size
         ho, wo = h // ph, w // pw
-        y = x[:, :ho * ph, :wo * pw, :].reshape(n, ho, ph, wo, pw, c).max(axis=(2, 4))
+        # Pairwise maxima of reshaped views: several times faster than .max(axis=(2, 4)).
+        rows = x[:, :ho * ph, :wo * pw, :].reshape(n, ho, ph, wo * pw * c)
+        y = rows[:, :, 0]
+        for a in range(1, ph):
+            y = np.maximum(y, rows[:, :, a])
+        cols = y.reshape(n, ho, wo, pw, c)
+        y = cols[:, :, :, 0]
+        for b in range(1, pw):
+            y = np.maximum(y, cols[:, :, :, b])
+        y = np.ascontiguousarray(y)
         if training:
             self._cache = (x, y)
         return y
@@ -319,13 +333,16 @@ class MaxPool2D(Layer):
         ph, pw = self.pool_size
         ho, wo = y.shape[1], y.shape[2]
         dx = np.zeros(x.shape, dtype=dy.dtype)
-        taken = np.zeros(y.shape, dtype=bool)
+        taken = None
         for a in range(ph):  # window offsets in row-major order, so the first maximum wins
             for b in range(pw):
                 hit = x[:, a:ho * ph:ph, b:wo * pw:pw, :] == y
-                hit &= ~taken
-                taken |= hit
-                dx[:, a:ho * ph:ph, b:wo * pw:pw, :] = dy * hit
+                if taken is None:
+                    taken = hit
+                else:
+                    np.greater(hit, taken, out=hit)  # a maximum here, and none at an earlier offset
+                    taken |= hit
+                np.multiply(dy, hit, out=dx[:, a:ho * ph:ph, b:wo * pw:pw, :])
         return dx
 
 
@@ -380,9 +397,9 @@ class Dense(Layer):
 
     def backward(self, dy, need_dx=True):
         x = self._need_cache()
-        self.grads["kernel"] = x.T @ dy
+        np.matmul(x.T, dy, out=self.grads["kernel"])
         if self.use_bias:
-            self.grads["bias"] = dy.sum(axis=0)
+            np.sum(dy, axis=0, out=self.grads["bias"])
         return dy @ self.params["kernel"].T if need_dx else None
 
 

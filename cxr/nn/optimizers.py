@@ -3,7 +3,7 @@
 Each update follows Keras 3's ``update_step`` operation by operation (same order, same float32
 scalars, same defaults), so a step from equal weights and gradients gives equal weights. State
 (momenta, accumulators) lives in ``self.state`` keyed by the parameter's name; updates are in
-place on the parameter array and reuse scratch arithmetic to keep allocation per step low.
+place on the parameter array, with per-parameter scratch arrays so a step allocates nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ class Optimizer:
         self.learning_rate = float(learning_rate)
         self.iterations = 0  # completed steps, like keras' optimizer.iterations
         self.state: dict[str, dict[str, np.ndarray]] = {}
+        self._buffers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def step(self, items) -> None:
         for key, param, grad in items:
@@ -34,6 +35,14 @@ class Optimizer:
         if name not in slots:
             slots[name] = np.full_like(like, fill)
         return slots[name]
+
+    def _scratch(self, key, like):
+        # Two reusable work arrays per parameter: allocating fresh temporaries the size of a big
+        # kernel every step costs more (page faults) than the arithmetic itself.
+        bufs = self._buffers.get(key)
+        if bufs is None or bufs[0].shape != like.shape or bufs[0].dtype != like.dtype:
+            bufs = self._buffers[key] = (np.empty_like(like), np.empty_like(like))
+        return bufs
 
     def _lr(self, dtype):
         return dtype.type(self.learning_rate)
@@ -58,15 +67,19 @@ class SGD(Optimizer):
 
     def update(self, key, param, grad):
         lr = self._lr(param.dtype)
+        b1, b2 = self._scratch(key, param)
+        np.multiply(grad, lr, out=b1)  # lr * g
         if self.momentum == 0:
-            param -= grad * lr
+            param -= b1
             return
         mu = param.dtype.type(self.momentum)
         m = self._slot(key, "momentum", param)
         m *= mu
-        m -= grad * lr
+        m -= b1
         if self.nesterov:
-            param += m * mu - grad * lr
+            np.multiply(m, mu, out=b2)
+            b2 -= b1
+            param += b2
         else:
             param += m
 
@@ -84,10 +97,14 @@ class Adagrad(Optimizer):
 
     def update(self, key, param, grad):
         acc = self._slot(key, "accumulator", param, self.initial_accumulator_value)
-        acc += np.square(grad)
-        step = self._lr(param.dtype) * grad
-        step /= np.sqrt(acc + param.dtype.type(self.epsilon))
-        param -= step
+        b1, b2 = self._scratch(key, param)
+        np.square(grad, out=b1)
+        acc += b1
+        np.multiply(grad, self._lr(param.dtype), out=b1)
+        np.add(acc, param.dtype.type(self.epsilon), out=b2)
+        np.sqrt(b2, out=b2)
+        b1 /= b2
+        param -= b1
 
     def get_config(self):
         return {**super().get_config(), "initial_accumulator_value": self.initial_accumulator_value,
@@ -107,14 +124,24 @@ class Adadelta(Optimizer):
         rho, one_m_rho, eps = t(self.rho), t(1 - self.rho), t(self.epsilon)
         acc_g = self._slot(key, "accumulated_grad", param)
         acc_d = self._slot(key, "accumulated_delta_var", param)
+        delta, b2 = self._scratch(key, param)
         acc_g *= rho
-        acc_g += one_m_rho * np.square(grad)
-        delta = np.sqrt(acc_d + eps) * grad
-        delta /= np.sqrt(acc_g + eps)
+        np.square(grad, out=b2)
+        b2 *= one_m_rho
+        acc_g += b2
+        np.add(acc_d, eps, out=delta)  # delta = -sqrt(acc_d + eps) * g / sqrt(acc_g + eps)
+        np.sqrt(delta, out=delta)
+        delta *= grad
+        np.add(acc_g, eps, out=b2)
+        np.sqrt(b2, out=b2)
+        delta /= b2
         np.negative(delta, out=delta)
         acc_d *= rho
-        acc_d += one_m_rho * np.square(delta)
-        param += self._lr(param.dtype) * delta
+        np.square(delta, out=b2)
+        b2 *= one_m_rho
+        acc_d += b2
+        delta *= self._lr(param.dtype)
+        param += delta
 
     def get_config(self):
         return {**super().get_config(), "rho": self.rho, "epsilon": self.epsilon}
@@ -134,18 +161,24 @@ class RMSprop(Optimizer):
         t = param.dtype.type
         rho, one_m_rho, eps = t(self.rho), t(1 - self.rho), t(self.epsilon)
         vel = self._slot(key, "velocity", param)
+        inc, denom = self._scratch(key, param)
         vel *= rho
-        vel += one_m_rho * np.square(grad)
+        np.square(grad, out=denom)
+        denom *= one_m_rho
+        vel += denom
         if self.centered:
             avg = self._slot(key, "average_gradient", param)
             avg *= rho
-            avg += one_m_rho * grad
-            denom = vel - np.square(avg)
+            np.multiply(grad, one_m_rho, out=denom)
+            avg += denom
+            np.square(avg, out=denom)
+            np.subtract(vel, denom, out=denom)
             denom += eps
         else:
-            denom = vel + eps
-        inc = self._lr(param.dtype) * grad
-        inc /= np.sqrt(denom)
+            np.add(vel, eps, out=denom)
+        np.multiply(grad, self._lr(param.dtype), out=inc)
+        np.sqrt(denom, out=denom)
+        inc /= denom
         if self.momentum > 0:
             mom = self._slot(key, "momentum", param)
             mom *= t(self.momentum)
@@ -177,22 +210,23 @@ class Adam(Optimizer):
         alpha = self._lr(param.dtype) * np.sqrt(t(1) - b2p) / (t(1) - b1p)
         m = self._slot(key, "momentum", param)
         v = self._slot(key, "velocity", param)
-        d = grad - m
-        d *= t(1 - self.beta_1)
-        m += d
-        d = np.square(grad)
-        d -= v
-        d *= t(1 - self.beta_2)
-        v += d
+        b1, b2 = self._scratch(key, param)
+        np.subtract(grad, m, out=b1)  # m += (g - m) * (1 - beta_1)
+        b1 *= t(1 - self.beta_1)
+        m += b1
+        np.square(grad, out=b1)  # v += (g^2 - v) * (1 - beta_2)
+        b1 -= v
+        b1 *= t(1 - self.beta_2)
+        v += b1
         if self.amsgrad:
             v_hat = self._slot(key, "velocity_hat", param)
             np.maximum(v_hat, v, out=v_hat)
             v = v_hat
-        upd = m * alpha
-        den = np.sqrt(v)
-        den += t(self.epsilon)
-        upd /= den
-        param -= upd
+        np.multiply(m, alpha, out=b2)
+        np.sqrt(v, out=b1)
+        b1 += t(self.epsilon)
+        b2 /= b1
+        param -= b2
 
     def get_config(self):
         return {**super().get_config(), "beta_1": self.beta_1, "beta_2": self.beta_2,
