@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from cxr import CLASSES
 
@@ -61,18 +62,23 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
-def images_dataset(data_dir: str) -> ds.Dataset:
-    """PRE_OUT/images as a pyarrow dataset over its Parquet files in sorted order (so scans repeat exactly)."""
+def parquet_files(data_dir: str) -> tuple[pafs.FileSystem, list[str]]:
+    """PRE_OUT/images/*.parquet in sorted order (so every scan sees rows in the same order)."""
     fs, root = _filesystem(str(data_dir).rstrip("/"))
     root = f"{root}/images"
-    info = fs.get_file_info(root)
-    if info.type != pafs.FileType.Directory:
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"no images/ folder in {data_dir} (is it the preprocess job's output?)")
     files = sorted(f.path for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
                    if f.type == pafs.FileType.File and f.path.endswith(".parquet")
                    and not os.path.basename(f.path).startswith(("_", ".")))
     if not files:
         raise FileNotFoundError(f"{root} holds no Parquet files")
+    return fs, files
+
+
+def images_dataset(data_dir: str) -> ds.Dataset:
+    """PRE_OUT/images as a pyarrow dataset (for metadata-only scans)."""
+    fs, files = parquet_files(data_dir)
     return ds.dataset(files, format="parquet", filesystem=fs)
 
 
@@ -87,38 +93,31 @@ def read_manifest(data_dir: str) -> tuple[dict, str]:
     return json.loads(raw), hashlib.sha256(raw).hexdigest()
 
 
-def split_filter(splits: Sequence[str], labeled_only: bool = True) -> ds.Expression:
-    expr = ds.field("split").isin(list(splits))
-    if labeled_only:
-        expr = expr & ds.field("label").isin(list(CLASSES))
-    return expr
+# Parquet pages are read through a small buffered stream, not whole column chunks: Spark writes row groups of
+# up to 128 MB, which would otherwise be the unit of memory.
+STREAM_BUFFER = 1 << 20
 
 
-_SCAN_OPTIONS = ds.ParquetFragmentScanOptions(use_buffered_stream=True, buffer_size=1 << 20, pre_buffer=False)
-
-
-def _batches(dataset: ds.Dataset, columns, expr, batch_rows: int, memory_pool=None) -> Iterable[pa.RecordBatch]:
-    # readahead 1 and no pre-buffering: Arrow holds about one batch (plus one Parquet page) at a time.
-    return dataset.to_batches(columns=columns, filter=expr, batch_size=batch_rows, batch_readahead=1,
-                              fragment_readahead=1, fragment_scan_options=_SCAN_OPTIONS, use_threads=False,
-                              memory_pool=memory_pool)
-
-
-def _image_block(column: pa.Array, h: int, w: int) -> np.ndarray:
-    """A binary column of n equal-length images -> a zero-copy (n, h, w) uint8 view of Arrow's buffer."""
-    if column.null_count:
-        raise ValueError("image column holds nulls")
+def _image_rows(column: pa.Array, keep: np.ndarray, h: int, w: int) -> np.ndarray:
+    """The kept rows of a binary column of images as (k, h, w) uint8, read from Arrow's buffer without
+    creating a Python object per row."""
     n = len(column)
     offset_type = np.int64 if pa.types.is_large_binary(column.type) else np.int32
     _, offsets_buf, data_buf = column.buffers()
-    offsets = np.frombuffer(offsets_buf, dtype=offset_type)[column.offset:column.offset + n + 1]
-    if n and not np.all(np.diff(offsets) == h * w):
-        bad = int(np.flatnonzero(np.diff(offsets) != h * w)[0])
-        raise ValueError(f"image bytes of a row are {int(offsets[bad + 1] - offsets[bad])}, expected {h}x{w}={h * w}")
-    if n == 0:
-        return np.zeros((0, h, w), np.uint8)
-    data = np.frombuffer(data_buf, dtype=np.uint8)[int(offsets[0]):int(offsets[-1])]
-    return data.reshape(n, h, w)
+    offsets = np.frombuffer(offsets_buf, dtype=offset_type)[column.offset:column.offset + n + 1].astype(np.int64)
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    bad = keep & ((lengths != h * w) | np.asarray(column.is_null().to_numpy(zero_copy_only=False), bool))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"an image holds {int(lengths[i])} bytes, expected {h}x{w}={h * w}")
+    if n and np.all(lengths == h * w):  # the usual case: one contiguous block
+        return data[int(offsets[0]):int(offsets[-1])].reshape(n, h, w)[keep]
+    rows = np.flatnonzero(keep)
+    out = np.empty((len(rows), h, w), np.uint8)
+    for j, i in enumerate(rows):
+        out[j] = data[int(offsets[i]):int(offsets[i + 1])].reshape(h, w)
+    return out
 
 
 def to_unit_float(images_u8: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -126,62 +125,77 @@ def to_unit_float(images_u8: np.ndarray, out: np.ndarray | None = None) -> np.nd
     return np.divide(images_u8, np.float32(255), out=out, dtype=np.float32, casting="unsafe")
 
 
-def _strings(column: pa.Array) -> np.ndarray:
-    return np.asarray(column.to_pylist(), dtype=object)
-
-
 def load_split(data_dir: str, splits: str | Sequence[str], *, dtype: str = "float32", batch_rows: int = 64,
-               labeled_only: bool = True, memory_pool=None) -> SplitData:
+               labeled_only: bool = True) -> SplitData:
     """Rows of the given split(s) as x (N, H, W, 1): float32 scaled to [0, 1], or raw uint8.
 
+    Two passes: the small columns first (which rows, how many, what size), then the image column streamed
+    `batch_rows` at a time from only the row groups that hold wanted rows, straight into the array.
     All images must share one size (the preprocess job guarantees it); anything else is refused.
     """
     splits = (splits,) if isinstance(splits, str) else tuple(splits)
-    dataset = images_dataset(data_dir)
-    expr = split_filter(splits, labeled_only)
-    n = dataset.count_rows(filter=expr)
     dtype = np.dtype(dtype)
     if dtype not in (np.dtype(np.float32), np.dtype(np.uint8)):
         raise ValueError("dtype must be float32 or uint8")
-    x = None
-    y = np.full(n, -1, dtype=np.int8)
-    sha, pid, path = (np.empty(n, dtype=object) for _ in range(3))
-    filled, max_batch_bytes, n_batches = 0, 0, 0
+    fs, files = parquet_files(data_dir)
     labels = pa.array(CLASSES)
-    for batch in _batches(dataset, META_COLUMNS + ["image"], expr, batch_rows, memory_pool):
-        m = batch.num_rows
-        if m == 0:
-            continue
-        heights, widths = batch.column("height").to_numpy(), batch.column("width").to_numpy()
-        if x is None:
-            h, w = int(heights[0]), int(widths[0])
-            x = np.empty((n, h, w, 1), dtype=dtype)
-        if filled + m > n:
-            raise RuntimeError(f"the dataset changed while being read: more than the {n} rows counted")
-        if not (np.all(heights == h) and np.all(widths == w)):
-            raise ValueError(f"images of different sizes in {data_dir}: expected {h}x{w} "
-                             f"(was it written by one preprocess run?)")
-        block = _image_block(batch.column("image"), h, w)
-        target = x[filled:filled + m, :, :, 0]
-        if dtype == np.uint8:
-            target[...] = block
-        else:
-            to_unit_float(block, out=target)
-        idx = pc.index_in(batch.column("label"), value_set=labels).fill_null(-1)
-        y[filled:filled + m] = idx.to_numpy(zero_copy_only=False)
-        sha[filled:filled + m] = _strings(batch.column("sha256"))
-        pid[filled:filled + m] = _strings(batch.column("patient_id"))
-        path[filled:filled + m] = _strings(batch.column("path"))
-        max_batch_bytes = max(max_batch_bytes, batch.nbytes)
-        n_batches += 1
-        filled += m
+    plan, meta = [], {k: [] for k in ("y", "sha256", "patient_id", "path")}
+    sizes = set()
+    for path in files:
+        with fs.open_input_file(path) as handle:
+            pf = pq.ParquetFile(handle)
+            for rg in range(pf.num_row_groups):
+                t = pf.read_row_group(rg, columns=META_COLUMNS)
+                keep = pc.is_in(t.column("split"), value_set=pa.array(splits)).fill_null(False)
+                y = pc.index_in(t.column("label"), value_set=labels).fill_null(-1)
+                if labeled_only:
+                    keep = pc.and_(keep, pc.greater_equal(y, 0))
+                keep = np.asarray(keep.to_numpy(zero_copy_only=False), dtype=bool)
+                if not keep.any():
+                    continue
+                plan.append((path, rg, keep))
+                sizes |= set(zip(t.column("height").to_numpy()[keep].tolist(), t.column("width").to_numpy()[keep].tolist()))
+                meta["y"].append(y.to_numpy(zero_copy_only=False)[keep].astype(np.int8))
+                for k in ("sha256", "patient_id", "path"):
+                    meta[k].append(np.asarray(t.column(k).to_pylist(), dtype=object)[keep])
+    if len(sizes) > 1:
+        raise ValueError(f"images of different sizes in {data_dir}: {sorted(sizes)[:4]} "
+                         "(was it written by one preprocess run?)")
+    h, w = next(iter(sizes)) if sizes else (0, 0)
+    n = int(sum(len(k) for k in meta["y"]))
+    x = np.empty((n, h, w, 1), dtype=dtype)
+    filled, max_batch_bytes, n_batches, arrow_peak = 0, 0, 0, 0
+    arrow_base = pa.total_allocated_bytes()
+    for path, rg, keep in plan:
+        with fs.open_input_file(path) as handle:
+            pf = pq.ParquetFile(handle, buffer_size=STREAM_BUFFER, pre_buffer=False)
+            pos = 0
+            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], columns=["image"],
+                                         use_threads=False):
+                m = batch.num_rows
+                block = _image_rows(batch.column(0), keep[pos:pos + m], h, w)
+                k = len(block)
+                if filled + k > n:
+                    raise RuntimeError("the dataset changed while being read")
+                target = x[filled:filled + k, :, :, 0]
+                if dtype == np.uint8:
+                    target[...] = block
+                else:
+                    to_unit_float(block, out=target)
+                filled += k
+                pos += m
+                n_batches += 1
+                max_batch_bytes = max(max_batch_bytes, batch.nbytes)
+                arrow_peak = max(arrow_peak, pa.total_allocated_bytes() - arrow_base)
+                del batch, block
     if filled != n:
-        raise RuntimeError(f"read {filled} rows, {n} counted: the dataset changed while being read")
-    if x is None:
-        x = np.empty((0, 0, 0, 1), dtype=dtype)
-    return SplitData(x=x, y=y, sha256=sha, patient_id=pid, path=path, splits=splits,
-                     stats={"rows": n, "batches": n_batches, "batch_rows": batch_rows,
-                            "max_batch_bytes": max_batch_bytes, "array_bytes": int(x.nbytes)})
+        raise RuntimeError(f"read {filled} images, {n} expected: the dataset changed while being read")
+    cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dtype=dt))
+    return SplitData(x=x, y=cat(meta["y"], np.int8), sha256=cat(meta["sha256"], object),
+                     patient_id=cat(meta["patient_id"], object), path=cat(meta["path"], object), splits=splits,
+                     stats={"rows": n, "batches": n_batches, "batch_rows": batch_rows, "row_groups": len(plan),
+                            "max_batch_bytes": int(max_batch_bytes), "arrow_peak_bytes": int(arrow_peak),
+                            "array_bytes": int(x.nbytes)})
 
 
 def load_metadata(data_dir: str, splits: Sequence[str] | None = None):
