@@ -147,3 +147,15 @@ def test_whole_network_parameter_gradients():
         num = numeric_grad(lambda: net.loss_and_grads(x, y)[0], p)
         net.loss_and_grads(x, y)
         np.testing.assert_allclose(g, num, rtol=1e-5, atol=1e-8, err_msg=key)
+
+
+def test_weighted_softmax_cross_entropy():
+    rng = np.random.default_rng(6)
+    z = rng.normal(size=(5, 3))
+    t = np.eye(3)[[0, 1, 2, 2, 1]]
+    w = np.array([1.0, 0.5, 2.0, 0.0, 3.0])
+    loss, grad, _ = softmax_cross_entropy(z, t, w)
+    np.testing.assert_allclose(grad, numeric_grad(lambda: softmax_cross_entropy(z, t, w)[0], z), rtol=1e-6, atol=1e-9)
+    unweighted = softmax_cross_entropy(z, t)[0]
+    assert loss != pytest.approx(unweighted)
+    assert not grad[3].any()  # a zero-weight sample contributes nothing

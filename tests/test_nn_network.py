@@ -83,3 +83,19 @@ def test_conv_inference_in_chunks_equals_whole_batch():
     whole = net.predict_proba(x, batch_size=None)
     net.layers[0].max_inference_cols_bytes = 3 * 8 * 8 * 9 * 4  # three samples per chunk
     np.testing.assert_allclose(net.predict_proba(x, batch_size=None), whole, rtol=1e-6, atol=1e-7)
+
+
+def test_class_weight_equals_sample_weight_and_changes_training():
+    x, y = blobs(90)
+
+    def run(**kw):
+        net = dnn((8, 8, 1), 3, hidden=6, seed=0)
+        h = net.train(x, y, epochs=1, batch_size=30, optimizer=SGD(0.5), seed=0, **kw)
+        return h.history["loss"][0], net.get_weights()[0]
+
+    cw = {0: 1.0, 1: 3.0, 2: 0.5}
+    l_cw, w_cw = run(class_weight=cw)
+    l_sw, w_sw = run(sample_weight=np.array([cw[c] for c in y]))
+    l_plain, w_plain = run()
+    assert l_cw == pytest.approx(l_sw) and np.array_equal(w_cw, w_sw)
+    assert not np.allclose(w_cw, w_plain)

@@ -107,3 +107,18 @@ def test_training_steps_match_keras_adam():
     assert losses[-1][0] < losses[0][0]  # it did learn something
     for w, kw in zip(net.get_weights(), model.get_weights()):
         np.testing.assert_allclose(w, kw, rtol=1e-4, atol=1e-5)
+
+
+def test_weighted_loss_and_gradients_match_keras_sample_weight():
+    net = small_cnn(seed=5)
+    model = to_keras(net)
+    x, y = data(n=7, seed=6)
+    w = np.array([0.5, 2.0, 1.0, 3.0, 0.25, 1.5, 1.0], np.float32)
+    with tf.GradientTape() as tape:
+        k_loss = keras.losses.CategoricalCrossentropy()(tf.one_hot(y, N_CLASSES), model(x, training=True),
+                                                        sample_weight=tf.constant(w))
+    k_grads = tape.gradient(k_loss, model.trainable_weights)
+    loss, _ = net.loss_and_grads(x, y, sample_weight=w)
+    assert loss == pytest.approx(float(k_loss), rel=1e-5)
+    for (key, _, g), kg in zip(net.parameters(), k_grads):
+        np.testing.assert_allclose(g, kg.numpy(), rtol=1e-4, atol=1e-5 * np.abs(kg.numpy()).max(), err_msg=key)

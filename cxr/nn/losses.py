@@ -21,18 +21,24 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def softmax_cross_entropy(logits: np.ndarray, targets: np.ndarray):
+def softmax_cross_entropy(logits: np.ndarray, targets: np.ndarray, weights: np.ndarray | None = None):
     """Mean categorical cross-entropy of softmax(logits) against one-hot/soft targets.
 
     Returns (loss, dL/dlogits, probabilities). Working from logits via log-softmax keeps the
-    loss finite for any logits, and the gradient is the exact (p - y) / N.
+    loss finite for any logits, and the gradient is the exact (p - y) / N. With per-sample
+    weights w the loss is sum(w * ce) / N, Keras' "sum_over_batch_size" with sample_weight.
     """
     logp = log_softmax(logits)
     n = logits.shape[0]
-    loss = float(-(targets * logp).sum() / n)
+    ce = -(targets * logp).sum(axis=-1)
     p = np.exp(logp)
-    grad = (p - targets) / np.asarray(n, dtype=logits.dtype)
-    return loss, grad.astype(logits.dtype, copy=False), p
+    grad = p - targets
+    if weights is not None:
+        weights = np.asarray(weights, dtype=logits.dtype)
+        ce = ce * weights
+        grad *= weights[:, None]
+    grad /= np.asarray(n, dtype=logits.dtype)
+    return float(ce.sum() / n), grad.astype(logits.dtype, copy=False), p
 
 
 def categorical_crossentropy(probs: np.ndarray, targets: np.ndarray, eps: float = 1e-7) -> float:

@@ -125,23 +125,21 @@ class Network:
             x = layer.forward(x, training=training)
         return x
 
-    def backward(self, dy: np.ndarray, upto: int | None = None) -> np.ndarray:
-        """Backpropagate from the output of layers[:upto]; returns dL/dinput."""
+    def backward(self, dy: np.ndarray, upto: int | None = None, need_input_grad: bool = True):
+        """Backpropagate from the output of layers[:upto], filling every layer's grads.
+
+        Returns dL/dinput, or None with need_input_grad=False, which skips the first layer's
+        input gradient (training never uses it, and for a first conv layer it is the dearest part).
+        """
         layers = self.layers[:upto]
         for i in range(len(layers) - 1, -1, -1):
-            dy = layers[i].backward(dy, need_dx=True)
+            dy = layers[i].backward(dy, need_dx=need_input_grad or i > 0)
         return dy
 
-    def _backward_params(self, dy, upto):
-        # The first layer's input gradient is never used in training: skip computing it.
-        layers = self.layers[:upto]
-        for i in range(len(layers) - 1, -1, -1):
-            dy = layers[i].backward(dy, need_dx=i > 0)
-
-    def loss_and_grads(self, x, targets):
+    def loss_and_grads(self, x, targets, sample_weight=None):
         """Mean cross-entropy of a batch and all parameter gradients (in layer.grads).
 
-        targets: integer labels (N,) or one-hot/soft targets (N, K).
+        targets: integer labels (N,) or one-hot/soft targets (N, K); sample_weight: (N,) or None.
         """
         x = np.asarray(x, dtype=self.dtype)
         self._ensure_built(x)
@@ -149,8 +147,8 @@ class Network:
         if not self._fused():
             raise ValueError("training needs a Softmax as the last layer (cross-entropy on its logits)")
         logits = self.forward(x, training=True, upto=-1)
-        loss, dlogits, probs = softmax_cross_entropy(logits, targets)
-        self._backward_params(dlogits, upto=-1)
+        loss, dlogits, probs = softmax_cross_entropy(logits, targets, sample_weight)
+        self.backward(dlogits, upto=-1, need_input_grad=False)
         return loss, probs
 
     def _targets(self, y):
@@ -165,12 +163,14 @@ class Network:
     # ------------------------------------------------------------------ training
     def train(self, x, y, epochs: int = 1, batch_size: int = 32, optimizer="adam",
               validation_data=None, shuffle: bool = True, seed: int | None = None,
-              verbose: int = 0, callback=None) -> History:
+              verbose: int = 0, callback=None, class_weight=None, sample_weight=None) -> History:
         """Minibatch training on mean categorical cross-entropy; returns a Keras-like History.
 
         optimizer: an Optimizer or a name; the same object keeps its state across calls.
         seed: seeds the shuffling generator (default: the network's generator), so runs repeat.
-        Loss/accuracy per epoch are the sample-weighted mean over the epoch's batches, as Keras logs.
+        class_weight ({class index: weight}) / sample_weight ((N,)) weight each sample's loss as Keras
+        does (sum(w * ce) / batch size); accuracy is then weighted too.
+        Loss/accuracy per epoch are the mean over the epoch's samples of the batch values, as Keras logs.
         """
         x = np.asarray(x, dtype=self.dtype)
         self._ensure_built(x)
@@ -183,20 +183,36 @@ class Network:
         rng = np.random.default_rng(seed) if seed is not None else self.rng
         labels = targets.argmax(axis=1)
         n = len(x)
+        weights = None
+        if class_weight is not None or sample_weight is not None:
+            weights = np.ones(n, self.dtype)
+            if class_weight is not None:
+                cw = np.ones(targets.shape[1], self.dtype)
+                for c, w in dict(class_weight).items():
+                    cw[int(c)] = w
+                weights *= cw[labels]
+            if sample_weight is not None:
+                sw = np.asarray(sample_weight, self.dtype)
+                if sw.shape != (n,):
+                    raise ValueError(f"sample_weight must have shape ({n},), got {sw.shape}")
+                weights *= sw
         hist = History(params={"epochs": epochs, "batch_size": batch_size, "samples": n,
                                "optimizer": repr(self.optimizer)})
         for epoch in range(epochs):
             t0 = time.perf_counter()
             order = rng.permutation(n) if shuffle else np.arange(n)
-            loss_sum, correct = 0.0, 0
+            loss_sum, correct, seen = 0.0, 0.0, 0.0
             for start in range(0, n, batch_size):
                 idx = order[start:start + batch_size]
-                loss, probs = self.loss_and_grads(x[idx], targets[idx])
+                wb = None if weights is None else weights[idx]
+                loss, probs = self.loss_and_grads(x[idx], targets[idx], wb)
                 self.optimizer.step(self.parameters())
                 loss_sum += loss * len(idx)
-                correct += int((probs.argmax(axis=1) == labels[idx]).sum())
+                hits = probs.argmax(axis=1) == labels[idx]
+                correct += float(hits.sum() if wb is None else (wb * hits).sum())
+                seen += len(idx) if wb is None else float(wb.sum())
             seconds = time.perf_counter() - t0
-            metrics = {"loss": loss_sum / n, "accuracy": correct / n}
+            metrics = {"loss": loss_sum / n, "accuracy": correct / seen if seen else 0.0}
             if validation_data is not None:
                 vl, va = self.evaluate(*validation_data, batch_size=max(batch_size, 256))
                 metrics.update(val_loss=vl, val_accuracy=va)
