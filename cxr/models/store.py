@@ -172,7 +172,7 @@ class KerasPredictor(Predictor):
         out = np.empty((x.shape[0], len(CLASSES)), np.float32)
         for start in range(0, x.shape[0], self.batch_size):
             chunk = x[start:start + self.batch_size]
-            out[start:start + len(chunk)] = np.asarray(self.model(chunk, training=False))
+            out[start:start + len(chunk)] = self.model(chunk, training=False).numpy()  # TF backend tensor
         return out
 
 

@@ -91,28 +91,36 @@ def partition_evaluator(model_dirs: Sequence[str], batch_size: int = 64, tf_thre
 
 
 def split_checks(images: DataFrame, split: str) -> dict:
-    """Counts for the report and the leakage check, computed with Spark joins (no rows collected)."""
+    """Counts for the report and the leakage check, with Spark joins (two jobs; no rows collected)."""
+    seen_splits = [x for x in ("train", "val") if x != split]
+
+    def keys(df: DataFrame) -> DataFrame:
+        by_image = df.select(F.lit("image").alias("kind"), F.col("sha256").alias("key"))
+        by_patient = df.where(F.col("patient_id").isNotNull()).select(F.lit("patient").alias("kind"),
+                                                                      F.col("patient_id").alias("key"))
+        return by_image.unionByName(by_patient)
+
     held = images.where(F.col("split") == split)
-    seen_splits = [s for s in ("train", "val") if s != split]
     seen = images.where(F.col("split").isin(seen_splits))
-    shared_images = held.select("sha256").join(seen.select("sha256"), "sha256", "left_semi").count()
-    held_p = held.where(F.col("patient_id").isNotNull()).select("patient_id").distinct()
-    shared_patients = held_p.join(seen.select("patient_id").where(F.col("patient_id").isNotNull()),
-                                  "patient_id", "left_semi").count()
-    if shared_images or shared_patients:
-        examples = [r["sha256"] for r in held.join(seen.select("sha256"), "sha256", "left_semi").limit(3).collect()]
-        raise SplitLeakError(f"split '{split}' shares {shared_images} images (by sha256, e.g. {examples}) and "
-                             f"{shared_patients} patients with {'/'.join(seen_splits)}: refusing to evaluate")
-    row = held.agg(F.count(F.lit(1)).alias("rows"),
-                   F.sum(F.col("label").isin(list(CLASSES)).cast("long")).alias("labeled"),
+    shared = keys(held).distinct().join(keys(seen), ["kind", "key"], "left_semi")
+    found = {}
+    for r in shared.groupBy("kind").agg(F.count(F.lit(1)).alias("n"),
+                                        F.slice(F.sort_array(F.collect_list("key")), 1, 3).alias("examples")).collect():
+        found[r["kind"]] = (int(r["n"]), list(r["examples"]))
+    if found:
+        n_img, ex_img = found.get("image", (0, []))
+        n_pat, ex_pat = found.get("patient", (0, []))
+        raise SplitLeakError(f"split '{split}' shares {n_img} images (by sha256, e.g. {ex_img}) and {n_pat} "
+                             f"patients (e.g. {ex_pat}) with {'/'.join(seen_splits)}: refusing to evaluate")
+    labeled = F.col("label").isin(list(CLASSES))
+    row = held.agg(F.count(F.lit(1)).alias("rows"), F.sum(labeled.cast("long")).alias("labeled"),
                    F.countDistinct("patient_id").alias("patients"),
-                   F.sum(F.col("patient_id").isNull().cast("long")).alias("no_patient")).first()
-    by_class = {r["label"]: r["count"] for r in held.where(F.col("label").isin(list(CLASSES)))
-                .groupBy("label").count().collect()}
+                   F.sum(F.col("patient_id").isNull().cast("long")).alias("no_patient"),
+                   *[F.sum((F.col("label") == c).cast("long")).alias(c) for c in CLASSES]).first()
     return {"split": split, "rows": int(row["rows"] or 0), "images": int(row["labeled"] or 0),
             "unlabeled": int((row["rows"] or 0) - (row["labeled"] or 0)),
             "patients": int(row["patients"] or 0), "images_without_patient_id": int(row["no_patient"] or 0),
-            "classes": {c: int(by_class.get(c, 0)) for c in CLASSES},
+            "classes": {c: int(row[c] or 0) for c in CLASSES},
             "checked_against": seen_splits, "shared_images": 0, "shared_patients": 0}
 
 
