@@ -139,23 +139,9 @@ def _train_keras(spec: dict, train: SplitData, val: SplitData, conf: Mapping, we
     return model, _history_dict(history.history), times, details
 
 
-def _weighted_ce(logits: np.ndarray, y: np.ndarray, w: np.ndarray):
-    """Keras' class-weighted sparse cross-entropy: loss = sum(w_i * ce_i) / N, dL/dlogits = w_i (p_i - y_i) / N."""
-    z = logits - logits.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    n = len(y)
-    ce = -logp[np.arange(n), y]
-    p = np.exp(logp)
-    grad = p.copy()
-    grad[np.arange(n), y] -= 1
-    grad *= (w / n)[:, None]
-    return float((w * ce).sum() / n), grad.astype(logits.dtype, copy=False), p
-
-
 def _train_scratch(spec: dict, train: SplitData, val: SplitData, conf: Mapping, weights: dict | None,
                    epochs: int, seed: int) -> tuple[Any, dict, list[float], dict]:
-    """cxr.nn's network trained minibatch by minibatch through its public forward/backward/optimizer API,
-    with the same class weighting Keras applies (Network.train has no sample weights)."""
+    """cxr.nn's network, trained by its own Network.train (class weights applied as Keras does)."""
     from cxr.nn import models as nn_models
     from cxr.nn import optimizers as nn_opt
 
@@ -169,43 +155,20 @@ def _train_scratch(spec: dict, train: SplitData, val: SplitData, conf: Mapping, 
     builder = nn_models.cnn if family == "cnn" else nn_models.dnn
     net = builder(x.shape[1:], len(CLASSES), seed=seed, **arch)
     opt = nn_opt.get(spec["optimizer"], **((conf.get("optimizer_config") or {}).get(spec["optimizer"]) or {}))
-    y = train.y.astype(np.int64)
-    w_of = np.array([weights[c] for c in CLASSES], np.float32) if weights else np.ones(len(CLASSES), np.float32)
-    rng = np.random.default_rng(seed)
-    batch = int(conf["batch_size"])
-    hist: dict[str, list[float]] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
-    times = []
-    for epoch in range(epochs):
-        t0 = time.perf_counter()
-        order = rng.permutation(len(x))
-        loss_sum, hit_w, w_sum = 0.0, 0.0, 0.0
-        for start in range(0, len(x), batch):
-            idx = order[start:start + batch]
-            wb = w_of[y[idx]]
-            logits = net.forward(x[idx], training=True, upto=-1)
-            loss, dlogits, p = _weighted_ce(logits, y[idx], wb)
-            net.backward(dlogits, upto=-1)
-            opt.step(net.parameters())
-            loss_sum += loss * len(idx)
-            hit_w += float((wb * (p.argmax(1) == y[idx])).sum())
-            w_sum += float(wb.sum())
-        times.append(round(time.perf_counter() - t0, 3))
-        hist["loss"].append(loss_sum / len(x))
-        hist["accuracy"].append(hit_w / w_sum if w_sum else 0.0)
-        if len(xv):
-            vl, va = net.evaluate(xv, val.y.astype(np.int64), batch_size=256)
-            hist["val_loss"].append(float(vl))
-            hist["val_accuracy"].append(float(va))
-        log.info("%s epoch %d/%d %.1fs loss %.4f acc %.4f%s", spec["name"], epoch + 1, epochs, times[-1],
-                 hist["loss"][-1], hist["accuracy"][-1],
-                 f" val_loss {hist['val_loss'][-1]:.4f} val_acc {hist['val_accuracy'][-1]:.4f}" if len(xv) else "")
-    if not len(xv):
-        hist.pop("val_loss"), hist.pop("val_accuracy")
+
+    def progress(epoch, metrics):
+        log.info("%s epoch %d/%d %s", spec["name"], epoch + 1, epochs,
+                 " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    history = net.train(x, train.y.astype(np.int64), epochs=epochs, batch_size=int(conf["batch_size"]),
+                        optimizer=opt, validation_data=(xv, val.y.astype(np.int64)) if len(xv) else None,
+                        shuffle=True, seed=seed, callback=progress,
+                        class_weight={i: weights[c] for i, c in enumerate(CLASSES)} if weights else None)
     details = {"architecture": {"family": spec["family"], **arch, "input_size": int(x.shape[1]),
                                 "params": int(net.count_params())},
                "optimizer": {"name": spec["optimizer"], "config": opt.get_config()},
                "model_size": [int(x.shape[1]), int(x.shape[2])]}
-    return net, hist, times, details
+    return net, _history_dict(history.history), [round(t, 3) for t in history.times], details
 
 
 def _split_summary(data: SplitData) -> dict:
