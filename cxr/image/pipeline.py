@@ -46,6 +46,12 @@ class PreprocessParams:
                    brightness_beta=float(bright.get("beta", 0.0)), resize_mode=str(pre.get("resize_mode", "stretch")),
                    min_side=int(pre["min_side"]), max_pixels=int(pre["max_pixels"]))
 
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> "PreprocessParams":
+        """From to_dict()'s output, e.g. the params a model's metadata recorded (extra keys ignored)."""
+        names = cls.__dataclass_fields__.keys()
+        return cls(**{k: record[k] for k in names if k in record})
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -61,3 +61,11 @@ def read_text(spark, uri: str) -> str:
         return str(jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8"))
     finally:
         stream.close()
+
+
+def list_dirs(spark, uri: str) -> list[str]:
+    """Sub-directories of uri (qualified), [] when uri does not exist."""
+    fs, path = _fs_and_path(spark, uri)
+    if not fs.exists(path):
+        return []
+    return sorted(str(s.getPath()) for s in fs.listStatus(path) if s.isDirectory())

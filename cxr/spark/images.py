@@ -93,6 +93,24 @@ def list_files(spark: SparkSession, root: str, extensions: Sequence[str], exclud
         "extension", F.lower(F.regexp_extract(F.col("path"), r"(\.[^./]+)$", 1)))
 
 
+def listing_counts(listing: DataFrame) -> tuple[int, dict[str, int], dict[str, int]]:
+    """(input files, {kind: n}, {ignored kind + extension: n}); input counts every file not ignored."""
+    kinds = {r["kind"]: r["count"] for r in listing.groupBy("kind").count().collect()}
+    ignored = {f"{r['kind']}{r['extension'] or '(none)'}": r["count"] for r in
+               listing.where(F.col("kind").startswith("ignored")).groupBy("kind", "extension").count().collect()}
+    return sum(n for kind, n in kinds.items() if not kind.startswith("ignored")), kinds, ignored
+
+
+def unread_files(listing: DataFrame, max_file_mb: float) -> DataFrame:
+    """Error rows (path, sha256, stage, reason) for the listed files that are never read: empty or too large."""
+    reason = (F.when(F.col("kind") == "empty", F.lit("file is empty (0 bytes)"))
+              .otherwise(F.format_string(f"file is %d bytes, over the {max_file_mb} MB limit "
+                                         "(preprocess.max_file_mb): not read", F.col("length"))))
+    return (listing.where(F.col("kind").isin("too_large", "empty"))
+            .select("path", F.lit(None).cast("string").alias("sha256"), F.lit("read").alias("stage"),
+                    reason.alias("reason")))
+
+
 def read_contents(spark: SparkSession, root: str, extensions: Sequence[str], exclude_dirs: Sequence[str],
                   max_bytes: int) -> DataFrame:
     """(path, content) of the files to read. The extension glob and the length filter are pushed into the

@@ -20,7 +20,7 @@ from cxr.image.pipeline import PreprocessParams
 from cxr.labels import alias_table
 from cxr.provenance import package_versions
 from cxr.spark import fs
-from cxr.spark.images import list_files, preprocess_images, read_contents
+from cxr.spark.images import list_files, listing_counts, preprocess_images, read_contents, unread_files
 from cxr.splits import assign_split, validate_ratios
 
 log = logging.getLogger(__name__)
@@ -103,10 +103,7 @@ def run(spark: SparkSession, input_dir: str, output_dir: str, config: Mapping[st
     out = fs.qualified(spark, output_dir)
 
     listing = list_files(spark, root, extensions, exclude_dirs, max_bytes).cache()
-    kinds = {r["kind"]: r["count"] for r in listing.groupBy("kind").count().collect()}
-    ignored = {f"{r['kind']}{r['extension'] or '(none)'}": r["count"] for r in
-               listing.where(F.col("kind").startswith("ignored")).groupBy("kind", "extension").count().collect()}
-    n_input = sum(n for kind, n in kinds.items() if not kind.startswith("ignored"))
+    n_input, kinds, ignored = listing_counts(listing)
     clock.lap("list", "%d files to read, %d empty, %d too large, %d ignored %s", kinds.get("read", 0),
               kinds.get("empty", 0), kinds.get("too_large", 0), sum(ignored.values()), ignored or "")
     if n_input == 0:
@@ -119,14 +116,8 @@ def run(spark: SparkSession, input_dir: str, output_dir: str, config: Mapping[st
     status = {r["status"]: r["count"] for r in processed.groupBy("status").count().collect()}
     clock.lap("decode", "%d decoded, %d rejected", status.get("ok", 0), status.get("error", 0))
 
-    unread = (listing.where(F.col("kind").isin("too_large", "empty"))
-              .select("path", F.lit(None).cast("string").alias("sha256"), F.lit(None).cast("string").alias("label"),
-                      F.lit("read").alias("stage"),
-                      F.when(F.col("kind") == "empty", F.lit("file is empty (0 bytes)"))
-                      .otherwise(F.format_string(f"file is %d bytes, over the {pre['max_file_mb']} MB limit "
-                                                 "(preprocess.max_file_mb): not read", F.col("length")))
-                      .alias("reason")))
-    errors = processed.where(F.col("status") == "error").select(*ERROR_COLUMNS).unionByName(unread)
+    errors = processed.where(F.col("status") == "error").select(*ERROR_COLUMNS).unionByName(
+        unread_files(listing, pre["max_file_mb"]).withColumn("label", F.lit(None).cast("string")))
 
     ranked = processed.where(F.col("status") == "ok").withColumn(
         "_rank", F.row_number().over(Window.partitionBy("sha256").orderBy("path")))

@@ -1,0 +1,33 @@
+"""spark-submit jobs/score.py --input ARCHIVE_OR_PREPROCESSED --model MODELS_DIR/NAME --output PRED_DIR [...]"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from cxr.cli import base_parser, run_job  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = base_parser(__doc__)
+    parser.add_argument("--input", required=True, help="raw image folder, or a preprocess job's output folder")
+    parser.add_argument("--model", required=True, help="a model folder written by jobs/train.py")
+    parser.add_argument("--output", required=True, help="predictions folder (grows run by run)")
+    parser.add_argument("--batch-size", type=int, help="images per model call")
+    parser.add_argument("--full", action="store_true", help="rescore files already scored by this model")
+    parser.add_argument("--run-id", help="name of this run (default: UTC time + random suffix)")
+    args = parser.parse_args(argv)
+
+    def body(spark, config):
+        from cxr.spark.score import run
+
+        r = run(spark, args.input, args.model, args.output, config, batch_size=args.batch_size, full=args.full,
+                run_id=args.run_id)
+        c = r["counts"]
+        print(f"score: run {r['run_id']}: {c['input']} files -> {c['scored']} scored, {c['rejected']} rejected, "
+              f"{c['skipped_already_scored']} already scored; {r['images_per_s']} images/s; output {args.output}")
+
+    return run_job(args, {"score.batch_size": args.batch_size}, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The score job on a real local[2] session: raw and preprocessed inputs, incremental runs, crash recovery."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from cxr.config import load_config
+from cxr.image.pipeline import PreprocessParams, preprocess_bytes
+from cxr.models import store
+from cxr.scoring import PROB_COLUMNS, model_id
+from cxr.spark import preprocess, score
+from tests.conftest import ROOT
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def small_config():
+    return load_config(overrides={"preprocess.size": SIZE, "score.batch_size": 8})
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    from cxr.synth import generate_archive
+
+    root = tmp_path_factory.mktemp("score_archive")
+    generate_archive(root, per_class=5, size=96, seed=11, broken=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def preprocessed(spark, archive, small_config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("score_pre") / "pre"
+    result = preprocess.run(spark, str(archive), str(out), small_config)
+    return out, result
+
+
+def _metadata(name, pre_result):
+    return {"name": name, "classes": ["COVID", "NORMAL", "VIRAL"], "preprocess": pre_result["params"],
+            "input": {"data_size": [SIZE, SIZE], "model_size": [SIZE, SIZE]}}
+
+
+@pytest.fixture(scope="module")
+def keras_model(preprocessed, tmp_path_factory):
+    import keras
+
+    from cxr.models.keras_models import build
+
+    keras.utils.set_random_seed(0)
+    model = build("cnn", (SIZE, SIZE, 1), {"filters": [4, 8], "kernel_size": 3, "dense": 8, "dropout": 0.0})
+    return store.save_keras(model, tmp_path_factory.mktemp("models") / "cnn-test", _metadata("cnn-test", preprocessed[1]))
+
+
+@pytest.fixture(scope="module")
+def scratch_model(preprocessed, tmp_path_factory):
+    from cxr.nn import models
+
+    net = models.dnn((SIZE, SIZE, 1), 3, hidden=8, seed=0)
+    return store.save_scratch(net, tmp_path_factory.mktemp("models") / "scratch-dnn-test",
+                              _metadata("scratch-dnn-test", preprocessed[1]))
+
+
+def _predictions(out: Path):
+    return pq.read_table(out / "predictions").to_pandas()
+
+
+def _driver_side(model_dir, paths, params):
+    images = np.stack([preprocess_bytes(Path(p.split(":", 1)[1]).read_bytes(), params)[1] for p in paths])
+    return store.load_predictor(model_dir).predict_proba(images[..., None].astype(np.float32) / 255.0)
+
+
+@pytest.mark.parametrize("which", ["keras_model", "scratch_model"])
+def test_raw_archive_scores_equal_the_driver_model(spark, archive, small_config, tmp_path, request, which):
+    model_dir = request.getfixturevalue(which)
+    out = tmp_path / "pred"
+    record = score.run(spark, str(archive), str(model_dir), str(out), small_config)
+    c = record["counts"]
+    assert c["input"] == c["scored"] + c["rejected"] + c["skipped_already_scored"]
+    assert c["skipped_already_scored"] == 0 and c["scored"] > 10 and c["rejected"] >= 5
+    pred = _predictions(out).sort_values("path")
+    assert set(pred.model_id) == {model_id(model_dir)} and (pred.run_id == record["run_id"]).all()
+    assert set(pred.label) <= {"COVID", "NORMAL", "VIRAL"}
+    expected = _driver_side(model_dir, pred.path, PreprocessParams.from_dict(record["params"]))
+    np.testing.assert_allclose(pred[list(PROB_COLUMNS)].to_numpy(), expected, atol=1e-5)
+    errors = pq.read_table(out / "errors").to_pandas()
+    assert len(errors) == c["rejected"] and errors.reason.notna().all()
+    assert json.loads((out / "runs" / f"{record['run_id']}.json").read_text())["counts"] == c
+
+
+def test_incremental_runs_score_only_new_files(spark, archive, keras_model, small_config, tmp_path):
+    out = tmp_path / "pred"
+    first = score.run(spark, str(archive), str(keras_model), str(out), small_config, run_id="night1")
+    second = score.run(spark, str(archive), str(keras_model), str(out), small_config, run_id="night2")
+    assert second["counts"]["scored"] == 0
+    assert second["counts"]["skipped_already_scored"] == first["counts"]["scored"]
+    new = archive.parent / "grown"
+    if not new.exists():
+        import shutil
+
+        shutil.copytree(archive, new)
+        from cxr.synth import render_chest
+
+        import cv2
+        cv2.imwrite(str(new / "COVID" / "new_scan.png"), (render_chest("COVID", 96, 5) * 255).astype(np.uint8))
+    third = score.run(spark, str(new), str(keras_model), str(out), small_config, run_id="night3")
+    assert third["counts"]["scored"] == 1
+    pred = _predictions(out)
+    assert len(pred) == first["counts"]["scored"] + 1
+    assert not pred.duplicated(["path", "sha256", "model_id"]).any()
+    full = score.run(spark, str(archive), str(keras_model), str(out), small_config, full=True, run_id="full")
+    assert full["counts"]["scored"] == first["counts"]["scored"]
+
+
+def test_a_crashed_run_leaves_nothing_visible(spark, archive, keras_model, small_config, tmp_path):
+    out = tmp_path / "pred"
+    score.run(spark, str(archive), str(keras_model), str(out), small_config, run_id="ok1")
+    # a run that died after moving its predictions but before writing runs/<id>.json
+    crashed = out / "predictions" / "run_date=2026-01-01" / "run_id=crashed"
+    crashed.parent.mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(next((out / "predictions").glob("run_date=*/run_id=ok1")), crashed)
+    (out / "_staging" / "half").mkdir(parents=True)
+    rerun = score.run(spark, str(archive), str(keras_model), str(out), small_config, run_id="rerun")
+    assert not crashed.exists() and not (out / "_staging").exists()
+    assert rerun["counts"]["scored"] == 0
+    assert not _predictions(out).duplicated(["path", "sha256", "model_id"]).any()
+
+
+def test_preprocessed_input_skips_the_image_steps(spark, preprocessed, keras_model, small_config, tmp_path):
+    pre_out, pre_result = preprocessed
+    out = tmp_path / "pred"
+    record = score.run(spark, str(pre_out), str(keras_model), str(out), small_config)
+    assert record["mode"] == "preprocessed"
+    assert record["counts"]["scored"] == pre_result["counts"]["written"]
+    images = pq.read_table(pre_out / "images").to_pandas().sort_values("path")
+    pred = _predictions(out).sort_values("path")
+    x = np.stack([np.frombuffer(b, np.uint8).reshape(SIZE, SIZE) for b in images.image])
+    expected = store.load_predictor(keras_model).predict_proba(x[..., None].astype(np.float32) / 255.0)
+    np.testing.assert_allclose(pred[list(PROB_COLUMNS)].to_numpy(), expected, atol=1e-5)
+
+
+def test_differently_preprocessed_data_is_refused(spark, preprocessed, keras_model, tmp_path):
+    pre_out, pre_result = preprocessed
+    other = tmp_path / "other-model"
+    meta = store.read_metadata(keras_model)
+    import shutil
+
+    shutil.copytree(keras_model, other)
+    store.write_metadata(other, {**meta, "preprocess": {**meta["preprocess"], "clip_limit": 4.0}})
+    with pytest.raises(ValueError, match="clip_limit"):
+        score.run(spark, str(pre_out), str(other), str(tmp_path / "pred"), load_config())
+
+
+def test_airflow_dag_imports():
+    if importlib.util.find_spec("airflow") is None:
+        pytest.skip("Airflow is not installed (optional: pip install apache-airflow apache-airflow-providers-apache-spark)")
+    spec = importlib.util.spec_from_file_location("cxr_dag", ROOT / "scripts" / "airflow_score_dag.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.dag.dag_id == "cxr_nightly_score"
