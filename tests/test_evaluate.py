@@ -67,3 +67,10 @@ def test_report_has_the_study_table_evaluation_and_plots(distributed, trained):
         f = out / "plots" / png
         assert f.is_file() and f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"plots/{png}" in text
+
+
+def test_models_trained_at_another_size_are_refused_before_any_task(spark, trained, train_config, tmp_path):
+    out, _ = trained
+    other = write_pre_out(tmp_path / "small", per_class=6, size=SIZE // 2)
+    with pytest.raises(ValueError, match=f"trained on {SIZE}x{SIZE} images"):
+        evaluate.run(spark, str(other), str(out), train_config, write=False)

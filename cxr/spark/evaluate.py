@@ -116,11 +116,14 @@ def split_checks(images: DataFrame, split: str) -> dict:
     row = held.agg(F.count(F.lit(1)).alias("rows"), F.sum(labeled.cast("long")).alias("labeled"),
                    F.countDistinct("patient_id").alias("patients"),
                    F.sum(F.col("patient_id").isNull().cast("long")).alias("no_patient"),
+                   F.min("height").alias("h_min"), F.max("height").alias("h_max"),
+                   F.min("width").alias("w_min"), F.max("width").alias("w_max"),
                    *[F.sum((F.col("label") == c).cast("long")).alias(c) for c in CLASSES]).first()
     return {"split": split, "rows": int(row["rows"] or 0), "images": int(row["labeled"] or 0),
             "unlabeled": int((row["rows"] or 0) - (row["labeled"] or 0)),
             "patients": int(row["patients"] or 0), "images_without_patient_id": int(row["no_patient"] or 0),
             "classes": {c: int(row[c] or 0) for c in CLASSES},
+            "image_sizes": sorted({(row["h_min"], row["w_min"]), (row["h_max"], row["w_max"])} - {(None, None)}),
             "checked_against": seen_splits, "shared_images": 0, "shared_patients": 0}
 
 
@@ -170,6 +173,12 @@ def run(spark: SparkSession, data_dir: str, models_dir: str, config: Mapping[str
     images = spark.read.parquet(f"{str(data_dir).rstrip('/')}/images")
     checks = split_checks(images, split)
     timings = {"checks": round(time.perf_counter() - t0, 3)}
+    for name, meta in metas.items():
+        want = tuple((meta.get("input") or {}).get("data_size") or ())
+        if checks["image_sizes"] and any(tuple(sz) != want for sz in checks["image_sizes"]):
+            raise ValueError(f"model {name} was trained on {want[0]}x{want[1]} images but {data_dir} holds "
+                             f"{', '.join(f'{h}x{w}' for h, w in checks['image_sizes'])}: preprocess with "
+                             f"--size {want[0]} (its metrics.json has the params) or pick other models")
     warnings = []
     min_images = int(conf.get("min_test_images", 100))
     if checks["images"] < min_images:
