@@ -7,7 +7,6 @@ produced it (seed, data counts, preprocess manifest hash and params, class weigh
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
 import time
@@ -38,7 +37,6 @@ class OutputExistsError(RuntimeError):
 def set_seeds(seed: int, deterministic: bool = True) -> dict:
     """Seed Python, NumPy and TensorFlow (keras.utils.set_random_seed does all three) and, if asked, make TF
     ops deterministic, so two runs with one seed give the same numbers. Returns what was set, for the record."""
-    os.environ["PYTHONHASHSEED"] = str(seed)  # only affects subprocesses; recorded for completeness
     random.seed(seed)
     np.random.seed(seed)
     record = {"seed": int(seed), "python": int(seed), "numpy": int(seed), "tensorflow": None,
