@@ -37,7 +37,8 @@ class OutputExistsError(RuntimeError):
 class Stopwatch:
     """Wall time per stage, logged as each stage ends and kept for the manifest."""
 
-    def __init__(self):
+    def __init__(self, logger: logging.Logger = log):
+        self.log = logger
         self.timings: dict[str, float] = {}
         self._start = time.perf_counter()
 
@@ -45,7 +46,7 @@ class Stopwatch:
         now = time.perf_counter()
         self.timings[stage] = round(now - self._start, 3)
         self._start = now
-        log.info("[%s] %.1fs " + message, stage, self.timings[stage], *args)
+        self.log.info("[%s] %.1fs " + message, stage, self.timings[stage], *args)
 
 
 def read_patient_manifest(path: str) -> tuple[pd.DataFrame, str]:

@@ -67,7 +67,7 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
     score_conf = config.get("score", {})
     batch_size = int(batch_size or score_conf.get("batch_size", 32))
     tf_threads = int(score_conf.get("tf_threads", 1))
-    clock = Stopwatch()
+    clock = Stopwatch(log)
     started = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     run_id = run_id or f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     run_date = started.date().isoformat()
