@@ -11,7 +11,7 @@ export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN)/python)
 export SPARK_LOCAL_IP        ?= 127.0.0.1
 export TF_CPP_MIN_LOG_LEVEL  ?= 2
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean dist cluster-up cluster-down
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,17 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	DEMO_OUT=$(DEMO_OUT) bash scripts/demo.sh
+
+# Cluster packaging: dist/cxr-env.tar.gz (packed venv for the executors, TensorFlow included) + dist/cxr_spark-*.whl.
+dist: $(STAMP)
+	bash scripts/build_dist.sh full
+
+# A standalone Spark cluster on this machine (loopback only): master spark://127.0.0.1:17077, two 1-core workers.
+cluster-up: $(STAMP)
+	bash scripts/cluster.sh up
+
+cluster-down:
+	bash scripts/cluster.sh down
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,27 @@
+"""Print the runtime dependencies the executors need, one name a line (versions come from a constraints file).
+
+    python scripts/build_dist_requirements.py pyproject.toml full|slim
+
+pyspark is left out (Spark puts its own pyspark.zip on the executors' PYTHONPATH); `slim` also leaves out
+TensorFlow and matplotlib (enough for preprocessing and for scoring with scratch NumPy models).
+"""
+import re
+import sys
+import tomllib
+
+SLIM_DROP = {"tensorflow-cpu", "tensorflow", "matplotlib"}
+
+
+def main(pyproject: str, kind: str) -> int:
+    with open(pyproject, "rb") as fh:
+        deps = tomllib.load(fh)["project"]["dependencies"]
+    drop = {"pyspark"} | (SLIM_DROP if kind == "slim" else set())
+    for dep in deps:
+        name = re.split(r"[<>=!~\[ ;]", dep, maxsplit=1)[0].strip()
+        if name.lower() not in drop:
+            print(name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:3]))
