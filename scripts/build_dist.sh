@@ -8,7 +8,8 @@
 #   slim: no TensorFlow/matplotlib (preprocess + scoring with scratch NumPy models only), cached under
 #         build/envs/slim-<hash of pyproject.toml + cxr sources>/cxr-env.tar.gz; the cluster tests use it.
 #
-# Two cache levels: the dependency venv (build/envs/KIND-deps-<hash of pyproject.toml>, slow: minutes) and the
+# Two cache levels: the dependency venv (build/envs/KIND-deps-<hash of the dependency list + pinned versions>,
+# slow: minutes) and the
 # packed archive (keyed by pyproject.toml + cxr sources: a source change only reinstalls the wheel and repacks).
 # Versions are pinned to the project venv's (pip freeze), so the driver and the executors agree on
 # numpy / pandas / pyarrow. The packed venv's bin/python links to the same interpreter path as the project
@@ -23,7 +24,10 @@ py="$venv/bin/python"
 [ -x "$py" ] || { echo "no venv at $venv: run 'make venv' first" >&2; exit 2; }
 "$py" -c "import venv_pack" 2>/dev/null || { echo "venv-pack missing: pip install -e '.[dist]'" >&2; exit 2; }
 
-deps_hash="$(sha256sum < "$here/pyproject.toml" | cut -c1-16)"
+# The dependency list and the pinned versions decide the dependency venv (not the rest of pyproject.toml).
+reqs="$("$py" "$here/scripts/build_dist_requirements.py" "$here/pyproject.toml" "$kind")"
+pins="$("$py" -m pip freeze --exclude-editable 2>/dev/null | grep -v -i '^cxr-spark')"
+deps_hash="$(printf '%s\n%s\n%s\n' "$reqs" "$pins" "$("$py" -c 'import sys; print(sys.version)')" | sha256sum | cut -c1-16)"
 hash="$(cd "$here" && { cat pyproject.toml; find cxr \( -name '*.py' -o -name '*.yaml' \) -print | LC_ALL=C sort | xargs cat; } \
         | sha256sum | cut -c1-16)"
 case "$kind" in
@@ -48,8 +52,8 @@ start=$(date +%s)
 if [ ! -f "$deps/.done" ]; then
   rm -rf "$deps"
   mkdir -p "$deps"
-  "$py" "$here/scripts/build_dist_requirements.py" "$here/pyproject.toml" "$kind" > "$deps/requirements.txt"
-  "$py" -m pip freeze --exclude-editable 2>/dev/null | grep -v -i '^cxr-spark' > "$deps/constraints.txt"
+  printf '%s\n' "$reqs" > "$deps/requirements.txt"
+  printf '%s\n' "$pins" > "$deps/constraints.txt"
   base_py="$("$py" -c 'import sys; print(sys._base_executable)')"   # the driver's interpreter
   "$base_py" -m venv "$deps/venv"
   "$deps/venv/bin/python" -m pip install --quiet -r "$deps/requirements.txt" -c "$deps/constraints.txt" >&2

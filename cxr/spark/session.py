@@ -5,6 +5,7 @@ import logging
 import os
 import sys
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,16 @@ def _conf_value(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _ensure_event_log_dir(settings: Mapping[str, Any]) -> None:
+    """Spark refuses to start when event logging is on and its directory is missing: create a local one."""
+    if _conf_value(settings.get("spark.eventLog.enabled", False)) != "true":
+        return
+    target = str(settings.get("spark.eventLog.dir", "/tmp/spark-events"))
+    parts = urlsplit(target)
+    if parts.scheme in ("", "file"):
+        os.makedirs(parts.path if parts.scheme else target, exist_ok=True)
+
+
 def get_spark(config: Mapping[str, Any], master: str | None = None, app_name: str | None = None,
               extra_conf: Mapping[str, Any] | None = None):
     """Build (or reuse) the session. Precedence for the master: argument, spark-submit's --master, conf."""
@@ -38,7 +49,9 @@ def get_spark(config: Mapping[str, Any], master: str | None = None, app_name: st
     builder = SparkSession.builder.appName(app_name or spark_conf.get("app_name", "cxr-spark")).master(chosen)
     if chosen.startswith("local"):
         builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
-    for key, value in {**spark_conf.get("conf", {}), **(extra_conf or {})}.items():
+    settings = {**spark_conf.get("conf", {}), **(extra_conf or {})}
+    _ensure_event_log_dir(settings)
+    for key, value in settings.items():
         builder = builder.config(key, _conf_value(value))
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(spark_conf.get("log_level", "WARN"))

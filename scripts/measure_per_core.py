@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Single-core throughput of the per-image work, the number docs/scaling.md multiplies out.
+
+    python scripts/measure_per_core.py [--images 40] [--side 1024] [--size 224] [--keras]
+
+One process, one OpenCV / BLAS / TensorFlow thread: what one Spark executor core does, without Spark's
+overhead (measured separately on the cluster). Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(var, "1")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=40)
+    parser.add_argument("--side", type=int, default=1024, help="source image side (real CXRs: 1024-3000 px)")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--keras", action="store_true", help="also time the Keras CNN's inference")
+    args = parser.parse_args()
+
+    import cv2
+    import numpy as np
+
+    from cxr.config import load_config
+    from cxr.image.pipeline import PreprocessParams, preprocess_bytes
+    from cxr.synth import render_chest
+
+    cv2.setNumThreads(1)
+    params = PreprocessParams.from_config(load_config(overrides={"preprocess.size": args.size})["preprocess"])
+    pictures = [(render_chest(["COVID", "NORMAL", "VIRAL"][i % 3], args.side, i) * 255).astype(np.uint8)
+                for i in range(args.images)]
+    files = {"png8": [cv2.imencode(".png", p)[1].tobytes() for p in pictures],
+             "jpeg": [cv2.imencode(".jpg", p, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes() for p in pictures]}
+    result = {"cpus": os.cpu_count(), "images": args.images, "side": args.side, "size": args.size, "load_avg_1m": os.getloadavg()[0],
+              "mean_file_kb": {k: round(sum(map(len, v)) / len(v) / 1024, 1) for k, v in files.items()}}
+    for kind, blobs in files.items():
+        preprocess_bytes(blobs[0], params)  # warm-up
+        start, cpu = time.perf_counter(), time.process_time()
+        for blob in blobs:
+            preprocess_bytes(blob, params)
+        result[f"preprocess_{kind}_images_per_s"] = round(len(blobs) / (time.perf_counter() - start), 2)
+        # CPU time is what a dedicated core would take: it does not grow with the machine's other load
+        result[f"preprocess_{kind}_images_per_cpu_s"] = round(len(blobs) / (time.process_time() - cpu), 2)
+
+    from cxr.models import store
+    from cxr.nn import models
+
+    batch = np.random.default_rng(0).random((32, args.size, args.size, 1), dtype=np.float32)
+    net = models.dnn((args.size, args.size, 1), 3, hidden=128, seed=0)
+    net.predict_proba(batch)
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(4):
+        net.predict_proba(batch)
+    result["scratch_dnn_images_per_s"] = round(4 * len(batch) / (time.perf_counter() - start), 1)
+    result["scratch_dnn_images_per_cpu_s"] = round(4 * len(batch) / (time.process_time() - cpu), 1)
+
+    if args.keras:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+        from cxr.models.keras_models import build
+
+        conf = load_config()["train"]["keras"]["cnn"]
+        model = build("cnn", (args.size, args.size, 1), conf)
+        model.predict(batch, verbose=0)
+        start, cpu = time.perf_counter(), time.process_time()
+        for _ in range(3):
+            model.predict(batch, verbose=0)
+        result["keras_cnn_images_per_s"] = round(3 * len(batch) / (time.perf_counter() - start), 1)
+        result["keras_cnn_images_per_cpu_s"] = round(3 * len(batch) / (time.process_time() - cpu), 1)
+    del store
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
