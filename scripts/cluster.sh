@@ -28,7 +28,12 @@ spark_home() {
   "$venv/bin/python" -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))'
 }
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A pid file's process, if it is still the Spark daemon we started (a stale file's pid may have been reused).
+alive() {
+  [ -f "$1" ] || return 1
+  local pid; pid="$(cat "$1")"
+  kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'org.apache.spark.deploy'
+}
 
 master_json() {
   "$venv/bin/python" - "$master_ui" <<'EOF'
@@ -92,7 +97,7 @@ down() {
   for pidfile in "$dir"/worker*.pid "$dir"/master.pid; do
     [ -f "$pidfile" ] || continue
     pid="$(cat "$pidfile")"
-    if kill -0 "$pid" 2>/dev/null; then kill "$pid" 2>/dev/null && pids+=("$pid"); fi
+    if alive "$pidfile"; then kill "$pid" 2>/dev/null && pids+=("$pid"); fi
   done
   for _ in $(seq 1 20); do
     local left=0
