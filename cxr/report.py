@@ -295,6 +295,15 @@ def write_report(models_dir: str | Path, evaluation: Mapping | None = None, spli
         L.append("(No evaluation found: run jobs/evaluate.py.)")
         L.append("")
 
+    from cxr.calibration import calibration_section
+    from cxr.explain import shortcut_section
+
+    L.append(calibration_section(evaluation, metas, plots))  # "" when no model is calibrated
+    if data.get("dir"):
+        for d in list_models(root):
+            md, _ = shortcut_section(d, data["dir"], split, plots_dir=plots)
+            L.append(md)
+
     L.append("## Provenance")
     L.append("")
     seeds = training.get("seeds", {})

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from cxr import CLASSES
+from cxr.calibration import apply_temperature, temperature_of
 from cxr.image.batch import process_file
 from cxr.image.pipeline import PreprocessParams
 from cxr.models import store
@@ -58,6 +59,7 @@ def _with_predictions(rows: list[dict], images: list[np.ndarray], predictor, bat
     ok = (frame["status"] == "ok").to_numpy()
     if ok.any():
         proba = predict_fixed_batches(predictor, np.stack(images), batch_size)
+        proba = apply_temperature(proba, temperature_of(predictor.metadata))  # None (uncalibrated): unchanged
         for j, col in enumerate(PROB_COLUMNS):
             frame.loc[ok, col] = proba[:, j]
         frame.loc[ok, "label"] = np.asarray(CLASSES)[proba.argmax(axis=1)]

@@ -255,6 +255,10 @@ def run(data_dir: str, out_dir: str, config: Mapping[str, Any], models: Sequence
             store.save_keras(model, target, metadata)
         metadata["timings_s"]["save"] = round(time.perf_counter() - t_save, 3)
         store.write_metadata(target, {**store.read_metadata(target), "timings_s": metadata["timings_s"]})
+        if len(val):  # temperature scaling on val; recorded, applied by score only when the fit is trustworthy
+            from cxr.calibration import calibrate_model
+
+            calibrate_model(target, data_dir, val=val)
         last = {k: v[-1] for k, v in history.items() if v}
         log.info("saved %s in %.1fs: %s", target, train_s, " ".join(f"{k}={v:.4f}" for k, v in last.items()))
         results.append({"name": spec["name"], "dir": str(target), "train_s": train_s, "final": last})

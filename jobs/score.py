@@ -15,16 +15,22 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, help="images per model call")
     parser.add_argument("--full", action="store_true", help="rescore files already scored by this model")
     parser.add_argument("--run-id", help="name of this run (default: UTC time + random suffix)")
+    parser.add_argument("--explain", metavar="N|all", help="Grad-CAM overlays for N images per predicted class "
+                        "(or all) -> PRED_DIR/explain/run_id=R/, indexed in PRED_DIR/explanations/")
     args = parser.parse_args(argv)
 
     def body(spark, config):
         from cxr.spark.score import run
 
         r = run(spark, args.input, args.model, args.output, config, batch_size=args.batch_size, full=args.full,
-                run_id=args.run_id)
+                run_id=args.run_id, explain=args.explain)
         c = r["counts"]
         print(f"score: run {r['run_id']}: {c['input']} files -> {c['scored']} scored, {c['rejected']} rejected, "
               f"{c['skipped_already_scored']} already scored; {r['images_per_s']} images/s; output {args.output}")
+        if r.get("explain"):
+            e = r["explain"]
+            print(f"explain: {e.get('images', 0)} overlays in {e.get('png_dir')}" if "error" not in e
+                  else f"explain: failed ({e['error']}); predictions are unaffected")
 
     return run_job(args, {"score.batch_size": args.batch_size}, body)
 

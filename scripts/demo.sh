@@ -9,15 +9,20 @@ py=".venv/bin/python"
 submit="scripts/submit.sh --master local[2]"
 
 rm -rf "$out" && mkdir -p "$out"
-echo "== 1/4 synthetic CXR-like archive (seed 0) -> $out/archive"
+echo "== 1/5 synthetic CXR-like archive (seed 0) -> $out/archive"
 $py -m cxr.synth "$out/archive" --per-class 40 --size 256 --seed 0
-echo "== 2/4 preprocess (decode, CLAHE, brightness, resize) -> $out/preprocessed"
+echo "== 2/5 preprocess (decode, CLAHE, brightness, resize) -> $out/preprocessed"
 $submit jobs/preprocess.py --conf demo --input "$out/archive" --output "$out/preprocessed" \
   --manifest "$out/archive/MANIFEST.csv"
-echo "== 3/4 train on the driver, evaluate on the executors -> $out/models"
+echo "== 3/5 train on the driver, evaluate on the executors -> $out/models"
 $submit jobs/train.py --conf demo --data "$out/preprocessed" --out "$out/models"
-echo "== 4/4 score the raw archive with cnn-adam -> $out/predictions"
-$submit jobs/score.py --conf demo --input "$out/archive" --model "$out/models/cnn-adam" --output "$out/predictions"
+echo "== 4/5 score the raw archive with cnn-adam, Grad-CAM overlays for 2 images per call -> $out/predictions"
+$submit jobs/score.py --conf demo --input "$out/archive" --model "$out/models/cnn-adam" --output "$out/predictions" \
+  --explain 2
+echo "== 5/5 pictures: the study's Figure 1 and a sample sheet of the preprocessed images -> $out/figures"
+mkdir -p "$out/figures"
+$py -m cxr.viz preprocess --from-parquet "$out/preprocessed" --n 3 --out "$out/figures/figure1.png" >/dev/null
+$py -m cxr.viz samples "$out/preprocessed" --per-class 4 --out "$out/figures/samples.png" >/dev/null
 
 cat <<EOM
 
@@ -28,4 +33,8 @@ Demo finished. Results:
   training report       $out/models/report.md          (the study's optimizer table, evaluation, plots)
   predictions           $out/predictions/predictions/  (Parquet, partitioned by run_date and run_id)
   score run record      $(ls "$out"/predictions/runs/*.json)
+  Figure 1 panel        $out/figures/figure1.png     (each preprocessing step with its histogram)
+  sample sheet          $out/figures/samples.png     (4 preprocessed images per class and split)
+  Grad-CAM overlays     $out/predictions/explain/    (index: $out/predictions/explanations/), e.g.
+$(ls "$out"/predictions/explain/run_id=*/*.png | head -3 | sed 's/^/                        /')
 EOM

@@ -63,7 +63,8 @@ def _remove_crashed_runs(spark: SparkSession, out: str) -> list[str]:
 
 
 def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, config: Mapping[str, Any],
-        batch_size: int | None = None, full: bool = False, run_id: str | None = None) -> dict[str, Any]:
+        batch_size: int | None = None, full: bool = False, run_id: str | None = None,
+        explain: int | str | None = None) -> dict[str, Any]:
     score_conf = config.get("score", {})
     batch_size = int(batch_size or score_conf.get("batch_size", 32))
     tf_threads = int(score_conf.get("tf_threads", 1))
@@ -79,6 +80,9 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
     if "size" not in model_params:
         raise ValueError(f"{model_dir}/metrics.json records no preprocess params: cannot prepare images for it")
     params = PreprocessParams.from_dict(model_params)
+    if explain:  # Grad-CAM overlays after the run (cxr/spark/explain.py); refuse unexplainable models now
+        from cxr.spark.explain import check_explain_args, explain_run
+        explain = check_explain_args(model_path, explain)
     if not fs.exists(spark, input_uri):
         raise FileNotFoundError(f"input does not exist: {input_uri}")
     out = fs.qualified(spark, output_dir)
@@ -147,11 +151,16 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
     fs.delete(spark, f"{out}/_staging")  # one run at a time per output: its start cleared it too
     clock.lap("commit", "run %s: %s", run_id, counts)
     seconds = sum(clock.timings.values())
+    explained = None
+    if explain:
+        explained = explain_run(spark, out, run_id, run_date, model_path, mid, input_uri, mode, params, explain,
+                                batch_size, tf_threads)
+        clock.lap("explain", "Grad-CAM overlays: %s", explained.get("images"))
     record = {
         "job": "score", "run_id": run_id, "run_date": run_date, "started": started.isoformat(),
         "input": input_uri, "mode": mode, "output": output_dir, "full": full,
         "model": {"dir": model_dir, "name": name, "model_id": mid, "kind": store.model_kind(model_path)},
-        "counts": counts, "batch_size": batch_size, "params": params.to_dict(),
+        "counts": counts, "batch_size": batch_size, "params": params.to_dict(), "explain": explained,
         "timings_s": clock.timings, "images_per_s": round(n_scored / max(seconds, 1e-9), 2),
         "versions": package_versions(), "spark": {"version": spark.version, "master": spark.sparkContext.master},
     }
