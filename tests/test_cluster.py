@@ -265,9 +265,6 @@ def test_a_dangling_symlink_does_not_fail_the_job(spark, small_archive, tmp_path
     assert "dangling.png" not in " ".join(_table(tmp_path / "out" / "errors").path)
 
 
-@pytest.mark.xfail(reason="needs the binaryFile reader's ignoreMissingFiles option + the listed-vs-read anti-join "
-                          "proposed for cxr/spark/images.py and preprocess.py (issue 7); today Spark fails the job "
-                          "with FAILED_READ_FILE", strict=False)
 def test_a_file_vanishing_between_listing_and_reading_is_an_errors_row(spark, small_archive, tmp_path, monkeypatch):
     """The file is listed (and counted), then deleted before the read stage runs: one errors row, not a failed job.
     (Unreadable files: the tests run as root, for whom chmod 000 does not stop reading, so the permission case

@@ -44,7 +44,10 @@ def extension_glob(extensions: Sequence[str]) -> str:
 
 
 def _reader(spark: SparkSession):
-    return spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+    # ignoreMissingFiles: a file deleted between the listing and the read is skipped instead of failing the
+    # job; preprocess then reports it as an errors row (vanished_files)
+    return (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+            .option("ignoreMissingFiles", "true"))
 
 
 def _relative(root: str) -> Column:
@@ -128,3 +131,12 @@ def preprocess_images(files: DataFrame, root: str, params: PreprocessParams, ali
             yield process_frame(frame, root, params, aliases)
 
     return files.mapInPandas(run, schema=PREPROCESSED_SCHEMA)
+
+
+def vanished_files(listing: DataFrame, read: DataFrame) -> DataFrame:
+    """Error rows for files listed to be read that produced no row: deleted (or made unreadable) between the
+    listing and the read."""
+    return (listing.where(F.col("kind") == "read").select("path")
+            .join(read.select("path"), "path", "left_anti")
+            .select("path", F.lit(None).cast("string").alias("sha256"), F.lit("read").alias("stage"),
+                    F.lit("file vanished or became unreadable between listing and reading").alias("reason")))

@@ -20,7 +20,8 @@ from cxr.image.pipeline import PreprocessParams
 from cxr.labels import alias_table
 from cxr.provenance import package_versions
 from cxr.spark import fs
-from cxr.spark.images import list_files, listing_counts, preprocess_images, read_contents, unread_files
+from cxr.spark.images import (list_files, listing_counts, preprocess_images, read_contents, unread_files,
+                              vanished_files)
 from cxr.splits import assign_split, validate_ratios
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,10 @@ def run(spark: SparkSession, input_dir: str, output_dir: str, config: Mapping[st
     status = {r["status"]: r["count"] for r in processed.groupBy("status").count().collect()}
     clock.lap("decode", "%d decoded, %d rejected", status.get("ok", 0), status.get("error", 0))
 
-    errors = processed.where(F.col("status") == "error").select(*ERROR_COLUMNS).unionByName(
-        unread_files(listing, pre["max_file_mb"]).withColumn("label", F.lit(None).cast("string")))
+    no_label = F.lit(None).cast("string")
+    errors = (processed.where(F.col("status") == "error").select(*ERROR_COLUMNS)
+              .unionByName(unread_files(listing, pre["max_file_mb"]).withColumn("label", no_label))
+              .unionByName(vanished_files(listing, processed).withColumn("label", no_label)))
 
     ranked = processed.where(F.col("status") == "ok").withColumn(
         "_rank", F.row_number().over(Window.partitionBy("sha256").orderBy("path")))
