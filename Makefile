@@ -11,7 +11,7 @@ export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN)/python)
 export SPARK_LOCAL_IP        ?= 127.0.0.1
 export TF_CPP_MIN_LOG_LEVEL  ?= 2
 
-.PHONY: demo test venv clean dist cluster-up cluster-down
+.PHONY: demo test test-cluster venv clean dist cluster-up cluster-down
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	DEMO_OUT=$(DEMO_OUT) bash scripts/demo.sh
+
+# The standalone-cluster tests (packed env, executor/driver kills): opt-in, several minutes.
+test-cluster: $(STAMP)
+	CXR_CLUSTER_TESTS=1 $(BIN)/python -m pytest -q tests/test_cluster.py
 
 # Cluster packaging: dist/cxr-env.tar.gz (packed venv for the executors, TensorFlow included) + dist/cxr_spark-*.whl.
 dist: $(STAMP)
