@@ -300,6 +300,9 @@ def write_report(models_dir: str | Path, evaluation: Mapping | None = None, spli
 
     L.append(calibration_section(evaluation, metas, plots))  # "" when no model is calibrated
     if data.get("dir"):
+        from cxr.probes import probes_section
+
+        L.append(probes_section(list_models(root), data["dir"], split)[0])
         for d in list_models(root):
             md, _ = shortcut_section(d, data["dir"], split, plots_dir=plots)
             L.append(md)

@@ -111,11 +111,12 @@ def _train_keras(spec: dict, train: SplitData, val: SplitData, conf: Mapping, we
                  epochs: int, seed: int) -> tuple[Any, dict, list[float], dict]:
     import keras
 
-    from cxr.models.keras_models import architecture, build, optimizer, optimizer_config
+    from cxr.models.keras_models import architecture, augmentation, build, optimizer, optimizer_config
 
     family = spec["family"]
     arch = architecture(family, (conf.get("keras") or {}).get(family))
-    model = build(family, train.x.shape[1:], arch)
+    aug = augmentation(conf.get("augment"))
+    model = build(family, train.x.shape[1:], arch, augment={**aug, "seed": seed})
     opt = optimizer(spec["optimizer"], (conf.get("optimizer_config") or {}).get(spec["optimizer"]))
     model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     times: list[float] = []
@@ -133,7 +134,8 @@ def _train_keras(spec: dict, train: SplitData, val: SplitData, conf: Mapping, we
                         class_weight=cw, shuffle=True, verbose=int(conf.get("verbose", 2)),
                         callbacks=[EpochTimer()])
     details = {"architecture": {"family": family, **arch, "params": int(model.count_params())},
-               "optimizer": {"name": spec["optimizer"], "config": optimizer_config(opt)}}
+               "optimizer": {"name": spec["optimizer"], "config": optimizer_config(opt)},
+               "augment": {**aug, "seed": seed} if aug["enabled"] else {"enabled": False}}
     return model, _history_dict(history.history), times, details
 
 
@@ -171,6 +173,64 @@ def _train_scratch(spec: dict, train: SplitData, val: SplitData, conf: Mapping, 
 
 def _split_summary(data: SplitData) -> dict:
     return {"images": len(data), "patients": data.n_patients(), "classes": data.class_counts()}
+
+
+def train_and_save(spec: dict, train: SplitData, val: SplitData, conf: Mapping[str, Any], cw: dict, epochs: int,
+                   seed: int, target: Path, data_record: Mapping[str, Any], manifest: Mapping[str, Any],
+                   calibrate_on: str | None = None) -> dict:
+    """Train one planned model from seeded state, save it with its metrics.json to target (replacing it) and,
+    when there is a validation set, fit its temperature there. Shared by train and cross-validation."""
+    seeds = set_seeds(seed, bool(conf.get("deterministic", True)))
+    log.info("training %s (%s, optimizer %s, %d epochs)", spec["name"], spec["family"], spec["optimizer"], epochs)
+    t_model = time.perf_counter()
+    trainer = _train_scratch if spec["family"] in SCRATCH_FAMILIES else _train_keras
+    model, history, times, details = trainer(spec, train, val, conf, cw["weights"], epochs, seed)
+    train_s = round(time.perf_counter() - t_model, 3)
+    data_size = list(data_record["image_size"])
+    model_size = details.get("model_size", data_size)
+    metadata = {
+        "schema": store.SCHEMA,
+        "name": spec["name"],
+        "family": spec["family"],
+        "classes": list(CLASSES),
+        "input": {"data_size": data_size, "channels": 1, "dtype": "float32", "scale": "x / 255",
+                  "model_size": model_size, "resize": "area" if model_size != data_size else None},
+        "architecture": details["architecture"],
+        "optimizer": details["optimizer"],
+        "training": {"epochs": epochs, "batch_size": int(conf["batch_size"]), "shuffle": True,
+                     "loss": "sparse categorical cross-entropy (class-weighted when weights are on)",
+                     "class_weight": cw, "seeds": seeds, "augment": details.get("augment", {"enabled": False})},
+        "history": history,
+        "epoch_times_s": times,
+        "timings_s": {"load_data": data_record.get("load_s"), "train": train_s},
+        "data": dict(data_record),
+        "preprocess": manifest.get("params", {}),
+        "preprocess_versions": manifest.get("versions", {}),
+        "versions": package_versions(),
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    target = Path(target)
+    if target.exists():
+        shutil.rmtree(target)
+    t_save = time.perf_counter()
+    if spec["family"] in SCRATCH_FAMILIES:
+        store.save_scratch(model, target, metadata)
+    else:
+        store.save_keras(model, target, metadata)
+    metadata["timings_s"]["save"] = round(time.perf_counter() - t_save, 3)
+    store.write_metadata(target, {**store.read_metadata(target), "timings_s": metadata["timings_s"]})
+    if len(val) and calibrate_on:  # temperature scaling on val; recorded, applied by score only when trustworthy
+        from cxr.calibration import calibrate_model
+
+        calibrate_model(target, calibrate_on, val=val)
+    last = {k: v[-1] for k, v in history.items() if v}
+    log.info("saved %s in %.1fs: %s", target, train_s, " ".join(f"{k}={v:.4f}" for k, v in last.items()))
+    del model
+    if spec["family"] not in SCRATCH_FAMILIES:
+        import keras
+
+        keras.backend.clear_session()
+    return {"name": spec["name"], "dir": str(target), "train_s": train_s, "final": last}
 
 
 def run(data_dir: str, out_dir: str, config: Mapping[str, Any], models: Sequence[str] | str | None = None,
@@ -214,58 +274,7 @@ def run(data_dir: str, out_dir: str, config: Mapping[str, Any], models: Sequence
         "load_s": load_s,
         "loader": train.stats,
     }
-    results = []
-    for spec in todo:
-        seeds = set_seeds(seed, bool(conf.get("deterministic", True)))
-        log.info("training %s (%s, optimizer %s, %d epochs)", spec["name"], spec["family"], spec["optimizer"], epochs)
-        t_model = time.perf_counter()
-        trainer = _train_scratch if spec["family"] in SCRATCH_FAMILIES else _train_keras
-        model, history, times, details = trainer(spec, train, val, conf, cw["weights"], epochs, seed)
-        train_s = round(time.perf_counter() - t_model, 3)
-        metadata = {
-            "schema": store.SCHEMA,
-            "name": spec["name"],
-            "family": spec["family"],
-            "classes": list(CLASSES),
-            "input": {"data_size": data_record["image_size"], "channels": 1, "dtype": "float32",
-                      "scale": "x / 255", "model_size": details.get("model_size", data_record["image_size"]),
-                      "resize": "area" if details.get("model_size", data_record["image_size"])
-                      != data_record["image_size"] else None},
-            "architecture": details["architecture"],
-            "optimizer": details["optimizer"],
-            "training": {"epochs": epochs, "batch_size": int(conf["batch_size"]), "shuffle": True,
-                         "loss": "sparse categorical cross-entropy (class-weighted when weights are on)",
-                         "class_weight": cw, "seeds": seeds},
-            "history": history,
-            "epoch_times_s": times,
-            "timings_s": {"load_data": load_s, "train": train_s},
-            "data": data_record,
-            "preprocess": manifest.get("params", {}),
-            "preprocess_versions": manifest.get("versions", {}),
-            "versions": package_versions(),
-            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        target = out / spec["name"]
-        if target.exists():
-            shutil.rmtree(target)
-        t_save = time.perf_counter()
-        if spec["family"] in SCRATCH_FAMILIES:
-            store.save_scratch(model, target, metadata)
-        else:
-            store.save_keras(model, target, metadata)
-        metadata["timings_s"]["save"] = round(time.perf_counter() - t_save, 3)
-        store.write_metadata(target, {**store.read_metadata(target), "timings_s": metadata["timings_s"]})
-        if len(val):  # temperature scaling on val; recorded, applied by score only when the fit is trustworthy
-            from cxr.calibration import calibrate_model
-
-            calibrate_model(target, data_dir, val=val)
-        last = {k: v[-1] for k, v in history.items() if v}
-        log.info("saved %s in %.1fs: %s", target, train_s, " ".join(f"{k}={v:.4f}" for k, v in last.items()))
-        results.append({"name": spec["name"], "dir": str(target), "train_s": train_s, "final": last})
-        del model
-        if spec["family"] not in SCRATCH_FAMILIES:
-            import keras
-
-            keras.backend.clear_session()
+    results = [train_and_save(spec, train, val, conf, cw, epochs, seed, out / spec["name"], data_record, manifest,
+                              calibrate_on=data_dir) for spec in todo]
     return {"models": results, "data": data_record, "class_weight": cw, "seed": seed, "epochs": epochs,
             "total_s": round(time.perf_counter() - t0, 3)}

@@ -3,13 +3,13 @@
     python scripts/build_dist_requirements.py pyproject.toml full|slim
 
 pyspark is left out (Spark puts its own pyspark.zip on the executors' PYTHONPATH); `slim` also leaves out
-TensorFlow and matplotlib (enough for preprocessing and for scoring with scratch NumPy models).
+TensorFlow, matplotlib and scikit-learn (driver-only) (enough for preprocessing and for scoring with scratch NumPy models).
 """
 import re
 import sys
 import tomllib
 
-SLIM_DROP = {"tensorflow-cpu", "tensorflow", "matplotlib"}
+SLIM_DROP = {"tensorflow-cpu", "tensorflow", "matplotlib", "scikit-learn"}
 
 
 def main(pyproject: str, kind: str) -> int:

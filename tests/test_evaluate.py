@@ -63,6 +63,9 @@ def test_report_has_the_study_table_evaluation_and_plots(distributed, trained):
     assert "| Loss (final epoch), study | 2.3842e-07 | 0.6931 | 1.0417e-06 | 2.3842e-07 | 2.3842e-07 |" in text
     assert "labeled images from" in text and "Warning" in text and "NORMAL vs VIRAL" in text
     assert "Source confounding" in text
+    assert "## Shortcut probes (test split)" in text and "| metadata only |" in text
+    for name in ("cnn-adam", "scratch-dnn"):
+        assert f"| {name} | border only |" in text and f"| {name} | lungs only |" in text
     for png in ("curves_cnn_optimizers.png", "curves_other_models.png", "confusion_matrices.png", "roc_curves.png"):
         f = out / "plots" / png
         assert f.is_file() and f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

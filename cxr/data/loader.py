@@ -48,6 +48,11 @@ class SplitData:
     def class_counts(self) -> dict[str, int]:
         return {c: int((self.y == i).sum()) for i, c in enumerate(CLASSES)}
 
+    def subset(self, rows: np.ndarray) -> "SplitData":
+        """The given rows (a boolean mask or indices), e.g. one cross-validation fold."""
+        return SplitData(x=self.x[rows], y=self.y[rows], sha256=self.sha256[rows], patient_id=self.patient_id[rows],
+                         path=self.path[rows], splits=self.splits)
+
     def n_patients(self) -> int:
         """Distinct patients; an image without a patient id counts as its own patient."""
         ids = {p for p in self.patient_id if p is not None}

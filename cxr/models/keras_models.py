@@ -30,14 +30,41 @@ def architecture(family: str, conf: Mapping[str, Any] | None = None) -> dict[str
     return {**DEFAULTS[family], **(conf or {})}
 
 
-def build(family: str, input_shape: tuple[int, int, int], conf: Mapping[str, Any] | None = None):
-    """An uncompiled keras.Sequential for (H, W, 1) inputs already scaled to [0, 1]."""
+AUGMENT_DEFAULTS = {"enabled": False, "translate": 0.05, "rotate_deg": 5.0, "zoom": 0.05, "seed": 0}
+
+
+def augmentation(conf: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Effective augmentation settings: small shifts, rotations and zooms (what a re-positioned patient or
+    a different detector distance does); no flips, since the heart is on one side."""
+    unknown = set(conf or {}) - set(AUGMENT_DEFAULTS)
+    if unknown:
+        raise ValueError(f"train.augment: unknown keys {sorted(unknown)}; known: {sorted(AUGMENT_DEFAULTS)}")
+    return {**AUGMENT_DEFAULTS, **(conf or {})}
+
+
+def _augment_layers(aug: Mapping[str, Any]) -> list:
+    """Keras' random layers: active in fit, identity in predict, built-in (so safe_mode loading still works)."""
+    from keras import layers as L
+
+    if not aug.get("enabled"):
+        return []
+    seed = int(aug.get("seed", 0))
+    t, z = float(aug["translate"]), float(aug["zoom"])
+    return [L.RandomTranslation(t, t, fill_mode="nearest", seed=seed),
+            L.RandomRotation(float(aug["rotate_deg"]) / 360.0, fill_mode="nearest", seed=seed + 1),
+            L.RandomZoom(z, z, fill_mode="nearest", seed=seed + 2)]
+
+
+def build(family: str, input_shape: tuple[int, int, int], conf: Mapping[str, Any] | None = None,
+          augment: Mapping[str, Any] | None = None):
+    """An uncompiled keras.Sequential for (H, W, 1) inputs already scaled to [0, 1], with the augmentation
+    layers in front when `augment` is enabled."""
     import keras
     from keras import layers as L
 
     arch = architecture(family, conf)
     n = len(CLASSES)
-    body: list = []
+    body: list = _augment_layers(augmentation(augment))
     if family == "cnn":
         for f in arch["filters"]:
             body += [L.Conv2D(int(f), arch["kernel_size"], activation="relu"), L.MaxPooling2D(2)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -214,8 +215,9 @@ def load_predictor(model_dir: str | Path, batch_size: int = 64) -> Predictor:
     return cls(d, metadata, batch_size=batch_size)
 
 
-_CACHE: dict[tuple, Predictor] = {}
+_CACHE: "OrderedDict[tuple, Predictor]" = OrderedDict()
 _CACHE_LOCK = threading.Lock()
+CACHE_MODELS = 8   # most recently used models a worker keeps (cross-validation evaluates dozens)
 
 
 def cached_predictor(model_dir: str | Path, batch_size: int = 64, tf_threads: int | None = 1) -> Predictor:
@@ -230,4 +232,7 @@ def cached_predictor(model_dir: str | Path, batch_size: int = 64, tf_threads: in
             if kind == "keras" and tf_threads:
                 limit_tf_threads(tf_threads)
             _CACHE[key] = load_predictor(d, batch_size=batch_size)
+            while len(_CACHE) > CACHE_MODELS:
+                _CACHE.popitem(last=False)
+        _CACHE.move_to_end(key)
         return _CACHE[key]

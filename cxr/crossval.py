@@ -1,0 +1,300 @@
+"""Grouped k-fold cross-validation: numbers that survive a small data set and its sources.
+
+A single 10% test split of a few hundred images moves by several points from seed to seed. Here every
+labeled image (all of the preprocess job's splits pooled) is held out once per seed: folds grouped by
+patient (content hash without one) and stratified by class, repeated over seeds (seed i uses
+train.seed + i for the fold assignment and for the model's initialisation). Models train on the driver
+(cxr.train), the held-out folds are evaluated on the executors (cxr.spark.crossval), and the shortcut probes
+(cxr.probes) run on the same folds, so every number is reported as mean and spread over folds x seeds.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cxr import CLASSES
+from cxr.calibration import ece
+from cxr.data.loader import images_dataset, load_split, read_manifest
+from cxr.folds import assign_folds, check_grouping, fold_key, group_keys
+from cxr.metrics import summarize
+from cxr.probes import REGIONS, metadata_probe, quick_scores, verdict
+from cxr.provenance import package_versions
+from cxr.splits import SPLITS
+from cxr.train import OutputExistsError, _as_list, class_weights, plan, train_and_save
+
+log = logging.getLogger(__name__)
+
+HEADLINE = ("accuracy", "macro_f1", "normal_vs_viral", "ece")
+RESULT_FILE = "crossval.json"
+REPORT_FILE = "crossval.md"
+FOLDS_FILE = "folds.csv"         # sha256, seed, fold, group, label: which image was held out where
+
+
+def load_pool(data_dir: str, batch_rows: int = 64):
+    """Every labeled image of every split, and its file metadata (for the metadata probe) in the same order."""
+    data = load_split(data_dir, SPLITS, batch_rows=batch_rows)
+    cols = ["sha256", "label", "patient_id", "orig_width", "orig_height", "source_format", "color_mode"]
+    meta = images_dataset(data_dir).to_table(columns=cols).to_pandas().drop_duplicates("sha256")
+    meta = meta.set_index("sha256").loc[list(data.sha256)].reset_index()
+    return data, meta
+
+
+def fold_assignment(data, k: int, seeds: Sequence[int]) -> pd.DataFrame:
+    """(sha256, seed, fold, group) for every image and seed; checks that no group spans two folds."""
+    groups = group_keys(data.patient_id, data.sha256)
+    frames = []
+    for seed in seeds:
+        folds = assign_folds(data.y, groups, k, seed)
+        check_grouping(folds, groups)
+        frames.append(pd.DataFrame({"sha256": data.sha256, "seed": int(seed), "fold": folds, "group": groups}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def run_metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, float | None]:
+    """The numbers reported per (model, seed, fold): headline metrics and per-class sensitivity/specificity."""
+    s = summarize(y, proba)
+    out = {"n": s["n"], "accuracy": s["accuracy"], "macro_f1": s["macro_f1"],
+           "normal_vs_viral": s["normal_vs_viral"]["accuracy"], "ece": ece(proba, y)}
+    for c in CLASSES:
+        out[f"sensitivity_{c}"] = s["per_class"][c]["sensitivity"]
+        out[f"specificity_{c}"] = s["per_class"][c]["specificity"]
+    return out
+
+
+def spread(values: Sequence[float | None]) -> dict[str, float | int | None]:
+    """mean, sample standard deviation, min and max of the defined values."""
+    v = np.asarray([x for x in values if x is not None and not np.isnan(x)], dtype=np.float64)
+    if not len(v):
+        return {"mean": None, "sd": None, "min": None, "max": None, "n": 0}
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "min": float(v.min()), "max": float(v.max()), "n": int(len(v))}
+
+
+def aggregate(runs: pd.DataFrame, by: Sequence[str]) -> dict[str, dict]:
+    """runs (one row per seed x fold) -> {key: {metric: spread}} over the rows of each key."""
+    metrics = [c for c in runs.columns if c not in ("seed", "fold", "model", "region", "n", "train_s")]
+    out = {}
+    for key, part in runs.groupby(list(by), sort=True):
+        name = key if isinstance(key, str) else "/".join(map(str, key if isinstance(key, tuple) else (key,)))
+        out[name] = {m: spread(part[m].tolist()) for m in metrics}
+        out[name]["runs"] = int(len(part))
+    return out
+
+
+def fold_table(assignment: pd.DataFrame, data) -> list[dict]:
+    """Images per class in each fold of the first seed (to see the stratification)."""
+    first = assignment[assignment["seed"] == assignment["seed"].min()]
+    labels = pd.Series(np.asarray(CLASSES)[data.y], index=data.sha256)
+    table = pd.crosstab(first["fold"], labels.loc[first["sha256"]].to_numpy())
+    return [{"fold": int(f), **{c: int(table.loc[f].get(c, 0)) for c in CLASSES},
+             "groups": int(first.loc[first["fold"] == f, "group"].nunique())} for f in table.index]
+
+
+def run(spark, data_dir: str, out_dir: str, config: Mapping[str, Any], folds: int | None = None,
+        seeds: int | None = None, models: Sequence[str] | str | None = None,
+        optimizers: Sequence[str] | str | None = None, epochs: int | None = None, probes: bool | None = None,
+        overwrite: bool = False) -> dict:
+    """Train every (seed, fold, model), evaluate the held-out folds on the executors, write out_dir/crossval.json
+    and out_dir/crossval.md, and return the result."""
+    cv = config.get("crossval") or {}
+    tconf = dict(config["train"])
+    k = int(folds or cv.get("folds", 5))
+    n_seeds = int(seeds or cv.get("seeds", 3))
+    epochs = int(epochs or cv.get("epochs") or tconf["epochs"])
+    probes = bool(cv.get("probes", True) if probes is None else probes)
+    todo = plan(_as_list(models) or _as_list(cv.get("models", ["cnn"])),
+                _as_list(optimizers) or _as_list(cv.get("optimizers", ["adam"])),
+                tconf.get("default_optimizer", "adam"))
+    base_seed = int(tconf["seed"])
+    seed_values = [base_seed + i for i in range(n_seeds)]
+    out = Path(out_dir)
+    if (out / RESULT_FILE).exists() and not overwrite:
+        raise OutputExistsError(f"{out} already holds a cross-validation ({RESULT_FILE}); pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    model_root = out / "models"
+    if model_root.exists():
+        shutil.rmtree(model_root)
+
+    t0 = time.perf_counter()
+    manifest, manifest_sha = read_manifest(data_dir)
+    data, meta = load_pool(data_dir, int(tconf.get("loader_batch_rows", 64)))
+    if len(data) < k:
+        raise ValueError(f"{data_dir} holds {len(data)} labeled images: too few for {k} folds")
+    assignment = fold_assignment(data, k, seed_values)
+    load_s = round(time.perf_counter() - t0, 3)
+    log.info("cross-validating %s on %d images (%d groups), %d folds x %d seeds, %d epochs",
+             ", ".join(t["name"] for t in todo), len(data), assignment["group"].nunique(), k, n_seeds, epochs)
+
+    empty = data.subset(np.zeros(len(data), dtype=bool))
+    fold_models: dict[str, list[str]] = {}
+    train_rows, meta_rows = [], []
+    for seed in seed_values:
+        fold_of = assignment.loc[assignment["seed"] == seed, "fold"].to_numpy()
+        for fold in range(k):
+            held = fold_of == fold
+            train = data.subset(~held)
+            cw = class_weights(train.y, tconf.get("class_weight", "balanced"))
+            record = {"dir": str(data_dir), "manifest_sha256": manifest_sha,
+                      "image_size": [int(data.x.shape[1]), int(data.x.shape[2])],
+                      "crossval": {"seed": seed, "fold": fold, "folds": k, "train_images": int(len(train)),
+                                   "held_out_images": int(held.sum())}, "load_s": load_s}
+            key = fold_key(seed, fold)
+            fold_models[key] = []
+            for spec in todo:
+                target = model_root / f"seed{seed}" / f"fold{fold}" / spec["name"]
+                result = train_and_save(spec, train, empty, tconf, cw, epochs, seed, target, record, manifest)
+                fold_models[key].append(result["dir"])
+                train_rows.append({"seed": seed, "fold": fold, "model": spec["name"], "train_s": result["train_s"]})
+            if probes:
+                scores = metadata_probe(meta[~held], meta[held], seed=seed)
+                meta_rows.append({"seed": seed, "fold": fold, "model": "metadata-only", "region": "full",
+                                  **{m: scores[m] for m in ("n", "accuracy", "macro_f1", "normal_vs_viral")}})
+    train_s = round(time.perf_counter() - t0 - load_s, 3)
+
+    from cxr.spark.crossval import evaluate_folds
+
+    t_eval = time.perf_counter()
+    evaluated = evaluate_folds(spark, data_dir, assignment[["sha256", "seed", "fold"]], fold_models, config,
+                               regions=("full", *REGIONS) if probes else ("full",))
+    eval_s = round(time.perf_counter() - t_eval, 3)
+    expected = {s: set(assignment.loc[assignment["seed"] == s, "sha256"]) for s in seed_values}
+    seen = {s: set() for s in seed_values}
+    rows = []
+    for r in evaluated:
+        if r["region"] == "full":
+            seen[r["seed"]].update(r["sha256"])
+            rows.append({"seed": r["seed"], "fold": r["fold"], "model": r["model"], "region": "full",
+                         **run_metrics(r["y"], r["proba"])})
+        else:
+            rows.append({"seed": r["seed"], "fold": r["fold"], "model": r["model"], "region": r["region"],
+                         **quick_scores(r["y"], r["proba"])})
+    for s in seed_values:  # every image evaluated once per seed and model: nothing lost in the join
+        n_models = len(todo)
+        got = sum(len(r["sha256"]) for r in evaluated if r["seed"] == s and r["region"] == "full")
+        if seen[s] != expected[s] or got != n_models * len(expected[s]):
+            raise RuntimeError(f"seed {s}: evaluated {got} predictions for {len(expected[s])} images x {n_models} "
+                               "models; the data changed during cross-validation?")
+    runs = pd.DataFrame(rows)
+    timing = pd.DataFrame(train_rows)
+    full = runs[runs["region"] == "full"].merge(timing, on=["seed", "fold", "model"], how="left")
+    result = {
+        "data": {"dir": str(data_dir), "manifest_sha256": manifest_sha, "images": int(len(data)),
+                 "groups": int(assignment.loc[assignment["seed"] == seed_values[0], "group"].nunique()),
+                 "images_without_patient_id": int(sum(p is None for p in data.patient_id)),
+                 "classes": data.class_counts(), "image_size": [int(data.x.shape[1]), int(data.x.shape[2])]},
+        "preprocess": manifest.get("params", {}),
+        "folds": k, "seeds": seed_values, "epochs": epochs, "models": [t["name"] for t in todo],
+        "train": {key: tconf.get(key) for key in ("batch_size", "class_weight", "augment", "optimizer_config")},
+        "fold_sizes": fold_table(assignment, data),
+        "grouping_checked": True,
+        "summary": aggregate(full.drop(columns=["train_s"]), ["model"]),
+        "probes": {},
+        "runs": [{k2: (None if isinstance(v, float) and np.isnan(v) else v) for k2, v in r.items()}
+                 for r in full.to_dict("records")],
+        "timings_s": {"load": load_s, "train": train_s, "evaluate": eval_s,
+                      "total": round(time.perf_counter() - t0, 3),
+                      "train_per_fit": spread(timing["train_s"].tolist())},
+        "versions": package_versions(),
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if probes:
+        masked = runs[runs["region"] != "full"][["seed", "fold", "model", "region", "accuracy", "macro_f1",
+                                                 "normal_vs_viral"]]
+        both = pd.concat([masked, pd.DataFrame(meta_rows)[masked.columns]], ignore_index=True)
+        result["probes"] = aggregate(both, ["model", "region"])
+        result["warnings"] = {}
+        for t in todo:
+            name = t["name"]
+            cnn = {"full": _means(result["summary"][name]),
+                   **{r: _means(result["probes"][f"{name}/{r}"]) for r in REGIONS}}
+            result["warnings"][name] = verdict(cnn, _means(result["probes"]["metadata-only/full"]))
+    if not cv.get("keep_models", False):
+        shutil.rmtree(model_root, ignore_errors=True)
+        result["models_kept"] = False
+    else:
+        result["models_kept"] = str(model_root)
+    assignment.merge(pd.DataFrame({"sha256": data.sha256, "label": np.asarray(CLASSES)[data.y]}), on="sha256") \
+        .to_csv(out / FOLDS_FILE, index=False)
+    (out / RESULT_FILE).write_text(json.dumps(result, indent=1, default=_json_default))
+    (out / REPORT_FILE).write_text(format_report(result))
+    return result
+
+
+def _means(agg: Mapping[str, Any]) -> dict[str, float | None]:
+    return {m: v["mean"] for m, v in agg.items() if isinstance(v, dict)}
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _fmt(s: Mapping[str, Any] | None, digits: int = 3) -> str:
+    if not s or s.get("mean") is None:
+        return "n/a"
+    return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f}"
+
+
+def format_report(result: Mapping[str, Any]) -> str:
+    """crossval.md: the per-model table (mean ± sd over folds x seeds), the probes, the folds, the caveats."""
+    d = result["data"]
+    p = result.get("preprocess") or {}
+    runs_per = len(result["seeds"]) * result["folds"]
+    lines = [
+        "# Grouped cross-validation",
+        "",
+        f"- data: `{d['dir']}`: {d['images']} labeled images ({', '.join(f'{c} {n}' for c, n in d['classes'].items())}), "
+        f"{d['groups']} groups (patients, or single images without a patient id: {d['images_without_patient_id']}), "
+        f"{d['image_size'][0]}x{d['image_size'][1]} px; the preprocess job's train/val/test splits are pooled",
+        f"- preprocessing: method {p.get('method')}, clip {p.get('clip_limit')}, tiles {p.get('tile_grid')}, "
+        f"brightness alpha {p.get('brightness_alpha')} beta {p.get('brightness_beta')}, resize {p.get('resize_mode')}",
+        f"- {result['folds']} folds grouped by patient and stratified by class x seeds {result['seeds']} "
+        f"= {runs_per} held-out evaluations per model; {result['epochs']} epochs; no patient is in a fold's "
+        "training and test part (checked)",
+        f"- time: {result['timings_s']['total']:.0f} s (training {result['timings_s']['train']:.0f} s on the driver, "
+        f"evaluation {result['timings_s']['evaluate']:.0f} s on the executors)",
+        "",
+        "Values are mean ± sample standard deviation over folds x seeds.",
+        "",
+        "| model | accuracy | macro-F1 | NORMAL vs VIRAL acc. | ECE | "
+        + " | ".join(f"sens. {c}" for c in CLASSES) + " | " + " | ".join(f"spec. {c}" for c in CLASSES) + " |",
+        "|---|" + "---|" * (4 + 2 * len(CLASSES)),
+    ]
+    for name, s in result["summary"].items():
+        cells = [_fmt(s.get(m)) for m in HEADLINE]
+        cells += [_fmt(s.get(f"sensitivity_{c}")) for c in CLASSES]
+        cells += [_fmt(s.get(f"specificity_{c}")) for c in CLASSES]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if result.get("probes"):
+        lines += ["", "## Shortcut probes", "",
+                  "The metadata-only probe is a random forest on original width, height, aspect ratio, file format "
+                  "and colour mode (no pixels), trained and tested on the same folds. `border_only` keeps only the "
+                  "outer 15% band of each held-out image (lung field blanked to the band's mean), `lungs_only` "
+                  "blanks that band instead; both use the models trained on full images.", "",
+                  "| probe | accuracy | macro-F1 | NORMAL vs VIRAL acc. |", "|---|---|---|---|"]
+        for name, s in result["probes"].items():
+            lines.append(f"| {name} | {_fmt(s.get('accuracy'))} | {_fmt(s.get('macro_f1'))} | "
+                         f"{_fmt(s.get('normal_vs_viral'))} |")
+        warnings = [w for ws in (result.get("warnings") or {}).values() for w in ws]
+        lines += [""] + ([f"- **{w}**" for w in warnings] if warnings else ["- No probe came close to the models."])
+    lines += ["", "## Folds (first seed)", "", "| fold | " + " | ".join(CLASSES) + " | groups |",
+              "|---|" + "---|" * (len(CLASSES) + 1)]
+    for f in result["fold_sizes"]:
+        lines.append(f"| {f['fold']} | " + " | ".join(str(f[c]) for c in CLASSES) + f" | {f['groups']} |")
+    lines += ["", "## What these numbers mean", "",
+              "They estimate how the model does on new images from the same sources as this archive. They say "
+              "nothing about other hospitals, scanners or populations, and a spread of several points means "
+              "differences smaller than that between models are noise. This is research software, not a "
+              "diagnostic device.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""Grouped k-fold cross-validation (cxr.folds, cxr.crossval, jobs/crossval.py on local[2]) and the shortcut
+probes (cxr.probes)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxr import CLASSES
+from cxr.folds import assign_folds, check_grouping, group_keys
+from cxr.probes import mask_images, metadata_probe, region_mask, region_scores, verdict
+from tests.train_data import pre_out, train_config  # noqa: F401 (fixtures)
+
+
+def _patients(n_patients: int, seed: int = 0):
+    """Patients of 1-3 images each, one class per patient, classes unbalanced 2:1:1."""
+    rng = np.random.default_rng(seed)
+    y, groups = [], []
+    for p in range(n_patients):
+        label = [0, 0, 1, 2][p % 4]
+        for _ in range(int(rng.integers(1, 4))):
+            y.append(label)
+            groups.append(f"P{p}")
+    return np.asarray(y), np.asarray(groups, dtype=object)
+
+
+def test_folds_keep_every_patient_in_one_fold_and_balance_classes():
+    y, groups = _patients(120)
+    folds = assign_folds(y, groups, 5, seed=42)
+    check_grouping(folds, groups)  # raises if a patient spans two folds
+    assert set(folds) == set(range(5))
+    overall = np.bincount(y, minlength=3) / len(y)
+    for f in range(5):
+        share = np.bincount(y[folds == f], minlength=3) / (folds == f).sum()
+        assert np.abs(share - overall).max() < 0.1, (f, share, overall)
+    assert (assign_folds(y, groups, 5, seed=42) == folds).all()          # a seed fixes the assignment
+    assert (assign_folds(y, groups, 5, seed=43) != folds).any()          # another seed gives another
+
+
+def test_check_grouping_catches_a_patient_in_two_folds():
+    with pytest.raises(AssertionError, match="span several folds"):
+        check_grouping(np.array([0, 1, 1]), np.array(["a", "a", "b"], dtype=object))
+
+
+def test_group_keys_fall_back_to_the_content_hash():
+    keys = group_keys([None, "P1", "", "P1"], ["s0", "s1", "s2", "s3"])
+    assert list(keys) == ["sha:s0", "patient:P1", "sha:s2", "patient:P1"]
+
+
+def test_too_few_groups_for_the_folds_is_refused():
+    with pytest.raises(ValueError, match="cannot fill 5 folds"):
+        assign_folds(np.array([0, 1, 2, 0]), np.array(["a", "b", "c", "d"], dtype=object), 5, seed=0)
+
+
+def test_masks_keep_one_region_and_blank_the_other_to_its_mean():
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 40, 40, 1)).astype(np.float32)
+    band = region_mask((40, 40), 0.15)
+    assert band[:6].all() and band[:, :6].all() and not band[6:34, 6:34].any()   # 15% of 40 = 6 px
+    border = mask_images(x, "border_only")
+    np.testing.assert_array_equal(border[:, band], x[:, band])
+    for i in range(3):
+        np.testing.assert_allclose(border[i, ~band], x[i, band].mean(), rtol=1e-5)
+    lungs = mask_images(x, "lungs_only")
+    np.testing.assert_array_equal(lungs[:, ~band], x[:, ~band])
+    np.testing.assert_allclose(lungs[0, band], x[0, ~band].mean(), rtol=1e-5)
+    with pytest.raises(ValueError):
+        mask_images(x, "everything")
+
+
+def _meta(n: int, planted: bool, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(CLASSES)[rng.integers(0, 3, n)]
+    if planted:   # each source has its own detector size and file format, as in public COVID sets
+        width = np.select([labels == "COVID", labels == "NORMAL"], [1024, 2000], 1500) + rng.integers(-20, 20, n)
+        fmt = np.where(labels == "COVID", "png", "jpeg")
+    else:
+        width = rng.integers(1000, 2000, n)
+        fmt = rng.choice(["png", "jpeg"], n)
+    return pd.DataFrame({"label": labels, "orig_width": width, "orig_height": rng.integers(1000, 2000, n),
+                         "source_format": fmt, "color_mode": "gray"})
+
+
+def test_metadata_probe_finds_a_planted_source_shortcut_and_not_a_missing_one():
+    planted = metadata_probe(_meta(300, True), _meta(150, True, seed=1))
+    assert planted["accuracy"] > 0.95 and planted["normal_vs_viral"] > 0.95
+    honest = metadata_probe(_meta(300, False), _meta(300, False, seed=1))
+    assert honest["accuracy"] < 0.5
+    cnn = {"full": {"accuracy": 0.9, "normal_vs_viral": 0.9}}
+    assert any("metadata alone" in w for w in verdict(cnn, planted))
+    assert not verdict(cnn, honest)
+
+
+def test_region_probe_exposes_a_model_that_reads_the_border():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 90)
+    x = rng.random((90, 32, 32, 1)).astype(np.float32) * 0.2
+    band = region_mask((32, 32))
+    x[:, band, 0] += (0.3 * y)[:, None]          # the class is written in the border only (a "source tag")
+
+    def border_reader(images):
+        level = images[:, band, 0].mean(axis=1) - 0.1
+        return np.eye(3)[np.clip(np.round(level / 0.3), 0, 2).astype(int)]
+
+    scores = region_scores(border_reader, x, y)
+    assert scores["full"]["accuracy"] == 1.0 and scores["border_only"]["accuracy"] == 1.0
+    assert scores["lungs_only"]["accuracy"] < 0.6
+    assert any("lung field blanked" in w for w in verdict(scores, None))
+
+
+@pytest.mark.slow
+def test_crossval_on_local_spark(spark, pre_out, train_config, tmp_path):
+    """Folds grouped by patient, every image held out once per seed, the executors' numbers equal to the kept
+    fold models run on the driver, the report written, no silent overwrite."""
+    from cxr.crossval import run
+    from cxr.data.loader import load_split
+    from cxr.metrics import summarize
+    from cxr.models.store import load_predictor
+    from cxr.train import OutputExistsError
+
+    out = tmp_path / "cv"
+    config = {**train_config, "crossval": {**train_config["crossval"], "keep_models": True}}
+    result = run(spark, str(pre_out), str(out), config, folds=3, seeds=2, epochs=1, models="cnn,scratch-dnn")
+    data = load_split(str(pre_out), ("train", "val", "test"))
+    folds = pd.read_csv(out / "folds.csv")
+    assert len(folds) == 2 * len(data) and set(folds["seed"]) == {42, 43}
+    for seed, part in folds.groupby("seed"):
+        assert sorted(part["sha256"]) == sorted(data.sha256)                 # every image held out once
+        assert (part.groupby("group")["fold"].nunique() == 1).all()          # no patient in two folds
+        assert part["group"].str.startswith("patient:").all()
+    assert set(result["summary"]) == {"cnn-adam", "scratch-dnn"}
+    assert all(s["runs"] == 6 for s in result["summary"].values())
+    assert {"metadata-only/full", "cnn-adam/border_only", "scratch-dnn/lungs_only"} <= set(result["probes"])
+    # one held-out fold recomputed on the driver with the kept models: the same numbers
+    seed, fold = 43, 1
+    held = set(folds.loc[(folds["seed"] == seed) & (folds["fold"] == fold), "sha256"])
+    rows = np.isin(data.sha256, list(held))
+    for name in ("cnn-adam", "scratch-dnn"):
+        model = out / "models" / f"seed{seed}" / f"fold{fold}" / name
+        meta = json.loads((model / "metrics.json").read_text())
+        assert meta["data"]["crossval"]["train_images"] == len(data) - rows.sum()
+        want = summarize(data.y[rows], load_predictor(model).predict_proba(data.x[rows]))
+        got = next(r for r in result["runs"] if (r["seed"], r["fold"], r["model"]) == (seed, fold, name))
+        assert got["n"] == rows.sum() and got["accuracy"] == pytest.approx(want["accuracy"])
+        assert got["macro_f1"] == pytest.approx(want["macro_f1"])
+    report = (out / "crossval.md").read_text()
+    assert "| cnn-adam |" in report and "± " in report and "## Shortcut probes" in report
+    assert json.loads((out / "crossval.json").read_text())["folds"] == 3
+    with pytest.raises(OutputExistsError):
+        run(spark, str(pre_out), str(out), config, folds=3, seeds=1, epochs=1)
