@@ -183,9 +183,8 @@ TIMINGS: dict[str, float] = {}
 @pytest.fixture(scope="session")
 def slim_env() -> Path:
     """build/envs/slim-<hash>/cxr-env.tar.gz: numpy/pandas/pyarrow/OpenCV/pydicom + the cxr wheel, no TF."""
-    if os.environ.get("CXR_CLUSTER_TESTS") != "1":
-        pytest.skip("cluster tests are opt-in (`make test-cluster`): they pack an environment and start a standalone "
-                    "cluster, which took 25 min on a loaded 2-core machine, too long for `make test`")
+    if os.environ.get("CXR_CLUSTER_TESTS") == "0":
+        pytest.skip("CXR_CLUSTER_TESTS=0: standalone-cluster tests switched off for this run")
     start = time.perf_counter()
     done = subprocess.run(["bash", str(ROOT / "scripts" / "build_dist.sh"), "slim"], cwd=ROOT,
                           capture_output=True, text=True, timeout=ENV_BUILD_TIMEOUT)

@@ -152,11 +152,15 @@ def test_bad_input_corpus(spark, small_config, tmp_path):
     assert result["counts"]["input"] == len(expected)
 
 
-def test_empty_input_gives_an_empty_valid_output(spark, small_config, tmp_path):
+def test_empty_input_gives_an_empty_valid_output(spark, small_config, tmp_path, caplog):
     (tmp_path / "in").mkdir()
-    result = run(spark, str(tmp_path / "in"), str(tmp_path / "out"), small_config)
+    with caplog.at_level("WARNING", logger="cxr"):
+        result = run(spark, str(tmp_path / "in"), str(tmp_path / "out"), small_config)
+    assert "no image files under" in caplog.text
     assert result["counts"]["input"] == 0 and result["accounted"]
-    assert len(_table(tmp_path / "out" / "images")) == 0
+    for table in ("images", "errors", "duplicates"):
+        assert len(_table(tmp_path / "out" / table)) == 0   # valid (readable, schema'd) empty tables
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]["input"] == 0
 
 
 def test_missing_input_is_a_clear_error(spark, small_config, tmp_path):
