@@ -68,11 +68,26 @@ def _with_predictions(rows: list[dict], images: list[np.ndarray], predictor, bat
     return frame
 
 
+def _split_skipped(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
+    """Rows flagged `already_scored` (same content, same model, an earlier run) become 'skipped' rows, so
+    the job can account for every file it read; the rest are returned for scoring."""
+    if "already_scored" not in frame.columns:
+        return frame, []
+    done = frame["already_scored"].fillna(False).astype(bool).to_numpy()
+    skipped = []
+    for path, sha in zip(frame["path"][done], frame["sha256"][done]):
+        row = dict.fromkeys(RESULT_COLUMNS)
+        row.update(path=path, sha256=sha, status="skipped")
+        skipped.append(row)
+    return frame[~done], skipped
+
+
 def score_raw_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, aliases: Mapping[str, str],
                     model_dir: str, batch_size: int, tf_threads: int = 1) -> pd.DataFrame:
     """Files (path, content) -> predictions: the preprocess job's own per-file function, then the model."""
     predictor = store.cached_predictor(model_dir, batch_size=batch_size, tf_threads=tf_threads)
-    rows, images = [], []
+    frame, rows = _split_skipped(frame)
+    images = []
     for path, content in zip(frame["path"], frame["content"]):
         done = process_file(path, content, root, params, aliases)
         row = dict.fromkeys(RESULT_COLUMNS)
@@ -87,7 +102,8 @@ def score_raw_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, al
 def score_preprocessed_frame(frame: pd.DataFrame, model_dir: str, batch_size: int, tf_threads: int = 1) -> pd.DataFrame:
     """Rows of a preprocess job's images table -> predictions (no image steps: they were done there)."""
     predictor = store.cached_predictor(model_dir, batch_size=batch_size, tf_threads=tf_threads)
-    rows, images = [], []
+    frame, rows = _split_skipped(frame)
+    images = []
     for path, sha, label, image, h, w in zip(frame["path"], frame["sha256"], frame["label"], frame["image"],
                                              frame["height"], frame["width"]):
         row = dict.fromkeys(RESULT_COLUMNS)

@@ -96,7 +96,7 @@ def test_incremental_runs_score_only_new_files(spark, archive, keras_model, smal
     out = tmp_path / "pred"
     first = score.run(spark, str(archive), str(keras_model), str(out), small_config, run_id="night1")
     second = score.run(spark, str(archive), str(keras_model), str(out), small_config, run_id="night2")
-    assert second["counts"]["scored"] == 0
+    assert second["counts"]["scored"] == 0 and second["accounted"]
     assert second["counts"]["skipped_already_scored"] == first["counts"]["scored"]
     new = archive.parent / "grown"
     if not new.exists():
@@ -114,6 +114,38 @@ def test_incremental_runs_score_only_new_files(spark, archive, keras_model, smal
     assert not pred.duplicated(["path", "sha256", "model_id"]).any()
     full = score.run(spark, str(archive), str(keras_model), str(out), small_config, full=True, run_id="full")
     assert full["counts"]["scored"] == first["counts"]["scored"]
+
+
+def test_a_file_vanishing_between_listing_and_reading_is_an_errors_row(spark, archive, keras_model, small_config,
+                                                                      tmp_path, monkeypatch):
+    """Listed (so counted as input), deleted before the read stage: an errors row, the run still accounts for
+    every file, including one skipped as already scored."""
+    import shutil
+
+    root = tmp_path / "in"
+    shutil.copytree(archive, root)
+    out = tmp_path / "pred"
+    score.run(spark, str(root), str(keras_model), str(out), small_config, run_id="first")
+    victim = max((root / "VIRAL").glob("*.png"), key=lambda p: p.stat().st_size)   # a good image, not the empty one
+    original = score.read_contents
+
+    def list_then_delete(*args, **kwargs):
+        frame = original(*args, **kwargs)  # the file index is built here: the victim is listed
+        victim.unlink()
+        return frame
+
+    monkeypatch.setattr(score, "read_contents", list_then_delete)
+    spark.conf.set("spark.sql.files.ignoreMissingFiles", "true")
+    try:
+        record = score.run(spark, str(root), str(keras_model), str(out), small_config, run_id="second")
+    finally:
+        spark.conf.unset("spark.sql.files.ignoreMissingFiles")
+    c = record["counts"]
+    assert record["accounted"] and c["input"] == c["scored"] + c["rejected"] + c["skipped_already_scored"]
+    errors = pq.read_table(next((out / "errors").glob("run_date=*/run_id=second"))).to_pandas()
+    gone = errors[errors.path.str.endswith(victim.name)]
+    assert len(gone) == 1 and "vanished" in gone.reason.iloc[0]
+    assert c["skipped_already_scored"] > 5   # the rest were scored by the first run
 
 
 def test_a_crashed_run_leaves_nothing_visible(spark, archive, keras_model, small_config, tmp_path):

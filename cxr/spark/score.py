@@ -27,7 +27,7 @@ from cxr.models import store
 from cxr.provenance import package_versions
 from cxr.scoring import PROB_COLUMNS, model_id, params_mismatch, score_preprocessed_frame, score_raw_frame
 from cxr.spark import fs
-from cxr.spark.images import list_files, listing_counts, read_contents, unread_files
+from cxr.spark.images import list_files, listing_counts, read_contents, unread_files, vanished_files
 from cxr.spark.preprocess import Stopwatch
 
 log = logging.getLogger(__name__)
@@ -106,15 +106,26 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
         root = fs.qualified(spark, input_uri)
         extensions, exclude_dirs = list(pre["extensions"]), list(pre.get("exclude_dirs") or [])
         max_bytes = int(float(pre["max_file_mb"]) * 1024 * 1024)
-        listing = list_files(spark, root, extensions, exclude_dirs, max_bytes)
+        # cached: the listing is the record of what was there when the run started (vanished files are
+        # found against it at the end)
+        listing = list_files(spark, root, extensions, exclude_dirs, max_bytes).cache()
         n_input, _, _ = listing_counts(listing)
         unread = unread_files(listing, pre["max_file_mb"])
         files = read_contents(spark, root, extensions, exclude_dirs, max_bytes).withColumn(
             "sha256", F.sha2(F.col("content"), 256))
     clock.lap("list", "%s input: %d files", mode, n_input)
 
+    # Files already scored by this model (same content) are flagged, their bytes dropped before Python, and come
+    # back as 'skipped' rows: every file read is then in the results, so a listed file missing from them vanished.
     scored_keys = None if full else _scored_keys(spark, out, mid)
-    todo = files if scored_keys is None else files.join(F.broadcast(scored_keys), "sha256", "left_anti")
+    if scored_keys is None:
+        todo = files.withColumn("already_scored", F.lit(False))
+    else:
+        payload = "content" if mode == "raw" else "image"
+        todo = (files.join(F.broadcast(scored_keys.withColumn("already_scored", F.lit(True))), "sha256", "left")
+                .withColumn("already_scored", F.coalesce(F.col("already_scored"), F.lit(False)))
+                .withColumn(payload, F.when(F.col("already_scored"), F.lit(None).cast("binary"))
+                            .otherwise(F.col(payload))))
 
     if mode == "raw":
         aliases = alias_table(config["preprocess"]["labels"])
@@ -136,19 +147,25 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
                            "label", *PROB_COLUMNS, "folder_label", stamp.alias("scored_at")))  # run_date, run_id: partition columns
     errors = results.where(F.col("status") == "error").select("path", "sha256", "stage", "reason")
     if unread is not None:
-        errors = errors.unionByName(unread)
+        errors = errors.unionByName(unread).unionByName(vanished_files(listing, results))
     predictions.sortWithinPartitions("path").write.parquet(f"{staging}/predictions")
     errors.coalesce(1).write.parquet(f"{staging}/errors")
     clock.lap("score", "model %s (%s) on the executors", name, mid[:12])
 
     n_scored = spark.read.parquet(f"{staging}/predictions").count()
     n_rejected = spark.read.parquet(f"{staging}/errors").count()
-    counts = {"input": n_input, "scored": n_scored, "rejected": n_rejected,
-              "skipped_already_scored": n_input - n_scored - n_rejected}
+    n_skipped = results.where(F.col("status") == "skipped").count()
+    counts = {"input": n_input, "scored": n_scored, "rejected": n_rejected, "skipped_already_scored": n_skipped}
+    accounted = n_input == n_scored + n_rejected + n_skipped
+    if not accounted:
+        log.error("accounting mismatch: %d input files but %d scored + %d rejected + %d skipped", n_input, n_scored,
+                  n_rejected, n_skipped)
     partition = f"run_date={run_date}/run_id={run_id}"
     fs.rename(spark, f"{staging}/errors", f"{out}/errors/{partition}")
     fs.rename(spark, f"{staging}/predictions", f"{out}/predictions/{partition}")
     fs.delete(spark, f"{out}/_staging")  # one run at a time per output: its start cleared it too
+    if mode == "raw":
+        listing.unpersist()
     clock.lap("commit", "run %s: %s", run_id, counts)
     seconds = sum(clock.timings.values())
     explained = None
@@ -160,7 +177,7 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
         "job": "score", "run_id": run_id, "run_date": run_date, "started": started.isoformat(),
         "input": input_uri, "mode": mode, "output": output_dir, "full": full,
         "model": {"dir": model_dir, "name": name, "model_id": mid, "kind": store.model_kind(model_path)},
-        "counts": counts, "batch_size": batch_size, "params": params.to_dict(), "explain": explained,
+        "counts": counts, "accounted": accounted, "batch_size": batch_size, "params": params.to_dict(), "explain": explained,
         "timings_s": clock.timings, "images_per_s": round(n_scored / max(seconds, 1e-9), 2),
         "versions": package_versions(), "spark": {"version": spark.version, "master": spark.sparkContext.master},
     }
