@@ -134,6 +134,33 @@ class Cluster:
                 pids.append(int(entry.name))
         return sorted(pids)
 
+    def python_workers(self, app_id: str) -> list[dict]:
+        """The Python processes the app's executors started (pyspark.daemon and its forked workers), as /proc
+        shows them: the interpreter path they were started with, working dir, PYTHONPATH and the files of
+        the extension modules they have loaded (numpy, cv2, pyarrow ...)."""
+        executors = set(self.executor_pids(app_id))
+        rows = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            cmd = _cmdline(pid)
+            parent = _ppid(pid)
+            if "pyspark.daemon" not in cmd or not (parent in executors or _ppid(parent or 0) in executors):
+                continue
+            try:
+                cwd = os.readlink(f"/proc/{pid}/cwd")
+                environ = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().decode(
+                    errors="replace").split("\0") if "=" in kv)
+                maps = {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+                        if line.split()[-1].endswith(".so") or ".so." in line.split()[-1]}
+            except OSError:
+                continue  # the worker ended meanwhile
+            rows.append({"pid": pid, "executable": str((Path(cwd) / cmd[0]) if not cmd[0].startswith("/") else cmd[0]),
+                         "cwd": cwd, "pythonpath": environ.get("PYTHONPATH", ""),
+                         "libraries": sorted(m for m in maps if "site-packages" in m)})
+        return rows
+
     def kill_one_executor(self, app_id: str) -> int:
         pids = self.executor_pids(app_id)
         assert pids, f"no executor JVM of {app_id} found"

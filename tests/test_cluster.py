@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -99,32 +98,6 @@ def clean_score(clean_preprocess):
             "skipped_already_scored": 0}
 
 
-def test_executors_run_the_packed_environment_not_the_driver_venv(cluster, tmp_path):
-    out = tmp_path / "probe.json"
-    rc, log, seconds = cluster.run(ROOT / "tests" / "cluster_probe.py", str(out), log=tmp_path / "probe.log")
-    TIMINGS["probe (spark-submit)"] = round(seconds, 1)
-    assert rc == 0, log[-4000:]
-    probe = json.loads(out.read_text())
-    assert probe["master"] == cluster.url and probe["driver_executable"] == sys.executable
-    venv = VENV_BIN.parent.resolve()
-    work = (cluster.state_dir / "work").resolve()
-    assert len(probe["executors"]) == 4
-    for row in probe["executors"]:
-        exe = Path(row["executable"])
-        # ./environment/bin/python inside the executor's work dir, i.e. the unpacked --archives copy
-        assert exe.parts[-3:] == ("environment", "bin", "python"), exe
-        assert exe.is_relative_to(work) and not exe.is_relative_to(venv), exe
-        environment = exe.parent.parent
-        for module, file in row["modules"].items():
-            assert Path(file).resolve().is_relative_to(environment.resolve()), (module, file)
-        # Only Spark's own pyspark.zip / py4j zip come from SPARK_HOME (the pip pyspark inside the driver's venv);
-        # no site-packages of the driver's venv is on the executors' sys.path.
-        spark_files = Path(spark_home()).resolve()
-        leaked = [p for p in row["path"] if p and Path(p).resolve().is_relative_to(venv)
-                  and not (Path(p).resolve().is_relative_to(spark_files) and p.endswith((".zip", ".jar")))]
-        assert not leaked, leaked
-
-
 def test_preprocess_on_the_cluster_accounts_for_every_file(clean_preprocess, archive, cluster):
     out, manifest, log = clean_preprocess
     _, expected_bad = archive
@@ -153,17 +126,49 @@ def pd_names(paths):
     return paths.str.rsplit("/", n=1).str[-1]
 
 
-def test_preprocess_survives_a_killed_executor(cluster, clean_preprocess, archive, job_conf, tmp_path):
+@pytest.fixture(scope="module")
+def killed_preprocess(cluster, archive, job_conf, tmp_path_factory):
+    """A preprocess run whose Python workers are inspected mid-stage, then one executor JVM is SIGKILLed."""
     root, _ = archive
-    clean_out, clean_manifest, _ = clean_preprocess
-    out = tmp_path / "out"
-    job = cluster.submit(ROOT / "jobs" / "preprocess.py", *_preprocess_args(root, out, job_conf), log=tmp_path / "log")
-    app, stage = job.wait_for_stage("parquet", min_tasks=8, min_done=2)
+    out = tmp_path_factory.mktemp("killed_pre") / "out"
+    job = cluster.submit(ROOT / "jobs" / "preprocess.py", *_preprocess_args(root, out, job_conf),
+                         log=out.parent / "log")
+    app, _ = job.wait_for_stage("parquet", min_tasks=8, min_done=2)
+    workers = cluster.python_workers(app)
     killed = cluster.kill_one_executor(app)
     rc, log, seconds = job.wait()
     TIMINGS["preprocess with a killed executor"] = round(seconds, 1)
+    return {"out": out, "rc": rc, "log": log, "workers": workers, "killed": killed, "app": app}
+
+
+def test_executors_run_the_packed_environment_not_the_driver_venv(cluster, killed_preprocess):
+    """The job's own Python workers, seen from /proc: started as ./environment/bin/python inside the unpacked
+    --archives copy, every extension module they loaded from it, no driver-venv site-packages on PYTHONPATH."""
+    workers = killed_preprocess["workers"]
+    assert workers, "no Python worker of the preprocess job found"
+    venv = VENV_BIN.parent.resolve()
+    work = (cluster.state_dir / "work").resolve()
+    spark_files = Path(spark_home()).resolve()
+    for w in workers:
+        exe = Path(w["executable"])
+        assert exe.parts[-3:] == ("environment", "bin", "python"), exe
+        assert exe.is_relative_to(work) and not exe.resolve().is_relative_to(venv), exe
+        environment = exe.parent.parent.resolve()
+        for lib in w["libraries"]:
+            assert Path(lib).resolve().is_relative_to(environment), lib
+        # only Spark's own pyspark.zip / py4j zip may come from the pip pyspark inside the driver's venv
+        for entry in filter(None, w["pythonpath"].split(":")):
+            p = Path(entry).resolve()
+            assert not p.is_relative_to(venv) or (p.is_relative_to(spark_files) and entry.endswith(".zip")), entry
+    loaded = [lib for w in workers for lib in w["libraries"]]   # the workers decoding images have OpenCV loaded
+    assert any("/cv2/" in lib for lib in loaded) and any("/numpy/" in lib for lib in loaded), loaded
+
+
+def test_preprocess_survives_a_killed_executor(cluster, clean_preprocess, killed_preprocess):
+    clean_out, clean_manifest, _ = clean_preprocess
+    out, rc, log = killed_preprocess["out"], killed_preprocess["rc"], killed_preprocess["log"]
     assert rc == 0, log[-4000:]
-    assert killed not in cluster.executor_pids(app)
+    assert killed_preprocess["killed"] not in cluster.executor_pids(killed_preprocess["app"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"] == clean_manifest["counts"]
     cols = ["path", "sha256", "split", "image"]
