@@ -156,10 +156,11 @@ def test_executors_run_the_packed_environment_not_the_driver_venv(cluster, kille
         environment = exe.parent.parent.resolve()
         for lib in w["libraries"]:
             assert Path(lib).resolve().is_relative_to(environment), lib
-        # only Spark's own pyspark.zip / py4j zip may come from the pip pyspark inside the driver's venv
+        # only Spark's own files (pyspark.zip, py4j zip, jars) may come from the pip pyspark in the driver's venv
         for entry in filter(None, w["pythonpath"].split(":")):
             p = Path(entry).resolve()
-            assert not p.is_relative_to(venv) or (p.is_relative_to(spark_files) and entry.endswith(".zip")), entry
+            assert not p.is_relative_to(venv) or (p.is_relative_to(spark_files) and entry.endswith((".zip", ".jar"))), \
+                entry
     loaded = [lib for w in workers for lib in w["libraries"]]   # the workers decoding images have OpenCV loaded
     assert any("/cv2/" in lib for lib in loaded) and any("/numpy/" in lib for lib in loaded), loaded
 
