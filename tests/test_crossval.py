@@ -150,3 +150,21 @@ def test_crossval_on_local_spark(spark, pre_out, train_config, tmp_path):
     assert json.loads((out / "crossval.json").read_text())["folds"] == 3
     with pytest.raises(OutputExistsError):
         run(spark, str(pre_out), str(out), config, folds=3, seeds=1, epochs=1)
+
+
+def test_ablation_calls_a_change_only_when_the_paired_folds_agree():
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("ablation", ROOT / "scripts" / "ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    base = [{"seed": 0, "fold": f, "macro_f1": v} for f, v in enumerate([0.90, 0.80, 0.95, 0.85, 0.70])]
+    shifted = [{**r, "macro_f1": r["macro_f1"] + 0.03 + 0.002 * r["fold"]} for r in base]   # always better
+    noisy = [{**r, "macro_f1": r["macro_f1"] + d} for r, d in zip(base, [0.05, -0.06, 0.04, -0.05, 0.03])]
+    assert ablation.paired(base, shifted)["call"] == "helped"
+    assert ablation.paired(shifted, base)["call"] == "hurt"
+    assert ablation.paired(base, noisy)["call"] == "no clear difference"
+    # folds of very different difficulty do not hide a consistent gain: the comparison is per fold
+    assert abs(ablation.paired(base, shifted)["mean"] - 0.034) < 1e-9
