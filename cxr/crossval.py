@@ -98,6 +98,22 @@ def fold_table(assignment: pd.DataFrame, data) -> list[dict]:
              "groups": int(first.loc[first["fold"] == f, "group"].nunique())} for f in table.index]
 
 
+def score_evaluations(evaluated: Sequence[Mapping[str, Any]], assignment: pd.DataFrame, n_models: int) -> pd.DataFrame:
+    """The executors' per-(seed, fold, model, region) predictions -> one row of metrics each, after checking that
+    every image came back exactly once per seed and model (nothing lost or doubled in the join)."""
+    rows = []
+    for r in evaluated:
+        scores = run_metrics if r["region"] == "full" else quick_scores
+        rows.append({"seed": r["seed"], "fold": r["fold"], "model": r["model"], "region": r["region"],
+                     **scores(r["y"], r["proba"])})
+    for seed, part in assignment.groupby("seed"):
+        got = [sha for r in evaluated if r["seed"] == seed and r["region"] == "full" for sha in r["sha256"]]
+        if len(got) != n_models * len(part) or set(got) != set(part["sha256"]):
+            raise RuntimeError(f"seed {seed}: {len(got)} predictions for {len(part)} images x {n_models} models; "
+                               "did the data change during cross-validation?")
+    return pd.DataFrame(rows)
+
+
 def run(spark, data_dir: str, out_dir: str, config: Mapping[str, Any], folds: int | None = None,
         seeds: int | None = None, models: Sequence[str] | str | None = None,
         optimizers: Sequence[str] | str | None = None, epochs: int | None = None, probes: bool | None = None,
@@ -165,24 +181,7 @@ def run(spark, data_dir: str, out_dir: str, config: Mapping[str, Any], folds: in
     evaluated = evaluate_folds(spark, data_dir, assignment[["sha256", "seed", "fold"]], fold_models, config,
                                regions=("full", *REGIONS) if probes else ("full",))
     eval_s = round(time.perf_counter() - t_eval, 3)
-    expected = {s: set(assignment.loc[assignment["seed"] == s, "sha256"]) for s in seed_values}
-    seen = {s: set() for s in seed_values}
-    rows = []
-    for r in evaluated:
-        if r["region"] == "full":
-            seen[r["seed"]].update(r["sha256"])
-            rows.append({"seed": r["seed"], "fold": r["fold"], "model": r["model"], "region": "full",
-                         **run_metrics(r["y"], r["proba"])})
-        else:
-            rows.append({"seed": r["seed"], "fold": r["fold"], "model": r["model"], "region": r["region"],
-                         **quick_scores(r["y"], r["proba"])})
-    for s in seed_values:  # every image evaluated once per seed and model: nothing lost in the join
-        n_models = len(todo)
-        got = sum(len(r["sha256"]) for r in evaluated if r["seed"] == s and r["region"] == "full")
-        if seen[s] != expected[s] or got != n_models * len(expected[s]):
-            raise RuntimeError(f"seed {s}: evaluated {got} predictions for {len(expected[s])} images x {n_models} "
-                               "models; the data changed during cross-validation?")
-    runs = pd.DataFrame(rows)
+    runs = score_evaluations(evaluated, assignment, len(todo))
     timing = pd.DataFrame(train_rows)
     full = runs[runs["region"] == "full"].merge(timing, on=["seed", "fold", "model"], how="left")
     result = {
