@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -177,17 +176,6 @@ def report(args, samples, data_desc, loads, wall):
     return "\n".join(lines), med, ratios
 
 
-def replace_section(path: Path, section: str) -> None:
-    """Write our section into BENCHMARKS.md, replacing only the previous copy of it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text.rstrip("\n") + "\n")
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
@@ -215,7 +203,10 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps({"samples": samples, "median": med, "ratios": ratios,
                                                "cores": os.cpu_count(), "loadavg": loads}, indent=1))
     if not args.no_write:
-        replace_section(Path(args.benchmarks), section)
+        sys.path.insert(0, str(ROOT))
+        from cxr.markdown import replace_section
+
+        replace_section(Path(args.benchmarks), SECTION, section)
         print(f"updated {args.benchmarks}")
     return 0
 

@@ -600,17 +600,6 @@ def report(args, results: list[dict], labels: list[str], tuned_conf: dict, wall:
     return "\n".join(lines)
 
 
-def replace_section(path: Path, section: str) -> None:
-    """Write our section into BENCHMARKS.md, replacing only the previous copy of it (others' sections kept)."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text.rstrip("\n") + "\n")
-
-
 def _conf_pairs(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
@@ -660,7 +649,9 @@ def main(argv=None) -> int:
     if args.no_write:
         print(f"(not written to {args.out})")
     else:
-        replace_section(Path(args.out), section)
+        from cxr.markdown import replace_section
+
+        replace_section(Path(args.out), SECTION, section)
         print(f"wrote the section to {args.out}")
     return 0
 

@@ -1,0 +1,18 @@
+"""Shared Markdown files that several scripts write into (BENCHMARKS.md): each owns one `## ` section."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+
+def replace_section(path: Path, heading: str, section: str, title: str = "# Benchmarks") -> None:
+    """Write `section` (which starts with `heading`) into path, replacing only the previous copy of that
+    section; every other section is kept as it is."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else f"{title}\n\n"
+    pattern = re.compile(rf"^{re.escape(heading)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text.rstrip("\n") + "\n")
