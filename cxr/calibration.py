@@ -182,7 +182,7 @@ def temperature_of(metadata: Mapping[str, Any]) -> float | None:
 def plot_reliability(proba: np.ndarray, y: np.ndarray, temperature: float | None, path: str | Path,
                      title: str = "", n_bins: int = N_BINS) -> Path:
     """Reliability diagram, before and after scaling: accuracy per confidence bin against the diagonal."""
-    from cxr.viz import plt
+    from cxr.viz import plt, save_figure
 
     pyplot = plt()
     fig, axes = pyplot.subplots(1, 2, figsize=(6.4, 3.2), sharey=True)
@@ -202,12 +202,7 @@ def plot_reliability(proba: np.ndarray, y: np.ndarray, temperature: float | None
         ax.tick_params(labelsize=7)
     axes[0].set_ylabel("accuracy", fontsize=8)
     axes[0].legend(fontsize=7, loc="upper left")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    pyplot.close(fig)
-    return Path(path)
+    return save_figure(fig, path, title)
 
 
 def calibration_section(evaluation: Mapping[str, Any] | None, metas: Mapping[str, Mapping[str, Any]],

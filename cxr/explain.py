@@ -280,7 +280,7 @@ def shortcut_check(model, images: np.ndarray, labels: Sequence[int] | np.ndarray
 def plot_mean_cams(result: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
     """Mean Grad-CAM per class with the border band and lung box drawn: one glance shows where each class's
     evidence sits."""
-    from cxr.viz import plt
+    from cxr.viz import plt, save_figure
 
     pyplot = plt()
     names = list(result["mean_cam"])
@@ -300,12 +300,7 @@ def plot_mean_cams(result: Mapping[str, Any], path: str | Path, title: str = "")
         ax.set_title(f"{name} (n={s['n']})\nborder {frac}", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    pyplot.close(fig)
-    return Path(path)
+    return save_figure(fig, path, title)
 
 
 def shortcut_markdown(result: Mapping[str, Any], model_name: str = "", image: str | None = None,

@@ -13,6 +13,8 @@ import numpy as np
 from cxr import CLASSES
 from cxr.metrics import roc_curve
 from cxr.models.store import list_models, read_metadata
+from cxr.viz import plt as viz_plt
+from cxr.viz import save_figure
 
 STUDY_OPTIMIZERS = ("rmsprop", "sgd", "adadelta", "adagrad", "adam")
 STUDY_LABELS = {"rmsprop": "RMSprop", "sgd": "SGD", "adadelta": "Adadelta", "adagrad": "Adagrad", "adam": "Adam"}
@@ -77,14 +79,6 @@ def _study_rows(metas: Mapping[str, dict], evaluation: Mapping | None) -> list[s
     return lines
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
 
 def plot_optimizer_curves(metas: Mapping[str, dict], path: Path, names: list[str] | None = None,
                           title: str = "CNN: accuracy and loss per optimizer") -> Path | None:
@@ -92,7 +86,7 @@ def plot_optimizer_curves(metas: Mapping[str, dict], path: Path, names: list[str
     names = names or [f"cnn-{o}" for o in STUDY_OPTIMIZERS if f"cnn-{o}" in metas]
     if not names:
         return None
-    plt = _plt()
+    plt = viz_plt()
     fig, axes = plt.subplots(2, len(names), figsize=(2.6 * len(names), 4.6), squeeze=False)
     for j, name in enumerate(names):
         h = metas[name].get("history", {})
@@ -108,11 +102,7 @@ def plot_optimizer_curves(metas: Mapping[str, dict], path: Path, names: list[str
                 ax.set_ylim(0, 1.02)
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -124,7 +114,7 @@ def plot_confusions(evaluation: Mapping, path: Path) -> Path | None:
     models = list(evaluation["models"])
     if not models:
         return None
-    plt = _plt()
+    plt = viz_plt()
     rows, cols = _grid(len(models))
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), squeeze=False)
     for ax in axes.ravel():
@@ -141,17 +131,14 @@ def plot_confusions(evaluation: Mapping, path: Path) -> Path | None:
         ax.set_title(name, fontsize=8)
         ax.set_xlabel("predicted", fontsize=7)
         ax.set_ylabel("true", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_rocs(evaluation: Mapping, path: Path) -> Path | None:
     models = list(evaluation["models"])
     if not models:
         return None
-    plt = _plt()
+    plt = viz_plt()
     rows, cols = _grid(len(models))
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), squeeze=False)
     for ax in axes.ravel():
@@ -169,10 +156,7 @@ def plot_rocs(evaluation: Mapping, path: Path) -> Path | None:
         ax.set_title(name, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(models_dir: str | Path, evaluation: Mapping | None = None, split: str = "test") -> Path:

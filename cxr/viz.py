@@ -47,6 +47,16 @@ def plt():
     return pyplot
 
 
+def save_figure(fig, path, title: str | None = None, dpi: int = 80) -> Path:
+    """Title, tight layout, PNG, and the figure closed (pyplot keeps every open figure alive otherwise)."""
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt().close(fig)
+    return Path(path)
+
+
 def _px(inches: float) -> int:
     return int(round(inches * DPI))
 
