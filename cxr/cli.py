@@ -25,7 +25,8 @@ def setup_logging(level: str) -> None:
 
 
 def run_job(args: argparse.Namespace, overrides: Mapping[str, Any], body: Callable[[Any, dict], int | None]) -> int:
-    """Load config, start Spark, run body(spark, config); known user errors exit 2 with one clear line."""
+    """Load config, start Spark, run body(spark, config); known user errors exit 2 with one clear line, a
+    busy output folder (another run's lease) exits 3."""
     from cxr.spark.session import get_spark
 
     setup_logging(args.log_level)
@@ -37,9 +38,10 @@ def run_job(args: argparse.Namespace, overrides: Mapping[str, Any], body: Callab
         logging.getLogger("cxr").error("%s", exc)
         return 2
     except RuntimeError as exc:
-        if type(exc).__name__ == "OutputExistsError":
-            logging.getLogger("cxr").error("%s", exc)
-            return 2
-        raise
+        code = {"OutputExistsError": 2, "LeaseHeldError": 3, "LeaseLostError": 3}.get(type(exc).__name__)
+        if code is None:
+            raise
+        logging.getLogger("cxr").error("%s", exc)
+        return code
     finally:
         spark.stop()

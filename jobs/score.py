@@ -1,4 +1,6 @@
-"""spark-submit jobs/score.py --input ARCHIVE_OR_PREPROCESSED --model MODELS_DIR/NAME --output PRED_DIR [...]"""
+"""spark-submit jobs/score.py --input ARCHIVE_OR_PREPROCESSED --model MODELS_DIR/NAME --output PRED_DIR [...]
+
+Exit codes: 0 done, 2 bad input or arguments, 3 another run holds PRED_DIR's lease (nothing was written)."""
 import sys
 from pathlib import Path
 
@@ -14,6 +16,11 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="predictions folder (grows run by run)")
     parser.add_argument("--batch-size", type=int, help="images per model call")
     parser.add_argument("--full", action="store_true", help="rescore files already scored by this model")
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="read again the files earlier runs rejected, although they did not change")
+    parser.add_argument("--engine", choices=["onnx", "keras"],
+                        help="onnx: model.onnx in ONNX Runtime (conf inference.engine); keras: the model's own "
+                             "framework (Keras, or NumPy for the scratch models)")
     parser.add_argument("--run-id", help="name of this run (default: UTC time + random suffix)")
     parser.add_argument("--explain", metavar="N|all", help="Grad-CAM overlays for N images per predicted class "
                         "(or all) -> PRED_DIR/explain/run_id=R/, indexed in PRED_DIR/explanations/")
@@ -23,10 +30,11 @@ def main(argv=None) -> int:
         from cxr.spark.score import run
 
         r = run(spark, args.input, args.model, args.output, config, batch_size=args.batch_size, full=args.full,
-                run_id=args.run_id, explain=args.explain)
+                run_id=args.run_id, explain=args.explain, engine=args.engine, retry_errors=args.retry_errors)
         c = r["counts"]
         print(f"score: run {r['run_id']}: {c['input']} files -> {c['scored']} scored, {c['rejected']} rejected, "
-              f"{c['skipped_already_scored']} already scored; {r['images_per_s']} images/s; output {args.output}")
+              f"{c['skipped_unchanged']} unchanged (not read), {c['skipped_already_scored']} already scored; "
+              f"{r['images_per_s']} images/s; output {args.output}")
         if r.get("explain"):
             e = r["explain"]
             print(f"explain: {e.get('images', 0)} overlays in {e.get('png_dir')}" if "error" not in e

@@ -163,7 +163,7 @@ def test_explain_pass_over_a_runs_predictions(spark, blob_model, tmp_path):
 
     from cxr.image.pipeline import PreprocessParams
     from cxr.models import store
-    from cxr.scoring import PROB_COLUMNS
+    from cxr.score.frames import PROB_COLUMNS
     from cxr.spark.explain import explain_run, parse_explain
 
     raw = tmp_path / "raw"

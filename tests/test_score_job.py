@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import socket
+import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -12,7 +17,8 @@ import pytest
 from cxr.config import load_config
 from cxr.image.pipeline import PreprocessParams, preprocess_bytes
 from cxr.models import store
-from cxr.scoring import PROB_COLUMNS, model_id
+from cxr.models.onnx_export import export_onnx
+from cxr.score.frames import PROB_COLUMNS, model_id
 from cxr.spark import preprocess, score
 from tests.conftest import ROOT
 
@@ -53,7 +59,9 @@ def keras_model(preprocessed, tmp_path_factory):
 
     keras.utils.set_random_seed(0)
     model = build("cnn", (SIZE, SIZE, 1), {"filters": [4, 8], "kernel_size": 3, "dense": 8, "dropout": 0.0})
-    return store.save_keras(model, tmp_path_factory.mktemp("models") / "cnn-test", _metadata("cnn-test", preprocessed[1]))
+    d = store.save_keras(model, tmp_path_factory.mktemp("models") / "cnn-test", _metadata("cnn-test", preprocessed[1]))
+    export_onnx(d)
+    return d
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +69,10 @@ def scratch_model(preprocessed, tmp_path_factory):
     from cxr.nn import models
 
     net = models.dnn((SIZE, SIZE, 1), 3, hidden=8, seed=0)
-    return store.save_scratch(net, tmp_path_factory.mktemp("models") / "scratch-dnn-test",
-                              _metadata("scratch-dnn-test", preprocessed[1]))
+    d = store.save_scratch(net, tmp_path_factory.mktemp("models") / "scratch-dnn-test",
+                           _metadata("scratch-dnn-test", preprocessed[1]))
+    export_onnx(d)
+    return d
 
 
 def _predictions(out: Path):
@@ -80,8 +90,8 @@ def test_raw_archive_scores_equal_the_driver_model(spark, archive, small_config,
     out = tmp_path / "pred"
     record = score.run(spark, str(archive), str(model_dir), str(out), small_config)
     c = record["counts"]
-    assert c["input"] == c["scored"] + c["rejected"] + c["skipped_already_scored"]
-    assert c["skipped_already_scored"] == 0 and c["scored"] > 10 and c["rejected"] >= 5
+    assert record["accounted"] and c["input"] == c["scored"] + c["rejected"]
+    assert c["skipped_already_scored"] == c["skipped_unchanged"] == 0 and c["scored"] > 10 and c["rejected"] >= 5
     pred = _predictions(out).sort_values("path")
     assert set(pred.model_id) == {model_id(model_dir)} and (pred.run_id == record["run_id"]).all()
     assert set(pred.label) <= {"COVID", "NORMAL", "VIRAL"}
@@ -96,8 +106,9 @@ def test_incremental_runs_score_only_new_files(spark, archive, keras_model, smal
     out = tmp_path / "pred"
     first = score.run(spark, str(archive), str(keras_model), str(out), small_config, run_id="night1")
     second = score.run(spark, str(archive), str(keras_model), str(out), small_config, run_id="night2")
-    assert second["counts"]["scored"] == 0 and second["accounted"]
-    assert second["counts"]["skipped_already_scored"] == first["counts"]["scored"]
+    assert second["counts"]["scored"] == 0 and second["accounted"] and second["bytes_read"] == 0
+    # nothing changed: every file (scored or rejected) is skipped without being opened
+    assert second["counts"]["skipped_unchanged"] == first["counts"]["input"]
     new = archive.parent / "grown"
     if not new.exists():
         import shutil
@@ -118,34 +129,130 @@ def test_incremental_runs_score_only_new_files(spark, archive, keras_model, smal
 
 def test_a_file_vanishing_between_listing_and_reading_is_an_errors_row(spark, archive, keras_model, small_config,
                                                                       tmp_path, monkeypatch):
-    """Listed (so counted as input), deleted before the read stage: an errors row, the run still accounts for
-    every file, including one skipped as already scored."""
-    import shutil
-
-    root = tmp_path / "in"
-    shutil.copytree(archive, root)
+    """A new file, listed (so counted as input) and deleted before the read: an errors row, the run still
+    accounts for every file, the rest skipped as unchanged."""
+    root = _copy(archive, tmp_path / "in")
     out = tmp_path / "pred"
     score.run(spark, str(root), str(keras_model), str(out), small_config, run_id="first")
-    victim = max((root / "VIRAL").glob("*.png"), key=lambda p: p.stat().st_size)   # a good image, not the empty one
-    original = score.read_contents
+    victim = root / "VIRAL" / "late.png"
+    shutil.copy(_good_images(root)[0], victim)
+    original = score.list_files
 
     def list_then_delete(*args, **kwargs):
         frame = original(*args, **kwargs)  # the file index is built here: the victim is listed
         victim.unlink()
         return frame
 
-    monkeypatch.setattr(score, "read_contents", list_then_delete)
-    spark.conf.set("spark.sql.files.ignoreMissingFiles", "true")
-    try:
-        record = score.run(spark, str(root), str(keras_model), str(out), small_config, run_id="second")
-    finally:
-        spark.conf.unset("spark.sql.files.ignoreMissingFiles")
+    monkeypatch.setattr(score, "list_files", list_then_delete)
+    record = score.run(spark, str(root), str(keras_model), str(out), small_config, run_id="second")
     c = record["counts"]
-    assert record["accounted"] and c["input"] == c["scored"] + c["rejected"] + c["skipped_already_scored"]
+    assert record["accounted"] and c["rejected"] == 1 and c["scored"] == 0
     errors = pq.read_table(next((out / "errors").glob("run_date=*/run_id=second"))).to_pandas()
-    gone = errors[errors.path.str.endswith(victim.name)]
-    assert len(gone) == 1 and "vanished" in gone.reason.iloc[0]
-    assert c["skipped_already_scored"] > 5   # the rest were scored by the first run
+    assert len(errors) == 1 and errors.path.iloc[0].endswith("late.png") and "vanished" in errors.reason.iloc[0]
+    assert c["skipped_unchanged"] == c["input"] - 1
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _good_images(root: Path) -> list[Path]:
+    """Files the synthetic archive made valid (a class folder's PNG/JPEG that decodes), in name order."""
+    return sorted(p for p in root.glob("*/*.png") if p.stat().st_size > 1000 and "broken" not in p.name)
+
+
+def _state(out: Path):
+    return pq.read_table(out / "state").to_pandas()
+
+
+def test_unchanged_files_are_not_opened(spark, archive, keras_model, small_config, tmp_path):
+    """Bytes overwritten with garbage of the same size, mtime restored: had the run opened the file, it would
+    be rejected or rescored; it is neither."""
+    root = _copy(archive, tmp_path / "in")
+    out = tmp_path / "pred"
+    first = score.run(spark, str(root), str(keras_model), str(out), small_config, run_id="first")
+    target = _good_images(root)[0]
+    st = target.stat()
+    target.write_bytes(np.random.default_rng(0).integers(0, 256, st.st_size, dtype=np.uint8).tobytes())
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    second = score.run(spark, str(root), str(keras_model), str(out), small_config, run_id="second")
+    c = second["counts"]
+    assert c["scored"] == 0 and c["rejected"] == 0 and c["skipped_unchanged"] == first["counts"]["input"]
+    assert second["bytes_read"] == 0 and not (out / "errors" / f"run_date={second['run_date']}" / "run_id=second").exists()
+    state = _state(out)
+    assert set(state.columns) >= {"path", "size", "mtime", "sha256", "status", "seen_at", "model_id", "run_id"}
+    assert set(state.run_id) == {"first"}
+
+
+def test_touched_moved_and_copied_files_get_no_new_prediction(spark, archive, keras_model, small_config, tmp_path):
+    root = _copy(archive, tmp_path / "in")
+    out = tmp_path / "pred"
+    first = score.run(spark, str(root), str(keras_model), str(out), small_config, run_id="first")
+    touched, moved, copied = _good_images(root)[:3]
+    os.utime(touched, (touched.stat().st_atime + 100, touched.stat().st_mtime + 100))
+    moved.rename(moved.with_name("moved_" + moved.name))
+    shutil.copy(copied, copied.parent / ("copy_" + copied.name))
+    second = score.run(spark, str(root), str(keras_model), str(out), small_config, run_id="second")
+    c = second["counts"]
+    assert second["accounted"] and c["scored"] == 0 and c["skipped_already_scored"] == 3
+    assert c["input"] == first["counts"]["input"] + 1
+    assert len(_predictions(out)) == first["counts"]["scored"]
+    # their new metadata is remembered: the next night opens nothing
+    third = score.run(spark, str(root), str(keras_model), str(out), small_config, run_id="third")
+    assert third["counts"]["skipped_unchanged"] == third["counts"]["input"] and third["bytes_read"] == 0
+
+
+def test_changed_bytes_give_a_new_row(spark, archive, keras_model, small_config, tmp_path):
+    root = _copy(archive, tmp_path / "in")
+    out = tmp_path / "pred"
+    score.run(spark, str(root), str(keras_model), str(out), small_config, run_id="first")
+    a, b = _good_images(root)[:2]
+    cv2.imwrite(str(a), cv2.imread(str(b), cv2.IMREAD_GRAYSCALE)[::-1])   # an other image at the same path
+    second = score.run(spark, str(root), str(keras_model), str(out), small_config, run_id="second")
+    assert second["counts"]["scored"] == 1 and second["accounted"]
+    pred = _predictions(out)
+    rows = pred[pred.path.str.endswith("/" + a.name)]
+    assert len(rows) == 2 and rows.sha256.nunique() == 2
+
+
+def test_rejected_files_are_retried_only_when_changed_or_asked(spark, archive, keras_model, small_config, tmp_path):
+    root = _copy(archive, tmp_path / "in")
+    out = tmp_path / "pred"
+    first = score.run(spark, str(root), str(keras_model), str(out), small_config, run_id="first")
+    rejected = first["counts"]["rejected"]
+    assert rejected >= 5
+    second = score.run(spark, str(root), str(keras_model), str(out), small_config, run_id="second")
+    assert second["counts"]["rejected"] == 0 and second["counts"]["skipped_unchanged"] == first["counts"]["input"]
+    errors = pq.read_table(out / "errors").to_pandas()
+    bad = Path(errors[errors.reason.str.contains("decod|truncat|corrupt", case=False)].path.iloc[0].split(":", 1)[1])
+    bad.write_bytes(bad.read_bytes() + b"more")   # changed: read again (and still rejected)
+    third = score.run(spark, str(root), str(keras_model), str(out), small_config, run_id="third")
+    assert third["counts"]["rejected"] == 1 and third["counts"]["scored"] == 0
+    retry = score.run(spark, str(root), str(keras_model), str(out), small_config, run_id="retry", retry_errors=True)
+    assert retry["counts"]["rejected"] == rejected and retry["counts"]["scored"] == 0 and retry["accounted"]
+
+
+def test_a_live_lease_refuses_the_run_and_a_stale_one_is_taken_over(spark, archive, keras_model, small_config,
+                                                                    tmp_path):
+    from cxr.score.lease import LeaseHeldError
+
+    out = tmp_path / "pred"
+    out.mkdir()
+    live = {"run_id": "other", "host": socket.gethostname(), "pid": os.getpid(), "started": "now",
+            "expires": "later", "expires_unix": time.time() + 3600}
+    (out / "_lease").write_text(json.dumps(live))
+    with pytest.raises(LeaseHeldError, match="run other .*pid %d" % os.getpid()):
+        score.run(spark, str(archive), str(keras_model), str(out), small_config, run_id="refused")
+    assert sorted(p.name for p in out.iterdir()) == ["_lease"]
+    # the holder is gone past its expiry: its leftovers are removed, the run commits
+    (out / "_lease").write_text(json.dumps({**live, "host": "elsewhere", "expires_unix": time.time() - 1}))
+    leftover = out / "predictions" / "run_date=2026-01-01" / "run_id=other"
+    leftover.mkdir(parents=True)
+    (leftover / "part-0.parquet").write_bytes(b"half written")
+    record = score.run(spark, str(archive), str(keras_model), str(out), small_config, run_id="taker")
+    assert record["lease_taken_over"]["run_id"] == "other" and not leftover.exists()
+    assert not (out / "_lease").exists() and record["counts"]["scored"] > 10
 
 
 def test_a_crashed_run_leaves_nothing_visible(spark, archive, keras_model, small_config, tmp_path):

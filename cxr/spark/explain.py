@@ -33,7 +33,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from cxr import CLASSES
-from cxr.scoring import PROB_COLUMNS
+from cxr.score.frames import PROB_COLUMNS
 from cxr.spark import fs
 
 log = logging.getLogger(__name__)

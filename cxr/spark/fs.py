@@ -69,3 +69,42 @@ def list_dirs(spark, uri: str) -> list[str]:
     if not fs.exists(path):
         return []
     return sorted(str(s.getPath()) for s in fs.listStatus(path) if s.isDirectory())
+
+
+class HadoopLeaseFiles:
+    """cxr.score.lease's file operations on any Hadoop file system. create(overwrite=false) and rename are
+    atomic on HDFS; object stores (s3a, gs) give no atomic create-if-absent, so two runs started within the
+    same second may both take a lease there (use a local or HDFS output folder for scheduled runs)."""
+
+    def __init__(self, spark):
+        self.spark = spark
+
+    def create_new(self, uri, text):
+        fs, path = _fs_and_path(self.spark, uri)
+        if fs.exists(path):
+            return False
+        try:
+            stream = fs.create(path, False)
+        except Exception as exc:  # py4j: FileAlreadyExistsException from a racing creator
+            if "AlreadyExists" in str(exc):
+                return False
+            raise
+        try:
+            stream.write(bytearray(text.encode("utf-8")))
+        finally:
+            stream.close()
+        return True
+
+    def read_text_or_none(self, uri):
+        return read_text(self.spark, uri) if exists(self.spark, uri) else None
+
+    def write_text(self, uri, text):
+        write_text(self.spark, uri, text)
+
+    def rename_if_exists(self, src, dst):
+        fs, src_path = _fs_and_path(self.spark, src)
+        _, dst_path = _fs_and_path(self.spark, dst)
+        return bool(fs.rename(src_path, dst_path))
+
+    def delete(self, uri):
+        delete(self.spark, uri)

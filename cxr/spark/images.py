@@ -75,17 +75,19 @@ def _as_path_column(uri: str) -> str:
 
 def list_files(spark: SparkSession, root: str, extensions: Sequence[str], exclude_dirs: Sequence[str],
                max_bytes: int) -> DataFrame:
-    """Every file under root (names only, no content read) with what the job will do with it:
-    `read`, `empty`, `too_large`, `ignored_extension` or `ignored_dir`.
+    """Every file under root (names, sizes and modification times: no content read) with what the job will do
+    with it: `read`, `empty`, `too_large`, `ignored_extension` or `ignored_dir`. One listing of the archive.
 
-    Spark's file scan silently skips 0-byte files, so they are found from the file index itself
-    (inputFiles) and added back, to be reported rather than lost."""
-    nonempty = _reader(spark).load(root).select("path", "length")
-    every = _reader(spark).load(root).inputFiles()
+    Spark's file scan silently skips 0-byte files, so they are found from the same file index (inputFiles)
+    and added back, to be reported rather than lost."""
+    scan = _reader(spark).load(root)
+    nonempty = scan.select("path", "length", F.unix_millis("modificationTime").alias("mtime_ms"))
+    every = scan.inputFiles()
     listing = nonempty
     if len(every) != nonempty.count():
         indexed = spark.createDataFrame([(_as_path_column(p),) for p in every], "path string")
-        empty = indexed.join(nonempty, "path", "left_anti").withColumn("length", F.lit(0).cast("long"))
+        empty = (indexed.join(nonempty, "path", "left_anti").withColumn("length", F.lit(0).cast("long"))
+                 .withColumn("mtime_ms", F.lit(None).cast("long")))
         listing = nonempty.unionByName(empty)
     kind = (F.when(~_extension_ok(extensions), "ignored_extension")
             .when(_in_excluded_dir(root, exclude_dirs), "ignored_dir")

@@ -3,13 +3,24 @@
 Layout of PRED_DIR, queryable by any Parquet/SQL engine:
     predictions/run_date=YYYY-MM-DD/run_id=R/*.parquet   one row per scored file
     errors/run_date=YYYY-MM-DD/run_id=R/*.parquet        one row per rejected file, with the reason
+    state/model_id=M/run_id=R/*.parquet                  what run R learnt of each file it looked at (raw input):
+                                                         path, size, mtime, sha256, status, seen_at
     runs/R.json                                          counts, timings, throughput of run R
-Each run is written under _staging/R (invisible to readers: Spark skips names starting with '_') and moved
-into place by directory renames, then its runs/R.json is written last: a run without its json crashed, and
-its leftovers are removed by the next run, so a rerun never adds duplicate rows.
+    _lease                                               the running run's lease (cxr/score/lease.py)
+
+A night costs what changed: a raw file whose (path, size, mtime) equal the latest state row for the same
+model is skipped without being opened; only new or changed files are read (in the Python workers, never
+through the JVM). A changed file whose content (sha256) already has a prediction from this model (touched,
+copied, moved) is hashed but not decoded, and gets a state row instead of a prediction row.
+
+Each run holds PRED_DIR's lease, writes under _staging/R (invisible to readers: Spark skips names starting
+with '_'), moves its partitions into place by directory renames and writes runs/R.json last: a run without
+its json crashed; only a run holding the lease removes such leftovers, so nothing committed by one run is
+ever deleted by another.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -17,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -25,36 +36,67 @@ from cxr.image.pipeline import PreprocessParams
 from cxr.labels import alias_table
 from cxr.models import store
 from cxr.provenance import package_versions
-from cxr.scoring import PROB_COLUMNS, model_id, params_mismatch, score_preprocessed_frame, score_raw_frame
+from cxr.score.frames import (HASH_COLUMNS, PROB_COLUMNS, RESULT_COLUMNS, Engine, hash_frame, model_id,
+                              params_mismatch, score_preprocessed_frame, score_raw_frame)
+from cxr.score.lease import Lease, LocalLeaseFiles
+from cxr.image.source import local_path
 from cxr.spark import fs
-from cxr.spark.images import list_files, listing_counts, read_contents, unread_files, vanished_files
+from cxr.spark.images import list_files
 from cxr.spark.preprocess import Stopwatch
 
 log = logging.getLogger(__name__)
 
-RESULT_SCHEMA = T.StructType(
-    [T.StructField(c, T.StringType()) for c in ("path", "sha256", "folder_label", "status", "stage", "reason", "label")]
-    + [T.StructField(c, T.FloatType()) for c in PROB_COLUMNS])
+_TYPES = {"size": T.LongType(), "mtime_ms": T.LongType(), **{c: T.FloatType() for c in PROB_COLUMNS}}
+RESULT_SCHEMA = T.StructType([T.StructField(c, _TYPES.get(c, T.StringType())) for c in RESULT_COLUMNS])
+HASH_SCHEMA = T.StructType([T.StructField(c, _TYPES.get(c, T.StringType())) for c in HASH_COLUMNS])
+STATE_COLUMNS = ("path", "size", "mtime", "sha256", "status", "seen_at")
+TABLES = ("predictions", "errors", "state")
 
 
 def is_preprocessed(spark: SparkSession, uri: str) -> bool:
     return fs.exists(spark, f"{uri.rstrip('/')}/manifest.json") and fs.exists(spark, f"{uri.rstrip('/')}/images")
 
 
-def _scored_keys(spark: SparkSession, out: str, mid: str) -> DataFrame | None:
+def _scored_shas(spark: SparkSession, out: str, mid: str) -> DataFrame | None:
+    """Content this model already has a prediction row for (thin: one column of the predictions table)."""
     if not fs.exists(spark, f"{out}/predictions"):
         return None
     return (spark.read.parquet(f"{out}/predictions").where(F.col("model_id") == mid)
             .select("sha256").distinct())
 
 
-def _remove_crashed_runs(spark: SparkSession, out: str) -> list[str]:
-    """Partitions of runs that never wrote runs/<id>.json (a crash between the renames) and old staging."""
+def latest_state(spark: SparkSession, out: str, mid: str) -> DataFrame | None:
+    """The newest state row per path for this model: what the last run that looked at each file saw."""
+    if not fs.exists(spark, f"{out}/state/model_id={mid}"):
+        return None
+    rows = spark.read.parquet(f"{out}/state").where(F.col("model_id") == mid)
+    newest = Window.partitionBy("path").orderBy(F.col("seen_at").desc(), F.col("run_id").desc())
+    return (rows.withColumn("_n", F.row_number().over(newest)).where(F.col("_n") == 1)
+            .select("path", F.col("size").alias("s_size"), F.unix_millis("mtime").alias("s_mtime_ms"),
+                    F.col("status").alias("s_status")))
+
+
+def classify(listing: DataFrame, state: DataFrame | None, retry_errors: bool) -> DataFrame:
+    """listing + `todo`: ignored | unchanged (not opened) | unread (empty, too large) | read."""
+    todo = (F.when(F.col("kind").startswith("ignored"), "ignored")
+            .when(F.col("kind").isin("empty", "too_large"), "unread").otherwise("read"))
+    if state is None:
+        return listing.withColumn("todo", todo)
+    same = (F.col("length") == F.col("s_size")) & F.col("mtime_ms").eqNullSafe(F.col("s_mtime_ms"))
+    settled = (F.col("s_status") != "rejected") | F.lit(not retry_errors)
+    unchanged = ~F.col("kind").startswith("ignored") & F.col("s_size").isNotNull() & same & settled
+    return (listing.join(state, "path", "left")
+            .withColumn("todo", F.when(unchanged, "unchanged").otherwise(todo)))
+
+
+def _remove_uncommitted(spark: SparkSession, out: str) -> list[str]:
+    """Partitions of runs that never wrote runs/<id>.json (a crash between the renames) and old staging.
+    Called only while holding the lease: no other run can be writing."""
     removed = []
     fs.delete(spark, f"{out}/_staging")
-    for table in ("errors", "predictions"):
-        for date_dir in fs.list_dirs(spark, f"{out}/{table}"):
-            for run_dir in fs.list_dirs(spark, date_dir):
+    for table in TABLES:
+        for group_dir in fs.list_dirs(spark, f"{out}/{table}"):
+            for run_dir in fs.list_dirs(spark, group_dir):
                 run_id = run_dir.rsplit("run_id=", 1)[-1]
                 if not fs.exists(spark, f"{out}/runs/{run_id}.json"):
                     fs.delete(spark, run_dir)
@@ -62,12 +104,33 @@ def _remove_crashed_runs(spark: SparkSession, out: str) -> list[str]:
     return removed
 
 
+def _lease_files(spark: SparkSession, out: str):
+    return LocalLeaseFiles() if local_path(out) is not None else fs.HadoopLeaseFiles(spark)
+
+
+@contextlib.contextmanager
+def _listing_conf(spark: SparkSession):
+    """The listing scan reads no file content: pack many files per task instead of ~one per 4 MB of
+    openCostInBytes (30 tasks for 450 files -> 2)."""
+    key = "spark.sql.files.openCostInBytes"
+    before = spark.conf.get(key, None)
+    spark.conf.set(key, "1024")
+    try:
+        yield
+    finally:
+        spark.conf.unset(key) if before is None else spark.conf.set(key, before)
+
+
+def _tasks(spark: SparkSession, n_rows: int, per_task: int) -> int:
+    """Enough tasks to keep every core busy, no more than one per `per_task` files."""
+    cores = spark.sparkContext.defaultParallelism
+    return max(1, min(max(cores, -(-n_rows // per_task)), n_rows))
+
+
 def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, config: Mapping[str, Any],
         batch_size: int | None = None, full: bool = False, run_id: str | None = None,
-        explain: int | str | None = None) -> dict[str, Any]:
+        explain: int | str | None = None, engine: str | None = None, retry_errors: bool = False) -> dict[str, Any]:
     score_conf = config.get("score", {})
-    batch_size = int(batch_size or score_conf.get("batch_size", 32))
-    tf_threads = int(score_conf.get("tf_threads", 1))
     clock = Stopwatch(log)
     started = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     run_id = run_id or f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
@@ -75,10 +138,14 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
 
     model_path = str(Path(model_dir).resolve())
     meta = store.read_metadata(model_path)
+    runner = Engine.from_config(model_path, config, engine, batch_size)
     mid, name = model_id(model_path), meta.get("name", Path(model_path).name)
     model_params = meta.get("preprocess") or {}
     if "size" not in model_params:
         raise ValueError(f"{model_dir}/metrics.json records no preprocess params: cannot prepare images for it")
+    if runner.name == "onnx" and not (Path(model_path) / store.ONNX_FILE).is_file():
+        raise FileNotFoundError(f"{model_dir} has no {store.ONNX_FILE}: export it with `python -m "
+                                f"cxr.models.onnx_export {model_dir}` or score with --engine keras")
     params = PreprocessParams.from_dict(model_params)
     if explain:  # Grad-CAM overlays after the run (cxr/spark/explain.py); refuse unexplainable models now
         from cxr.spark.explain import check_explain_args, explain_run
@@ -86,100 +153,182 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
     if not fs.exists(spark, input_uri):
         raise FileNotFoundError(f"input does not exist: {input_uri}")
     out = fs.qualified(spark, output_dir)
-    removed = _remove_crashed_runs(spark, out)
-    if removed:
-        log.warning("removed %d partitions of runs that did not finish: %s", len(removed), removed)
 
-    if is_preprocessed(spark, input_uri):
-        mode = "preprocessed"
-        data_params = json.loads(fs.read_text(spark, f"{input_uri.rstrip('/')}/manifest.json")).get("params", {})
-        mismatch = params_mismatch(model_params, data_params)
-        if mismatch:
-            raise ValueError(f"{input_uri} was preprocessed differently from the data model {name} was trained on "
-                             f"(param: (model, data)): {mismatch}; score the raw archive instead")
-        files = spark.read.parquet(f"{input_uri.rstrip('/')}/images").select(
-            "path", "sha256", "label", "image", "height", "width")
-        n_input, unread = files.count(), None
-    else:
-        mode = "raw"
-        pre = config["preprocess"]
-        root = fs.qualified(spark, input_uri)
-        extensions, exclude_dirs = list(pre["extensions"]), list(pre.get("exclude_dirs") or [])
-        max_bytes = int(float(pre["max_file_mb"]) * 1024 * 1024)
-        # cached: the listing is the record of what was there when the run started (vanished files are
-        # found against it at the end)
-        listing = list_files(spark, root, extensions, exclude_dirs, max_bytes).cache()
-        n_input, _, _ = listing_counts(listing)
-        unread = unread_files(listing, pre["max_file_mb"])
-        files = read_contents(spark, root, extensions, exclude_dirs, max_bytes).withColumn(
-            "sha256", F.sha2(F.col("content"), 256))
-    clock.lap("list", "%s input: %d files", mode, n_input)
+    lease = Lease(_lease_files(spark, out), out, run_id, float(score_conf.get("lease_seconds", 300)))
+    with lease:
+        removed = _remove_uncommitted(spark, out)
+        if removed:
+            log.warning("removed %d partitions of runs that did not finish: %s", len(removed), removed)
+        staging = f"{out}/_staging/{run_id}"
+        stamp = F.lit(started.isoformat()).cast("timestamp")
+        if is_preprocessed(spark, input_uri):
+            mode = "preprocessed"
+            counts, bytes_read = _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, runner,
+                                                     staging, clock)
+        else:
+            mode = "raw"
+            with _listing_conf(spark):
+                counts, bytes_read = _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors,
+                                                runner, staging, stamp, clock, int(score_conf.get("files_per_task", 64)))
+        results = f"{staging}/results"
+        if fs.exists(spark, results):
+            rows = spark.read.parquet(results)
+            (rows.where(F.col("status") == "ok")
+             .select("path", "sha256", F.lit(mid).alias("model_id"), F.lit(name).alias("model_name"), "label",
+                     *PROB_COLUMNS, "folder_label", stamp.alias("scored_at"))  # run_date, run_id: partition columns
+             .sortWithinPartitions("path").write.parquet(f"{staging}/predictions"))
+        errors = _error_rows(spark, staging)
+        if errors is not None:
+            errors.coalesce(1).write.parquet(f"{staging}/errors")
+        clock.lap("write", "predictions, errors and state of run %s", run_id)
 
-    # Files already scored by this model (same content) are flagged, their bytes dropped before Python, and come
-    # back as 'skipped' rows: every file read is then in the results, so a listed file missing from them vanished.
-    scored_keys = None if full else _scored_keys(spark, out, mid)
-    if scored_keys is None:
-        todo = files.withColumn("already_scored", F.lit(False))
-    else:
-        payload = "content" if mode == "raw" else "image"
-        todo = (files.join(F.broadcast(scored_keys.withColumn("already_scored", F.lit(True))), "sha256", "left")
-                .withColumn("already_scored", F.coalesce(F.col("already_scored"), F.lit(False)))
-                .withColumn(payload, F.when(F.col("already_scored"), F.lit(None).cast("binary"))
-                            .otherwise(F.col(payload))))
-
-    if mode == "raw":
-        aliases = alias_table(config["preprocess"]["labels"])
-
-        def score(frames):
-            for frame in frames:
-                yield score_raw_frame(frame, root, params, aliases, model_path, batch_size, tf_threads)
-    else:
-        def score(frames):
-            for frame in frames:
-                yield score_preprocessed_frame(frame, model_path, batch_size, tf_threads)
-
-    staging = f"{out}/_staging/{run_id}"
-    todo.mapInPandas(score, schema=RESULT_SCHEMA).write.parquet(f"{staging}/all")
-    results = spark.read.parquet(f"{staging}/all")
-    stamp = F.lit(started.isoformat()).cast("timestamp")
-    predictions = (results.where(F.col("status") == "ok")
-                   .select("path", "sha256", F.lit(mid).alias("model_id"), F.lit(name).alias("model_name"),
-                           "label", *PROB_COLUMNS, "folder_label", stamp.alias("scored_at")))  # run_date, run_id: partition columns
-    errors = results.where(F.col("status") == "error").select("path", "sha256", "stage", "reason")
-    if unread is not None:
-        errors = errors.unionByName(unread).unionByName(vanished_files(listing, results))
-    predictions.sortWithinPartitions("path").write.parquet(f"{staging}/predictions")
-    errors.coalesce(1).write.parquet(f"{staging}/errors")
-    clock.lap("score", "model %s (%s) on the executors", name, mid[:12])
-
-    n_scored = spark.read.parquet(f"{staging}/predictions").count()
-    n_rejected = spark.read.parquet(f"{staging}/errors").count()
-    n_skipped = results.where(F.col("status") == "skipped").count()
-    counts = {"input": n_input, "scored": n_scored, "rejected": n_rejected, "skipped_already_scored": n_skipped}
-    accounted = n_input == n_scored + n_rejected + n_skipped
-    if not accounted:
-        log.error("accounting mismatch: %d input files but %d scored + %d rejected + %d skipped", n_input, n_scored,
-                  n_rejected, n_skipped)
-    partition = f"run_date={run_date}/run_id={run_id}"
-    fs.rename(spark, f"{staging}/errors", f"{out}/errors/{partition}")
-    fs.rename(spark, f"{staging}/predictions", f"{out}/predictions/{partition}")
-    fs.delete(spark, f"{out}/_staging")  # one run at a time per output: its start cleared it too
-    if mode == "raw":
-        listing.unpersist()
-    clock.lap("commit", "run %s: %s", run_id, counts)
-    seconds = sum(clock.timings.values())
-    explained = None
-    if explain:
-        explained = explain_run(spark, out, run_id, run_date, model_path, mid, input_uri, mode, params, explain,
-                                batch_size, tf_threads)
-        clock.lap("explain", "Grad-CAM overlays: %s", explained.get("images"))
-    record = {
-        "job": "score", "run_id": run_id, "run_date": run_date, "started": started.isoformat(),
-        "input": input_uri, "mode": mode, "output": output_dir, "full": full,
-        "model": {"dir": model_dir, "name": name, "model_id": mid, "kind": store.model_kind(model_path)},
-        "counts": counts, "accounted": accounted, "batch_size": batch_size, "params": params.to_dict(), "explain": explained,
-        "timings_s": clock.timings, "images_per_s": round(n_scored / max(seconds, 1e-9), 2),
-        "versions": package_versions(), "spark": {"version": spark.version, "master": spark.sparkContext.master},
-    }
-    fs.write_text(spark, f"{out}/runs/{run_id}.json", json.dumps(record, indent=2, sort_keys=True))
+        lease.check()   # a run presumed dead must not commit over its successor
+        partition = f"run_date={run_date}/run_id={run_id}"
+        for table, target in (("errors", f"errors/{partition}"), ("predictions", f"predictions/{partition}"),
+                              ("state", f"state/model_id={mid}/run_id={run_id}")):
+            if fs.exists(spark, f"{staging}/{table}"):
+                fs.rename(spark, f"{staging}/{table}", f"{out}/{target}")
+        fs.delete(spark, f"{out}/_staging")
+        accounted = counts["input"] == sum(counts[k] for k in ("scored", "rejected", "skipped_unchanged",
+                                                                "skipped_already_scored"))
+        if not accounted:
+            log.error("accounting mismatch: %s", counts)
+        clock.lap("commit", "run %s: %s", run_id, counts)
+        seconds = sum(clock.timings.values())
+        explained = None
+        if explain:
+            explained = explain_run(spark, out, run_id, run_date, model_path, mid, input_uri, mode, params, explain,
+                                    runner.batch_size, runner.tf_threads)
+            clock.lap("explain", "Grad-CAM overlays: %s", explained.get("images"))
+        record = {
+            "job": "score", "run_id": run_id, "run_date": run_date, "started": started.isoformat(),
+            "input": input_uri, "mode": mode, "output": output_dir, "full": full, "retry_errors": retry_errors,
+            "model": {"dir": model_dir, "name": name, "model_id": mid, "kind": store.model_kind(model_path)},
+            "engine": {"name": runner.name, "onnx_threads": runner.onnx_threads, "tf_threads": runner.tf_threads},
+            "counts": counts, "accounted": accounted, "bytes_read": bytes_read, "batch_size": runner.batch_size,
+            "params": params.to_dict(), "explain": explained, "lease_taken_over": lease.took_over,
+            "timings_s": clock.timings, "seconds": round(seconds, 3),
+            "images_per_s": round(counts["scored"] / max(seconds, 1e-9), 2),
+            "versions": package_versions(), "spark": {"version": spark.version, "master": spark.sparkContext.master},
+        }
+        fs.write_text(spark, f"{out}/runs/{run_id}.json", json.dumps(record, indent=2, sort_keys=True))
     return record
+
+
+def _error_rows(spark: SparkSession, staging: str) -> DataFrame | None:
+    parts = []
+    if fs.exists(spark, f"{staging}/results"):
+        parts.append(spark.read.parquet(f"{staging}/results").where(F.col("status") == "error")
+                     .select("path", "sha256", "stage", "reason"))
+    if fs.exists(spark, f"{staging}/unread"):
+        parts.append(spark.read.parquet(f"{staging}/unread"))
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])
+
+
+def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, runner, staging, stamp, clock,
+               files_per_task) -> tuple[dict, int]:
+    pre = config["preprocess"]
+    root = fs.qualified(spark, input_uri)
+    max_file_mb = pre["max_file_mb"]
+    max_bytes = int(float(max_file_mb) * 1024 * 1024)
+    listing = list_files(spark, root, list(pre["extensions"]), list(pre.get("exclude_dirs") or []), max_bytes)
+    state = None if full else latest_state(spark, out, mid)
+    files = classify(listing, state, retry_errors).select("path", "length", "mtime_ms", "kind", "todo").cache()
+    tally = {r["todo"]: (int(r["n"]), int(r["bytes"] or 0))
+             for r in files.groupBy("todo").agg(F.count("*").alias("n"), F.sum("length").alias("bytes")).collect()}
+    n = {k: tally.get(k, (0, 0))[0] for k in ("ignored", "unchanged", "unread", "read")}
+    clock.lap("list", "raw input: %d files, %d unchanged since the last run, %d to read", n["unchanged"] + n["unread"]
+              + n["read"], n["unchanged"], n["read"])
+
+    state_rows = []   # DataFrames of (path, size, mtime_ms, sha256, status) for files this run looked at
+    if n["unread"]:
+        unread = files.where(F.col("todo") == "unread")
+        reason = (F.when(F.col("kind") == "empty", F.lit("file is empty (0 bytes)"))
+                  .otherwise(F.format_string(f"file is %d bytes, over the {max_file_mb} MB limit "
+                                             "(preprocess.max_file_mb): not read", F.col("length"))))
+        unread.select("path", F.lit(None).cast("string").alias("sha256"), F.lit("read").alias("stage"),
+                      reason.alias("reason")).write.parquet(f"{staging}/unread")
+        state_rows.append(unread.select("path", F.col("length").alias("size"), "mtime_ms",
+                                        F.lit(None).cast("string").alias("sha256"), F.lit("rejected").alias("status")))
+    to_read = files.where(F.col("todo") == "read").select("path", F.col("length").alias("size"), "mtime_ms")
+    n_known, bytes_read, hashed = 0, 0, None
+    if n["read"]:
+        bytes_read = tally["read"][1]
+        scored = None if full else _scored_shas(spark, out, mid)
+        if scored is not None:
+            # changed files: hash first; content this model already scored is not decoded again
+            hashed = (to_read.repartition(_tasks(spark, n["read"], files_per_task * 4))
+                      .mapInPandas(lambda frames: (hash_frame(f, max_bytes) for f in frames), schema=HASH_SCHEMA)
+                      .cache())
+            known = hashed.join(F.broadcast(scored), "sha256", "left_semi")
+            state_rows.append(known.select("path", "size", "mtime_ms", "sha256",
+                                           F.lit("already_scored").alias("status")))
+            n_known = known.count()
+            to_read = hashed.join(scored, "sha256", "left_anti").select("path", "size", "mtime_ms")
+            if n_known < n["read"]:   # the new content is read a second time, to be scored
+                bytes_read += to_read.agg(F.sum("size")).first()[0] or 0
+            clock.lap("hash", "%d changed files hashed, %d of them already scored by this model", n["read"], n_known)
+        if n_known < n["read"]:
+            aliases = alias_table(pre["labels"])
+
+            def score(frames):
+                for frame in frames:
+                    yield score_raw_frame(frame, root, params, aliases, runner, max_bytes)
+
+            (to_read.repartition(_tasks(spark, n["read"] - n_known, files_per_task))
+             .mapInPandas(score, schema=RESULT_SCHEMA).write.parquet(f"{staging}/results"))
+            results = spark.read.parquet(f"{staging}/results")
+            state_rows.append(results.select(
+                "path", "size", "mtime_ms", "sha256",
+                F.when(F.col("status") == "ok", "scored").otherwise("rejected").alias("status")))
+        clock.lap("score", "%d files read and scored on the executors", n["read"] - n_known)
+    if state_rows:
+        frame = state_rows[0]
+        for more in state_rows[1:]:
+            frame = frame.unionByName(more)
+        (frame.select("path", "size", F.timestamp_millis("mtime_ms").alias("mtime"), "sha256", "status",
+                      stamp.alias("seen_at"))
+         .coalesce(max(1, _tasks(spark, n["read"] + n["unread"], 1 << 20))).write.parquet(f"{staging}/state"))
+    files.unpersist()
+    if hashed is not None:
+        hashed.unpersist()
+    counts = _result_counts(spark, staging)
+    counts.update(input=n["unchanged"] + n["unread"] + n["read"], skipped_unchanged=n["unchanged"],
+                  skipped_already_scored=n_known)
+    counts["rejected"] += n["unread"]
+    return counts, int(bytes_read)
+
+
+def _result_counts(spark: SparkSession, staging: str) -> dict[str, int]:
+    counts = {"scored": 0, "rejected": 0}
+    if fs.exists(spark, f"{staging}/results"):
+        for r in spark.read.parquet(f"{staging}/results").groupBy("status").count().collect():
+            counts["scored" if r["status"] == "ok" else "rejected"] += int(r["count"])
+    return counts
+
+
+def _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, runner, staging, clock):
+    data_params = json.loads(fs.read_text(spark, f"{input_uri.rstrip('/')}/manifest.json")).get("params", {})
+    mismatch = params_mismatch(model_params, data_params)
+    if mismatch:
+        raise ValueError(f"{input_uri} was preprocessed differently from the data model {name} was trained on "
+                         f"(param: (model, data)): {mismatch}; score the raw archive instead")
+    images = spark.read.parquet(f"{input_uri.rstrip('/')}/images")
+    keys = images.select("path", "sha256")   # thin: the image column is read only if something is new
+    n_input = keys.count()
+    scored = None if full else _scored_shas(spark, out, mid)
+    new = keys if scored is None else keys.join(F.broadcast(scored), "sha256", "left_anti")
+    n_new = n_input if scored is None else new.count()
+    clock.lap("list", "preprocessed input: %d images, %d not yet scored by this model", n_input, n_new)
+    if n_new:
+        todo = images.select("path", "sha256", "label", "image", "height", "width")
+        if scored is not None:
+            todo = todo.join(new, ["path", "sha256"], "left_semi")
+        (todo.mapInPandas(lambda frames: (score_preprocessed_frame(f, runner) for f in frames), schema=RESULT_SCHEMA)
+         .write.parquet(f"{staging}/results"))
+    clock.lap("score", "%d images scored on the executors", n_new)
+    counts = _result_counts(spark, staging)
+    counts.update(input=n_input, skipped_unchanged=0, skipped_already_scored=n_input - n_new)
+    return counts, 0

@@ -1,0 +1,158 @@
+"""Batch inference on the worker side, without Spark: rows in, predicted rows out.
+
+Raw files are opened here (cxr.image.source), not carried through the JVM: the driver decides which files
+need reading from their listed size and time, and only those reach a worker. Images go through the model in
+fixed-size batches (the last one padded), so that a compiled model sees one input shape only, and the model
+is loaded once per Python worker (cxr.models.store.cached_predictor).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from cxr import CLASSES
+from cxr.calibration import apply_temperature, temperature_of
+from cxr.image.batch import process_file
+from cxr.image.pipeline import PreprocessParams
+from cxr.image.source import read_bytes
+from cxr.models import store
+
+PROB_COLUMNS = tuple(f"p_{c.lower()}" for c in CLASSES)
+RESULT_COLUMNS = ("path", "sha256", "folder_label", "status", "stage", "reason", "label", *PROB_COLUMNS,
+                  "size", "mtime_ms")
+HASH_COLUMNS = ("path", "sha256", "size", "mtime_ms")
+
+# What must match between the preprocessing a model was trained on and the one it is fed.
+MATCHING_PARAMS = ("size", "method", "clip_limit", "tile_grid", "brightness_alpha", "brightness_beta", "resize_mode")
+ENGINES = ("onnx", "keras")
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How a worker runs the model: `onnx` (model.onnx in ONNX Runtime) or `keras` (the model's own
+    framework: Keras, or cxr.nn for the scratch models)."""
+    model_dir: str
+    name: str = "onnx"
+    batch_size: int = 32
+    tf_threads: int = 1
+    onnx_threads: int = 1
+
+    @classmethod
+    def from_config(cls, model_dir: str, config: Mapping[str, Any], engine: str | None = None,
+                    batch_size: int | None = None) -> "Engine":
+        inference, score = config.get("inference", {}), config.get("score", {})
+        name = engine or inference.get("engine", "onnx")
+        if name not in ENGINES:
+            raise ValueError(f"unknown inference engine {name!r}: use one of {', '.join(ENGINES)}")
+        return cls(model_dir, name, int(batch_size or score.get("batch_size", 32)), int(score.get("tf_threads", 1)),
+                   int(inference.get("onnx_threads", 1)))
+
+    def predictor(self):
+        return store.cached_predictor(self.model_dir, batch_size=self.batch_size, tf_threads=self.tf_threads,
+                                      engine=self.name, onnx_threads=self.onnx_threads)
+
+
+def model_id(model_dir: str | Path) -> str:
+    """sha256 over the model's weight files (model.onnx included): the identity incremental scoring keys on."""
+    d = Path(model_dir)
+    digest = hashlib.sha256()
+    for name in store.weight_files(d):
+        digest.update(name.encode())
+        digest.update(hashlib.sha256((d / name).read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def params_mismatch(model_params: Mapping[str, Any], data_params: Mapping[str, Any]) -> dict[str, tuple]:
+    return {k: (model_params.get(k), data_params.get(k)) for k in MATCHING_PARAMS
+            if model_params.get(k) != data_params.get(k)}
+
+
+def predict_fixed_batches(predictor, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """(N, H, W) uint8 -> (N, 3) probabilities, calling the model on batch_size rows at a time, last one padded."""
+    n = len(images)
+    out = np.empty((n, len(CLASSES)), np.float32)
+    batch = np.zeros((batch_size, *images.shape[1:], 1), np.float32)
+    for start in range(0, n, batch_size):
+        chunk = images[start:start + batch_size]
+        batch[:len(chunk), ..., 0] = chunk.astype(np.float32) / 255.0
+        batch[len(chunk):] = 0.0
+        out[start:start + len(chunk)] = predictor.predict_proba(batch)[:len(chunk)]
+    return out
+
+
+def _with_predictions(rows: list[dict], images: list[np.ndarray], engine: Engine) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+    ok = (frame["status"] == "ok").to_numpy()
+    if ok.any():
+        predictor = engine.predictor()
+        proba = predict_fixed_batches(predictor, np.stack(images), engine.batch_size)
+        proba = apply_temperature(proba, temperature_of(predictor.metadata))  # None (uncalibrated): unchanged
+        for j, col in enumerate(PROB_COLUMNS):
+            frame.loc[ok, col] = proba[:, j]
+        frame.loc[ok, "label"] = np.asarray(CLASSES)[proba.argmax(axis=1)]
+    for col in PROB_COLUMNS:
+        frame[col] = frame[col].astype("float32")
+    for col in ("size", "mtime_ms"):
+        frame[col] = frame[col].astype("Int64")
+    return frame
+
+
+def read_error(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "file vanished or became unreadable between listing and reading"
+    return f"could not read the file: {type(exc).__name__}: {exc}"
+
+
+def _read(path: str, max_bytes: int | None) -> tuple[bytes | None, str | None]:
+    try:
+        return read_bytes(path, max_bytes), None
+    except (OSError, ValueError) as exc:
+        return None, read_error(exc)
+
+
+def hash_frame(frame: pd.DataFrame, max_bytes: int | None = None) -> pd.DataFrame:
+    """Files (path, size, mtime_ms) -> their sha256 (None when unreadable): to learn whether a changed file's
+    content was already scored before decoding it."""
+    shas = []
+    for path in frame["path"]:
+        data, _ = _read(path, max_bytes)
+        shas.append(None if data is None else hashlib.sha256(data).hexdigest())
+    return pd.DataFrame({"path": frame["path"], "sha256": shas, "size": frame["size"], "mtime_ms": frame["mtime_ms"]})
+
+
+def score_raw_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, aliases: Mapping[str, str],
+                    engine: Engine, max_bytes: int | None = None) -> pd.DataFrame:
+    """Files (path, size, mtime_ms) -> predictions: read here, the preprocess job's own per-file function, then
+    the model."""
+    rows, images = [], []
+    for path, size, mtime in zip(frame["path"], frame["size"], frame["mtime_ms"]):
+        row = dict.fromkeys(RESULT_COLUMNS)
+        row.update(path=path, size=size, mtime_ms=mtime)
+        content, problem = _read(path, max_bytes)
+        if problem:
+            row.update(status="error", stage="read", reason=problem)
+        else:
+            done = process_file(path, content, root, params, aliases)
+            row.update(sha256=done["sha256"], folder_label=done["label"], status=done["status"],
+                       stage=done["stage"], reason=done["reason"])
+            if done["status"] == "ok":
+                images.append(np.frombuffer(done["image"], np.uint8).reshape(done["height"], done["width"]))
+        rows.append(row)
+    return _with_predictions(rows, images, engine)
+
+
+def score_preprocessed_frame(frame: pd.DataFrame, engine: Engine) -> pd.DataFrame:
+    """Rows of a preprocess job's images table -> predictions (no image steps: they were done there)."""
+    rows, images = [], []
+    for path, sha, label, image, h, w in zip(frame["path"], frame["sha256"], frame["label"], frame["image"],
+                                             frame["height"], frame["width"]):
+        row = dict.fromkeys(RESULT_COLUMNS)
+        row.update(path=path, sha256=sha, folder_label=label, status="ok")
+        images.append(np.frombuffer(image, np.uint8).reshape(int(h), int(w)))
+        rows.append(row)
+    return _with_predictions(rows, images, engine)
