@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 import threading
 
+VANISHED = "file vanished or became unreadable between listing and reading"
+
 _FILESYSTEMS: dict[str, object] = {}
 _LOCK = threading.Lock()
 

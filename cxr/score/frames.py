@@ -19,7 +19,7 @@ from cxr import CLASSES
 from cxr.calibration import apply_temperature, temperature_of
 from cxr.image.batch import process_file
 from cxr.image.pipeline import PreprocessParams
-from cxr.image.source import read_bytes
+from cxr.image.source import VANISHED, read_bytes
 from cxr.models import store
 
 PROB_COLUMNS = tuple(f"p_{c.lower()}" for c in CLASSES)
@@ -104,7 +104,7 @@ def _with_predictions(rows: list[dict], images: list[np.ndarray], engine: Engine
 
 def read_error(exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError):
-        return "file vanished or became unreadable between listing and reading"
+        return VANISHED
     return f"could not read the file: {type(exc).__name__}: {exc}"
 
 

@@ -14,6 +14,8 @@ from pyspark.sql import types as T
 
 from cxr.image.batch import process_frame
 from cxr.image.pipeline import PreprocessParams
+from cxr.image.source import VANISHED
+from cxr.spark import fs
 
 PREPROCESSED_SCHEMA = T.StructType([
     T.StructField("path", T.StringType()),
@@ -81,20 +83,26 @@ def list_files(spark: SparkSession, root: str, extensions: Sequence[str], exclud
     Spark's file scan silently skips 0-byte files, so they are found from the same file index (inputFiles)
     and added back, to be reported rather than lost."""
     scan = _reader(spark).load(root)
-    nonempty = scan.select("path", "length", F.unix_millis("modificationTime").alias("mtime_ms"))
+    # checkpointed: later jobs must see the files this scan saw, not a rescan of a changing archive (and not
+    # .cache(): Spark matches cached plans by their shape, so a later listing of the same folder would be served
+    # this one's rows)
+    nonempty = scan.select("path", "length", F.unix_millis("modificationTime").alias("mtime_ms")).localCheckpoint()
     every = scan.inputFiles()
-    listing = nonempty
+    listing = nonempty.withColumn("missing", F.lit(False))
     if len(every) != nonempty.count():
         indexed = spark.createDataFrame([(_as_path_column(p),) for p in every], "path string")
-        empty = (indexed.join(nonempty, "path", "left_anti").withColumn("length", F.lit(0).cast("long"))
-                 .withColumn("mtime_ms", F.lit(None).cast("long")))
-        listing = nonempty.unionByName(empty)
+        unscanned = [r["path"] for r in indexed.join(nonempty, "path", "left_anti").collect()]
+        # in the file index but not in the scan: empty (the scan skips 0-byte files), or gone since indexed
+        rows = [(p, 0, None, not fs.exists(spark, p)) for p in unscanned]
+        listing = listing.unionByName(spark.createDataFrame(rows, "path string, length long, mtime_ms long, "
+                                                                  "missing boolean"))
     kind = (F.when(~_extension_ok(extensions), "ignored_extension")
             .when(_in_excluded_dir(root, exclude_dirs), "ignored_dir")
+            .when(F.col("missing"), "vanished")
             .when(F.col("length") == 0, "empty")
             .when(F.col("length") > max_bytes, "too_large")
             .otherwise("read"))
-    return listing.withColumn("kind", kind).withColumn(
+    return listing.withColumn("kind", kind).drop("missing").withColumn(
         "extension", F.lower(F.regexp_extract(F.col("path"), r"(\.[^./]+)$", 1)))
 
 
@@ -108,12 +116,20 @@ def listing_counts(listing: DataFrame) -> tuple[int, dict[str, int], dict[str, i
 
 def unread_files(listing: DataFrame, max_file_mb: float) -> DataFrame:
     """Error rows (path, sha256, stage, reason) for the listed files that are never read: empty or too large."""
-    reason = (F.when(F.col("kind") == "empty", F.lit("file is empty (0 bytes)"))
-              .otherwise(F.format_string(f"file is %d bytes, over the {max_file_mb} MB limit "
-                                         "(preprocess.max_file_mb): not read", F.col("length"))))
-    return (listing.where(F.col("kind").isin("too_large", "empty"))
+    return (listing.where(F.col("kind").isin(*UNREAD_KINDS))
             .select("path", F.lit(None).cast("string").alias("sha256"), F.lit("read").alias("stage"),
-                    reason.alias("reason")))
+                    unread_reason(max_file_mb).alias("reason")))
+
+
+UNREAD_KINDS = ("empty", "too_large", "vanished")
+
+
+def unread_reason(max_file_mb: float) -> Column:
+    """Why a listed file of an UNREAD_KINDS kind is an errors row without being read."""
+    return (F.when(F.col("kind") == "empty", F.lit("file is empty (0 bytes)"))
+            .when(F.col("kind") == "vanished", F.lit(VANISHED))
+            .otherwise(F.format_string(f"file is %d bytes, over the {max_file_mb} MB limit "
+                                       "(preprocess.max_file_mb): not read", F.col("length"))))
 
 
 def read_contents(spark: SparkSession, root: str, extensions: Sequence[str], exclude_dirs: Sequence[str],
@@ -141,4 +157,4 @@ def vanished_files(listing: DataFrame, read: DataFrame) -> DataFrame:
     return (listing.where(F.col("kind") == "read").select("path")
             .join(read.select("path"), "path", "left_anti")
             .select("path", F.lit(None).cast("string").alias("sha256"), F.lit("read").alias("stage"),
-                    F.lit("file vanished or became unreadable between listing and reading").alias("reason")))
+                    F.lit(VANISHED).alias("reason")))

@@ -41,7 +41,7 @@ from cxr.score.frames import (HASH_COLUMNS, PROB_COLUMNS, RESULT_COLUMNS, Engine
 from cxr.score.lease import Lease, LocalLeaseFiles
 from cxr.image.source import local_path
 from cxr.spark import fs
-from cxr.spark.images import list_files
+from cxr.spark.images import UNREAD_KINDS, list_files, unread_reason
 from cxr.spark.preprocess import Stopwatch
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def latest_state(spark: SparkSession, out: str, mid: str) -> DataFrame | None:
 def classify(listing: DataFrame, state: DataFrame | None, retry_errors: bool) -> DataFrame:
     """listing + `todo`: ignored | unchanged (not opened) | unread (empty, too large) | read."""
     todo = (F.when(F.col("kind").startswith("ignored"), "ignored")
-            .when(F.col("kind").isin("empty", "too_large"), "unread").otherwise("read"))
+            .when(F.col("kind").isin(*UNREAD_KINDS), "unread").otherwise("read"))
     if state is None:
         return listing.withColumn("todo", todo)
     same = (F.col("length") == F.col("s_size")) & F.col("mtime_ms").eqNullSafe(F.col("s_mtime_ms"))
@@ -101,6 +101,10 @@ def _remove_uncommitted(spark: SparkSession, out: str) -> list[str]:
                 if not fs.exists(spark, f"{out}/runs/{run_id}.json"):
                     fs.delete(spark, run_dir)
                     removed.append(run_dir)
+            if not fs.is_nonempty_dir(spark, group_dir):
+                fs.delete(spark, group_dir)   # an empty partition folder would make the table unreadable
+        if fs.exists(spark, f"{out}/{table}") and not fs.is_nonempty_dir(spark, f"{out}/{table}"):
+            fs.delete(spark, f"{out}/{table}")
     return removed
 
 
@@ -245,11 +249,8 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
     state_rows = []   # DataFrames of (path, size, mtime_ms, sha256, status) for files this run looked at
     if n["unread"]:
         unread = files.where(F.col("todo") == "unread")
-        reason = (F.when(F.col("kind") == "empty", F.lit("file is empty (0 bytes)"))
-                  .otherwise(F.format_string(f"file is %d bytes, over the {max_file_mb} MB limit "
-                                             "(preprocess.max_file_mb): not read", F.col("length"))))
         unread.select("path", F.lit(None).cast("string").alias("sha256"), F.lit("read").alias("stage"),
-                      reason.alias("reason")).write.parquet(f"{staging}/unread")
+                      unread_reason(max_file_mb).alias("reason")).write.parquet(f"{staging}/unread")
         state_rows.append(unread.select("path", F.col("length").alias("size"), "mtime_ms",
                                         F.lit(None).cast("string").alias("sha256"), F.lit("rejected").alias("status")))
     to_read = files.where(F.col("todo") == "read").select("path", F.col("length").alias("size"), "mtime_ms")
