@@ -303,3 +303,33 @@ def test_airflow_dag_imports():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.dag.dag_id == "cxr_nightly_score"
+
+
+def test_two_concurrent_spark_submits_one_scores_the_other_exits_3(archive, keras_model, preprocessed, tmp_path):
+    """Real spark-submits started together on one PRED_DIR: whichever takes the lease scores (Keras engine:
+    its workers spend seconds importing TensorFlow, so it still holds the lease when the other checks), the
+    other exits 3 naming the holder and writes nothing; no row is lost or duplicated."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "pred"
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+           "SPARK_LOCAL_IP": "127.0.0.1"}
+    procs = {}
+    for run_id in ("cron", "manual"):
+        cmd = ["bash", str(ROOT / "scripts" / "submit.sh"), "--master", "local[1]", "--conf", "spark.ui.enabled=false",
+               str(ROOT / "jobs" / "score.py"), "--input", str(archive), "--model", str(keras_model),
+               "--output", str(out), "--run-id", run_id, "--engine", "keras"]
+        procs[run_id] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         text=True)
+    results = {run_id: (p.wait(timeout=600), p.stdout.read()) for run_id, p in procs.items()}
+    codes = sorted(rc for rc, _ in results.values())
+    assert codes == [0, 3], {k: (rc, text[-2000:]) for k, (rc, text) in results.items()}
+    winner = next(k for k, (rc, _) in results.items() if rc == 0)
+    loser = next(k for k in results if k != winner)
+    held = [line for line in results[loser][1].splitlines() if "in use by" in line]
+    assert len(held) == 1 and f"run {winner}" in held[0]
+    assert not (out / "runs" / f"{loser}.json").exists() and not (out / "_lease").exists()
+    record = json.loads((out / "runs" / f"{winner}.json").read_text())
+    pred = _predictions(out)
+    assert len(pred) == record["counts"]["scored"] > 10 and not pred.duplicated(["path"]).any()
