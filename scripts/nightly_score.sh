@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Nightly incremental scoring: only files not yet scored by this model are scored; a failed night is
-# simply rerun (no duplicates). Example crontab line (02:30 every night, log kept per day):
+# Nightly incremental scoring: files unchanged since the last run (path, size, mtime) are not even opened, only
+# new or changed ones are read; a failed night is simply rerun (no duplicates). Exit code 3: the previous run
+# still holds PRED_DIR's lease (nothing was written; try again later). Example crontab line (02:30 every night, log kept per day):
 #   30 2 * * * cd /opt/cxr-spark && scripts/nightly_score.sh /data/xray-archive models/cnn-adam /data/predictions >> /var/log/cxr/score-$(date +\%F).log 2>&1
 # Extra spark-submit options go in SPARK_SUBMIT_OPTS_CXR, e.g. "--master spark://host:7077 --archives dist/cxr-env.tar.gz#environment".
 set -euo pipefail

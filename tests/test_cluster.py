@@ -29,7 +29,7 @@ def job_conf(cluster, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cluster_conf") / "cluster-test.yaml"
     path.write_text(yaml.safe_dump({
         "preprocess": {"size": SIZE},
-        "score": {"batch_size": 8},
+        "score": {"batch_size": 8, "files_per_task": 3},   # many small score tasks too
         # Spark packs files into a read task by length + openCostInBytes (4 MB): 12 MB -> 2-3 small files a task
         "spark": {"conf": {"spark.sql.files.maxPartitionBytes": 12 * 1024 * 1024, "spark.sql.shuffle.partitions": 4,
                            "spark.ui.showConsoleProgress": False,
@@ -71,15 +71,22 @@ def clean_preprocess(cluster, archive, job_conf, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(clean_preprocess, tmp_path_factory):
-    """A scratch NumPy model (no TensorFlow in the slim executor environment) for the preprocess params used."""
+    """A Keras CNN with its model.onnx: the slim executor environment has no TensorFlow, so the cluster scores it
+    with ONNX Runtime (the default engine); the local session's Keras run is the reference."""
+    import keras
+
     from cxr.models import store
-    from cxr.nn import models
+    from cxr.models.keras_models import build
+    from cxr.models.onnx_export import export_onnx
 
     _, manifest, _ = clean_preprocess
-    net = models.dnn((SIZE, SIZE, 1), 3, hidden=8, seed=0)
-    meta = {"name": "scratch-dnn-cluster", "classes": ["COVID", "NORMAL", "VIRAL"], "preprocess": manifest["params"],
+    keras.utils.set_random_seed(0)
+    model = build("cnn", (SIZE, SIZE, 1), {"filters": [4, 8], "kernel_size": 3, "dense": 8, "dropout": 0.0})
+    meta = {"name": "cnn-cluster", "classes": ["COVID", "NORMAL", "VIRAL"], "preprocess": manifest["params"],
             "input": {"data_size": [SIZE, SIZE], "model_size": [SIZE, SIZE]}}
-    return store.save_scratch(net, tmp_path_factory.mktemp("cluster_models") / "scratch-dnn-cluster", meta)
+    d = store.save_keras(model, tmp_path_factory.mktemp("cluster_models") / "cnn-cluster", meta)
+    export_onnx(d)
+    return d
 
 
 def _score_args(root: Path, model: Path, out: Path, conf: Path, run_id: str) -> list[str]:
@@ -95,7 +102,7 @@ def clean_score(clean_preprocess):
     _, manifest, _ = clean_preprocess
     c = manifest["counts"]
     return {"input": c["input"], "scored": c["written"] + c["duplicates"], "rejected": c["rejected"],
-            "skipped_already_scored": 0}
+            "skipped_already_scored": 0, "skipped_unchanged": 0}
 
 
 def test_preprocess_on_the_cluster_accounts_for_every_file(clean_preprocess, archive, cluster):
@@ -179,8 +186,9 @@ def test_preprocess_survives_a_killed_executor(cluster, clean_preprocess, killed
     assert len(_table(out / "errors")) == len(_table(clean_out / "errors"))
 
 
-def test_score_survives_a_killed_executor(cluster, clean_score, archive, model_dir, job_conf, tmp_path):
-    """Also the plain 'score runs on the cluster' test: the counts equal the clean preprocess run's."""
+def test_score_survives_a_killed_executor(cluster, spark, clean_score, archive, model_dir, job_conf, tmp_path):
+    """Also the plain 'score runs on the cluster' test: the counts equal the clean preprocess run's, and the
+    slim environment's ONNX Runtime gives the local Keras run's probabilities."""
     root, _ = archive
     out = tmp_path / "pred"
     job = cluster.submit(ROOT / "jobs" / "score.py", *_score_args(root, model_dir, out, job_conf, "r1"),
@@ -195,8 +203,19 @@ def test_score_survives_a_killed_executor(cluster, clean_score, archive, model_d
     pred = _table(out / "predictions")
     assert len(pred) == clean_score["scored"] and not pred.duplicated(["path", "model_id"]).any()
     assert set(pred.label) <= {"COVID", "NORMAL", "VIRAL"}
-    assert re.search(r"score: run r1: \d+ files -> \d+ scored, \d+ rejected, \d+ already scored; [\d.]+ images/s",
-                     log), log[-2000:]
+    assert re.search(r"score: run r1: \d+ files -> \d+ scored, \d+ rejected, \d+ unchanged \(not read\), "
+                     r"\d+ already scored; [\d.]+ images/s", log), log[-2000:]
+    assert record["engine"]["name"] == "onnx"
+    from cxr.config import load_config
+    from cxr.score.frames import PROB_COLUMNS
+    from cxr.spark import score
+
+    local = tmp_path / "pred-keras"
+    score.run(spark, str(root), str(model_dir), str(local), load_config(job_conf), engine="keras", run_id="keras")
+    want = _table(local / "predictions").sort_values("path").reset_index(drop=True)
+    got = pred.sort_values("path").reset_index(drop=True)
+    assert list(got.path) == list(want.path)
+    assert (got[list(PROB_COLUMNS)] - want[list(PROB_COLUMNS)]).abs().to_numpy().max() <= 1e-5
 
 
 def test_a_killed_driver_leaves_nothing_visible_and_the_rerun_has_no_duplicates(
