@@ -20,6 +20,7 @@ from cxr import CLASSES
 from cxr.data.loader import SplitData, check_disjoint, load_metadata, load_split, read_manifest
 from cxr.models import store
 from cxr.models.keras_models import FAMILIES, OPTIMIZERS
+from cxr.models.onnx_export import export_onnx
 from cxr.provenance import package_versions
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,12 @@ def train_and_save(spec: dict, train: SplitData, val: SplitData, conf: Mapping[s
     else:
         store.save_keras(model, target, metadata)
     metadata["timings_s"]["save"] = round(time.perf_counter() - t_save, 3)
+    # model.onnx for the executors' ONNX Runtime engine, checked against the saved model on the val images
+    # (on train images where there is no val split, as in cross-validation); a mismatch fails the training.
+    t_onnx = time.perf_counter()
+    check_on, check_name = (val, "val split") if len(val) else (train, "train split (no val split)")
+    export_onnx(target, check_on.x, images_from=check_name)
+    metadata["timings_s"]["onnx_export"] = round(time.perf_counter() - t_onnx, 3)
     store.write_metadata(target, {**store.read_metadata(target), "timings_s": metadata["timings_s"]})
     if len(val) and calibrate_on:  # temperature scaling on val; recorded, applied by score only when trustworthy
         from cxr.calibration import calibrate_model

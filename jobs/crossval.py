@@ -21,8 +21,11 @@ def main(argv=None) -> int:
     parser.add_argument("--no-probes", action="store_true", help="skip the metadata and region-mask probes")
     parser.add_argument("--keep-models", action="store_true", help="keep every fold's model under DIR/models")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier cross-validation in DIR")
+    parser.add_argument("--engine", choices=("onnx", "keras"),
+                        help="inference engine on the executors: onnx (model.onnx in ONNX Runtime) or keras (the "
+                             "model's own framework: Keras or cxr.nn); default: conf inference.engine")
     args = parser.parse_args(argv)
-    overrides = {"crossval.keep_models": True if args.keep_models else None}
+    overrides = {"crossval.keep_models": True if args.keep_models else None, "inference.engine": args.engine}
 
     def body(spark, config):
         from cxr.crossval import REPORT_FILE, run

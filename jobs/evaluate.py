@@ -15,8 +15,12 @@ def main(argv=None) -> int:
     parser.add_argument("--split", help="split to evaluate (default: conf evaluate.split, i.e. test)")
     parser.add_argument("--only", help="comma list of model names to evaluate (default: all in --models)")
     parser.add_argument("--partitions", type=int, help="Spark partitions for the split's rows")
+    parser.add_argument("--engine", choices=("onnx", "keras"),
+                        help="inference engine on the executors: onnx (model.onnx in ONNX Runtime) or keras (the "
+                             "model's own framework: Keras or cxr.nn); default: conf inference.engine")
     args = parser.parse_args(argv)
-    overrides = {"evaluate.split": args.split, "evaluate.partitions": args.partitions}
+    overrides = {"evaluate.split": args.split, "evaluate.partitions": args.partitions,
+                 "inference.engine": args.engine}
 
     def body(spark, config):
         from cxr.report import write_report

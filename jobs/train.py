@@ -20,8 +20,12 @@ def main(argv=None) -> int:
     parser.add_argument("--split", help="split to evaluate on at the end (default: conf evaluate.split)")
     parser.add_argument("--no-evaluate", action="store_true", help="train only")
     parser.add_argument("--overwrite", action="store_true", help="replace model folders of the same name")
+    parser.add_argument("--engine", choices=("onnx", "keras"),
+                        help="inference engine of the evaluation: onnx (model.onnx in ONNX Runtime) or keras (the "
+                             "model's own framework); default: conf inference.engine")
     args = parser.parse_args(argv)
-    overrides = {"train.batch_size": args.batch_size, "train.seed": args.seed, "evaluate.split": args.split}
+    overrides = {"train.batch_size": args.batch_size, "train.seed": args.seed, "evaluate.split": args.split,
+                 "inference.engine": args.engine}
 
     def body(spark, config):
         from cxr.train import run

@@ -5,7 +5,8 @@
 #
 #   full: every runtime dependency of cxr-spark (TensorFlow included, pyspark excluded: Spark ships its own
 #         Python code to the executors) + the cxr wheel -> dist/cxr-env.tar.gz, dist/cxr_spark-*.whl
-#   slim: no TensorFlow/matplotlib (preprocess + scoring with scratch NumPy models only), cached under
+#   slim: no TensorFlow/matplotlib/tf2onnx/onnx (preprocess + inference with ONNX Runtime, or scratch NumPy
+#         models with either engine), cached under
 #         build/envs/slim-<hash of pyproject.toml + cxr sources>/cxr-env.tar.gz; the cluster tests use it.
 #
 # Two cache levels: the dependency venv (build/envs/KIND-deps-<hash of the dependency list + pinned versions>,

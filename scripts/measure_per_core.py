@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Single-core throughput of the per-image work, the number docs/scaling.md multiplies out.
 
-    python scripts/measure_per_core.py [--images 40] [--side 1024] [--size 224] [--keras]
+    python scripts/measure_per_core.py [--images 40] [--side 1024] [--size 224] [--keras] [--onnx]
 
 One process, one OpenCV / BLAS / TensorFlow thread: what one Spark executor core does, without Spark's
 overhead (measured separately on the cluster). Prints one JSON object.
@@ -23,6 +23,8 @@ def main() -> int:
     parser.add_argument("--side", type=int, default=1024, help="source image side (real CXRs: 1024-3000 px)")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--keras", action="store_true", help="also time the Keras CNN's inference")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also time that CNN exported to model.onnx in ONNX Runtime (one intra-op thread)")
     args = parser.parse_args()
 
     import cv2
@@ -61,7 +63,7 @@ def main() -> int:
     result["scratch_dnn_images_per_s"] = round(4 * len(batch) / (time.perf_counter() - start), 1)
     result["scratch_dnn_images_per_cpu_s"] = round(4 * len(batch) / (time.process_time() - cpu), 1)
 
-    if args.keras:
+    if args.keras or args.onnx:
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(1)
@@ -70,12 +72,26 @@ def main() -> int:
 
         conf = load_config()["train"]["keras"]["cnn"]
         model = build("cnn", (args.size, args.size, 1), conf)
+    if args.keras:
         model.predict(batch, verbose=0)
         start, cpu = time.perf_counter(), time.process_time()
         for _ in range(3):
             model.predict(batch, verbose=0)
         result["keras_cnn_images_per_s"] = round(3 * len(batch) / (time.perf_counter() - start), 1)
         result["keras_cnn_images_per_cpu_s"] = round(3 * len(batch) / (time.process_time() - cpu), 1)
+    if args.onnx:
+        import tempfile
+
+        from cxr.models.onnx_export import export_onnx, measure_throughput
+
+        with tempfile.TemporaryDirectory() as tmp:
+            d = store.save_keras(model, tmp, {"name": "cnn", "input": {"data_size": [args.size, args.size]}})
+            start = time.perf_counter()
+            export_onnx(d, batch)
+            result["onnx_export_s"] = round(time.perf_counter() - start, 2)
+            ort = measure_throughput(store.load_predictor(d, batch_size=len(batch), engine="onnx"), batch, 5.0)
+        result["onnx_cnn_images_per_s"] = ort["images_per_s"]
+        result["onnx_cnn_images_per_cpu_s"] = ort["images_per_core_s"]
     del store
     print(json.dumps(result, indent=2))
     return 0

@@ -1,11 +1,14 @@
-"""Saving and loading both kinds of model behind one interface: `load_predictor(model_dir)`.
+"""Saving and loading both kinds of model behind one interface: `load_predictor(model_dir, engine=...)`.
 
-A model directory holds the weights (model.keras for Keras, model.npz + model.json for cxr.nn) and
-metrics.json: how it was trained and on what data, including the preprocess params that scoring must
-repeat on raw images. Nothing is ever unpickled: Keras models load with safe_mode=True (a Lambda layer or
-any other arbitrary code is refused) and cxr.nn reads .npz with allow_pickle=False.
+A model directory holds the weights (model.keras for Keras, model.npz + model.json for cxr.nn), usually
+model.onnx (the same network exported by cxr.models.onnx_export and checked against it) and metrics.json:
+how it was trained and on what data, including the preprocess params that scoring must repeat on raw
+images. Nothing is ever unpickled: Keras models load with safe_mode=True (a Lambda layer or any other
+arbitrary code is refused), cxr.nn reads .npz with allow_pickle=False, and ONNX files hold operators only.
 
-Spark workers import this module: TensorFlow is imported only when a Keras model is actually loaded.
+Two engines run a model: "keras" (its own framework: Keras or cxr.nn) and "onnx" (model.onnx in ONNX
+Runtime, no TensorFlow needed). Spark workers import this module: TensorFlow is imported only when a Keras
+model is actually loaded with the keras engine.
 """
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ from cxr import CLASSES
 METRICS_FILE = "metrics.json"
 KERAS_FILE = "model.keras"
 SCRATCH_FILES = ("model.json", "model.npz")
+ONNX_FILE = "model.onnx"
 SCHEMA = "cxr.model/1"
+ENGINES = ("onnx", "keras")   # keras = the model's own framework (Keras or cxr.nn)
 
 
 class UnsafeModelError(ValueError):
@@ -60,6 +65,30 @@ def model_kind(model_dir: str | Path) -> str:
     if all((d / f).is_file() for f in SCRATCH_FILES):
         return "scratch"
     raise FileNotFoundError(f"{d} holds neither {KERAS_FILE} nor {' + '.join(SCRATCH_FILES)}")
+
+
+def weight_files(model_dir: str | Path) -> list[str]:
+    """Names of the files that identify a model: its weights (model.keras, or model.json + model.npz) and
+    model.onnx when present. A change to any of them is a different model."""
+    d = Path(model_dir)
+    files = [KERAS_FILE] if model_kind(d) == "keras" else list(SCRATCH_FILES)
+    if (d / ONNX_FILE).is_file():
+        files.append(ONNX_FILE)
+    return files
+
+
+def check_engine(engine: str) -> str:
+    if engine not in ENGINES:
+        raise ValueError(f"unknown inference engine {engine!r}; known: {', '.join(ENGINES)} "
+                         "(inference.engine in conf, --engine on the jobs)")
+    return engine
+
+
+def inference_settings(config: Mapping[str, Any]) -> dict:
+    """{"engine", "onnx_threads"} from a job's config (its `inference` section), engine checked."""
+    conf = config.get("inference") or {}
+    return {"engine": check_engine(str(conf.get("engine", "onnx"))),
+            "onnx_threads": int(conf.get("onnx_threads", 1))}
 
 
 def save_keras(model, model_dir: str | Path, metadata: Mapping[str, Any]) -> Path:
@@ -191,6 +220,50 @@ class ScratchPredictor(Predictor):
         return np.asarray(self.model.predict_proba(x, batch_size=self.batch_size), dtype=np.float32)
 
 
+class OnnxPredictor(Predictor):
+    """model.onnx in ONNX Runtime on the CPU: the same contract as the other predictors, without TensorFlow.
+    Scratch models' input resize stays outside the graph (Predictor._resize), as in ScratchPredictor."""
+
+    kind = "onnx"
+
+    def __init__(self, model_dir: Path, metadata: dict, batch_size: int = 64, threads: int = 1,
+                 onnx_path: str | Path | None = None):
+        super().__init__(model_dir, metadata, batch_size)
+        self.onnx_path = Path(onnx_path) if onnx_path else Path(model_dir) / ONNX_FILE
+        if not self.onnx_path.is_file():
+            raise FileNotFoundError(missing_onnx_message(model_dir))
+        self.session = onnx_session(self.onnx_path, threads)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(self._resize(self._check(x)))
+        out = np.empty((x.shape[0], len(CLASSES)), np.float32)
+        for start in range(0, x.shape[0], self.batch_size):
+            chunk = x[start:start + self.batch_size]
+            out[start:start + len(chunk)] = self.session.run([self.output_name], {self.input_name: chunk})[0]
+        return out
+
+
+def onnx_session(path: str | Path, threads: int = 1):
+    """A CPU InferenceSession with `threads` intra-op threads and no inter-op pool: Spark already runs one
+    Python worker per core, so more threads per worker would only fight over the same cores."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, int(threads))
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3  # errors only: workers' stderr ends up in Spark's logs
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def missing_onnx_message(model_dir: str | Path) -> str:
+    return (f"{Path(model_dir) / ONNX_FILE} is missing (model trained before ONNX export, or its export "
+            f"failed): run `python -m cxr.models.onnx_export {model_dir}` to export it, or use --engine keras "
+            "(inference.engine: keras) to run the model in its own framework")
+
+
 def load_keras(path: str | Path):
     """keras.saving.load_model with safe_mode=True: refuses Lambda layers and other embedded code."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -204,13 +277,20 @@ def load_keras(path: str | Path):
         raise
 
 
-def load_predictor(model_dir: str | Path, batch_size: int = 64) -> Predictor:
-    """The model in model_dir (either kind) behind Predictor's interface."""
+def load_predictor(model_dir: str | Path, batch_size: int = 64, engine: str = "keras",
+                   onnx_threads: int = 1) -> Predictor:
+    """The model in model_dir (either kind) behind Predictor's interface, run by `engine`: "keras" (the
+    model's own framework: Keras or cxr.nn) or "onnx" (its model.onnx in ONNX Runtime)."""
+    check_engine(engine)
     d = Path(model_dir)
     metadata = read_metadata(d)
     kind = model_kind(d)
     if metadata.get("kind") not in (None, kind):
         raise ValueError(f"{d}: metrics.json says kind={metadata.get('kind')!r} but the files are {kind}")
+    if engine == "onnx":
+        if not (d / ONNX_FILE).is_file():
+            raise FileNotFoundError(missing_onnx_message(d))
+        return OnnxPredictor(d, metadata, batch_size=batch_size, threads=onnx_threads)
     cls = KerasPredictor if kind == "keras" else ScratchPredictor
     return cls(d, metadata, batch_size=batch_size)
 
@@ -220,18 +300,25 @@ _CACHE_LOCK = threading.Lock()
 CACHE_MODELS = 8   # most recently used models a worker keeps (cross-validation evaluates dozens)
 
 
-def cached_predictor(model_dir: str | Path, batch_size: int = 64, tf_threads: int | None = 1) -> Predictor:
-    """For Spark workers: load each model once per Python worker (reused across tasks), keyed by path and
-    modification time so a model rewritten in place is not served stale."""
+def cached_predictor(model_dir: str | Path, batch_size: int = 64, tf_threads: int | None = 1,
+                     engine: str = "keras", onnx_threads: int = 1) -> Predictor:
+    """For Spark workers: load each model once per Python worker (reused across tasks), keyed by path, engine
+    and modification times (weights, model.onnx, metrics.json) so a model rewritten in place is not served
+    stale."""
+    check_engine(engine)
     d = Path(model_dir).resolve()
     kind = model_kind(d)
-    stamp = max((d / f).stat().st_mtime_ns for f in ([KERAS_FILE] if kind == "keras" else SCRATCH_FILES))
-    key = (str(d), stamp, (d / METRICS_FILE).stat().st_mtime_ns, batch_size)
+    if engine == "onnx" and not (d / ONNX_FILE).is_file():
+        raise FileNotFoundError(missing_onnx_message(d))
+    stamp = max((d / f).stat().st_mtime_ns for f in weight_files(d))
+    onnx_stamp = (d / ONNX_FILE).stat().st_mtime_ns if engine == "onnx" else None
+    key = (str(d), engine, stamp, onnx_stamp, (d / METRICS_FILE).stat().st_mtime_ns, batch_size,
+           int(onnx_threads) if engine == "onnx" else None)
     with _CACHE_LOCK:
         if key not in _CACHE:
-            if kind == "keras" and tf_threads:
+            if engine == "keras" and kind == "keras" and tf_threads:
                 limit_tf_threads(tf_threads)
-            _CACHE[key] = load_predictor(d, batch_size=batch_size)
+            _CACHE[key] = load_predictor(d, batch_size=batch_size, engine=engine, onnx_threads=onnx_threads)
             while len(_CACHE) > CACHE_MODELS:
                 _CACHE.popitem(last=False)
         _CACHE.move_to_end(key)

@@ -18,6 +18,7 @@ from pyspark.sql import functions as F
 
 from cxr import CLASSES
 from cxr.folds import fold_key
+from cxr.models.store import inference_settings
 from cxr.probes import REGIONS, mask_images
 from cxr.spark.evaluate import _label_index, images_frame
 
@@ -27,7 +28,7 @@ RESULT_SCHEMA = ("seed int, fold int, model string, region string, sha256 array<
 
 
 def group_evaluator(models: Mapping[str, Sequence[str]], regions: Sequence[str] = ("full", *REGIONS),
-                    batch_size: int = 64, tf_threads: int = 1):
+                    batch_size: int = 64, tf_threads: int = 1, engine: str = "keras", onnx_threads: int = 1):
     """The function applyInPandas runs on one (seed, fold, bucket) group. models: fold_key -> model dirs."""
     models = {k: [str(d) for d in v] for k, v in models.items()}
     regions = tuple(regions)
@@ -42,7 +43,8 @@ def group_evaluator(models: Mapping[str, Sequence[str]], regions: Sequence[str] 
         variants = {r: (x if r == "full" else mask_images(x, r)) for r in regions}
         rows = []
         for d in models[fold_key(seed, fold)]:
-            predictor = cached_predictor(d, batch_size=batch_size, tf_threads=tf_threads)
+            predictor = cached_predictor(d, batch_size=batch_size, tf_threads=tf_threads, engine=engine,
+                                         onnx_threads=onnx_threads)
             for region, xr in variants.items():
                 proba = predictor.predict_proba(xr).astype(np.float32)
                 rows.append({"seed": seed, "fold": fold, "model": Path(d).name, "region": region, "sha256": sha,
@@ -70,7 +72,7 @@ def evaluate_folds(spark: SparkSession, data_dir: str, assignment: pd.DataFrame,
               .select("sha256", "label", "image", "height", "width"))
     joined = images.join(F.broadcast(keys), "sha256")
     evaluator = group_evaluator(models, regions, batch_size=int(conf.get("batch_size", 64)),
-                                tf_threads=int(conf.get("tf_threads", 1)))
+                                tf_threads=int(conf.get("tf_threads", 1)), **inference_settings(config))
     rows = joined.groupBy("seed", "fold", "bucket").applyInPandas(evaluator, schema=RESULT_SCHEMA).collect()
     merged: dict[tuple, dict] = {}
     for r in rows:

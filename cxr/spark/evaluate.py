@@ -1,10 +1,11 @@
 """Data-parallel evaluation: the test split's partitions go through every model on the executors.
 
-Each Python worker loads each model once (cxr.models.store.cached_predictor, one TF thread per worker since
-Spark already runs one worker per core) and emits, per partition and model, its confusion matrix and the
-per-row class probabilities (3 floats a row: small) that ROC-AUC needs. The driver adds the matrices up and
-computes the metrics with cxr.metrics. Before anything is scored, the split is checked to share no image
-(sha256) and no patient with train/val: a leaked test set would make every number meaningless.
+Each Python worker loads each model once (cxr.models.store.cached_predictor with conf `inference`'s engine,
+ONNX Runtime or the model's own framework, one thread per worker since Spark already runs one worker per
+core) and emits, per partition and model, its confusion matrix and the per-row class probabilities (3 floats
+a row: small) that ROC-AUC needs. The driver adds the matrices up and computes the metrics with cxr.metrics.
+Before anything is scored, the split is checked to share no image (sha256) and no patient with train/val: a
+leaked test set would make every number meaningless.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pyspark.sql import functions as F
 from cxr import CLASSES
 from cxr.data.loader import SplitLeakError, to_unit_float
 from cxr.metrics import confusion_matrix, summarize
-from cxr.models.store import list_models, read_metadata
+from cxr.models.store import ONNX_FILE, inference_settings, list_models, missing_onnx_message, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ def _label_index(labels: pd.Series) -> np.ndarray:
     return labels.map(lookup).to_numpy(dtype=np.int64)
 
 
-def partition_evaluator(model_dirs: Sequence[str], batch_size: int = 64, tf_threads: int = 1):
+def partition_evaluator(model_dirs: Sequence[str], batch_size: int = 64, tf_threads: int = 1,
+                        engine: str = "keras", onnx_threads: int = 1):
     """The function mapInPandas runs on each partition: one output row per model with the partition's
     confusion matrix, and its rows' ids, labels and probabilities."""
     model_dirs = [str(d) for d in model_dirs]
@@ -69,7 +71,8 @@ def partition_evaluator(model_dirs: Sequence[str], batch_size: int = 64, tf_thre
             y = _label_index(frame["label"])
             rows += len(frame)
             for d in model_dirs:
-                proba = cached_predictor(d, batch_size=batch_size, tf_threads=tf_threads).predict_proba(x)
+                proba = cached_predictor(d, batch_size=batch_size, tf_threads=tf_threads, engine=engine,
+                                         onnx_threads=onnx_threads).predict_proba(x)
                 a = acc[d]
                 a["cm"] += confusion_matrix(y, proba.argmax(axis=1))
                 a["sha"].extend(frame["sha256"].tolist())
@@ -169,6 +172,11 @@ def run(spark: SparkSession, data_dir: str, models_dir: str, config: Mapping[str
     if not dirs:
         raise FileNotFoundError(f"no models (folders with metrics.json and weights) in {models_dir}")
     metas = {d.name: read_metadata(d) for d in dirs}
+    inference = inference_settings(config)
+    if inference["engine"] == "onnx":  # fail on the driver, in one clear line, not in a task on an executor
+        for d in dirs:
+            if not (d / ONNX_FILE).is_file():
+                raise FileNotFoundError(missing_onnx_message(d))
 
     images = spark.read.parquet(f"{str(data_dir).rstrip('/')}/images")
     checks = split_checks(images, split)
@@ -201,7 +209,7 @@ def run(spark: SparkSession, data_dir: str, models_dir: str, config: Mapping[str
                .repartition(parts, "sha256"))
     t1 = time.perf_counter()
     evaluator = partition_evaluator([str(d.resolve()) for d in dirs], int(conf.get("batch_size", 64)),
-                                    int(conf.get("tf_threads", 1)))
+                                    int(conf.get("tf_threads", 1)), **inference)
     collected = [r.asDict() for r in rows_df.mapInPandas(evaluator, schema=RESULT_SCHEMA).collect()]
     timings["predict"] = round(time.perf_counter() - t1, 3)
     merged = reduce_results(collected)
@@ -223,7 +231,7 @@ def run(spark: SparkSession, data_dir: str, models_dir: str, config: Mapping[str
                  f"{summary['macro_f1']:.4f}" if summary["macro_f1"] is not None else "n/a")
     timings["total"] = round(time.perf_counter() - t0, 3)
     out = {"split": split, "data_dir": str(data_dir), "manifest_sha256": manifest_sha, "data": checks,
-           "warnings": warnings, "partitions": parts, "models": results, "timings_s": timings,
+           "warnings": warnings, "partitions": parts, "models": results, "timings_s": timings, "inference": inference,
            "spark": {"version": spark.version, "master": spark.sparkContext.master}}
     for w in warnings:
         log.warning("%s", w)
