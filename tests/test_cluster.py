@@ -29,7 +29,7 @@ def job_conf(cluster, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cluster_conf") / "cluster-test.yaml"
     path.write_text(yaml.safe_dump({
         "preprocess": {"size": SIZE},
-        "score": {"batch_size": 8, "files_per_task": 3},   # many small score tasks too
+        "score": {"batch_size": 8, "files_per_task": 1},   # one file per score task too
         # Spark packs files into a read task by length + openCostInBytes (4 MB): 12 MB -> 2-3 small files a task
         "spark": {"conf": {"spark.sql.files.maxPartitionBytes": 12 * 1024 * 1024, "spark.sql.shuffle.partitions": 4,
                            "spark.ui.showConsoleProgress": False,

@@ -1,6 +1,7 @@
 """The score job on a real local[2] session: raw and preprocessed inputs, incremental runs, crash recovery."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -138,10 +139,11 @@ def test_a_file_vanishing_between_listing_and_reading_is_an_errors_row(spark, ar
     shutil.copy(_good_images(root)[0], victim)
     original = score.list_files
 
+    @contextlib.contextmanager
     def list_then_delete(*args, **kwargs):
-        frame = original(*args, **kwargs)  # the file index is built here: the victim is listed
-        victim.unlink()
-        return frame
+        with original(*args, **kwargs) as frame:  # the archive is listed here: the victim with it
+            victim.unlink()
+            yield frame
 
     monkeypatch.setattr(score, "list_files", list_then_delete)
     record = score.run(spark, str(root), str(keras_model), str(out), small_config, run_id="second")

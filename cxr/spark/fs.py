@@ -63,6 +63,14 @@ def read_text(spark, uri: str) -> str:
         stream.close()
 
 
+def list_names(spark, uri: str) -> set[str]:
+    """Names of the entries directly under uri (set() when uri does not exist): one listing call."""
+    fs, path = _fs_and_path(spark, uri)
+    if not fs.exists(path):
+        return set()
+    return {s.getPath().getName() for s in fs.listStatus(path)}
+
+
 def list_dirs(spark, uri: str) -> list[str]:
     """Sub-directories of uri (qualified), [] when uri does not exist."""
     fs, path = _fs_and_path(spark, uri)

@@ -4,9 +4,11 @@ Shared by the preprocess job and the score job, so that both read, filter and pr
 """
 from __future__ import annotations
 
+import contextlib
 import re
+import uuid
 from urllib.parse import unquote, urlsplit
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -75,18 +77,21 @@ def _as_path_column(uri: str) -> str:
     return f"{parts.scheme}:{authority}{unquote(parts.path)}" if parts.scheme else unquote(uri)
 
 
+@contextlib.contextmanager
 def list_files(spark: SparkSession, root: str, extensions: Sequence[str], exclude_dirs: Sequence[str],
-               max_bytes: int) -> DataFrame:
+               max_bytes: int) -> Iterator[DataFrame]:
     """Every file under root (names, sizes and modification times: no content read) with what the job will do
-    with it: `read`, `empty`, `too_large`, `ignored_extension` or `ignored_dir`. One listing of the archive.
+    with it: `read`, `empty`, `too_large`, `vanished`, `ignored_extension` or `ignored_dir`. One listing of
+    the archive, held (cached) until the `with` block ends.
 
     Spark's file scan silently skips 0-byte files, so they are found from the same file index (inputFiles)
     and added back, to be reported rather than lost."""
     scan = _reader(spark).load(root)
-    # checkpointed: later jobs must see the files this scan saw, not a rescan of a changing archive (and not
-    # .cache(): Spark matches cached plans by their shape, so a later listing of the same folder would be served
-    # this one's rows)
-    nonempty = scan.select("path", "length", F.unix_millis("modificationTime").alias("mtime_ms")).localCheckpoint()
+    # cached: later jobs see the files this scan saw, not a rescan of a changing archive. Spark matches cached
+    # plans by their shape, so the listing carries a token of its own: a later listing of the same folder
+    # would otherwise be served this one's rows. (Not localCheckpoint: its blocks die with an executor.)
+    token = F.lit(uuid.uuid4().hex).alias("_listing")
+    nonempty = scan.select("path", "length", F.unix_millis("modificationTime").alias("mtime_ms"), token).cache()
     every = scan.inputFiles()
     listing = nonempty.withColumn("missing", F.lit(False))
     if len(every) != nonempty.count():
@@ -95,15 +100,18 @@ def list_files(spark: SparkSession, root: str, extensions: Sequence[str], exclud
         # in the file index but not in the scan: empty (the scan skips 0-byte files), or gone since indexed
         rows = [(p, 0, None, not fs.exists(spark, p)) for p in unscanned]
         listing = listing.unionByName(spark.createDataFrame(rows, "path string, length long, mtime_ms long, "
-                                                                  "missing boolean"))
+                                                                  "missing boolean"), allowMissingColumns=True)
     kind = (F.when(~_extension_ok(extensions), "ignored_extension")
             .when(_in_excluded_dir(root, exclude_dirs), "ignored_dir")
             .when(F.col("missing"), "vanished")
             .when(F.col("length") == 0, "empty")
             .when(F.col("length") > max_bytes, "too_large")
             .otherwise("read"))
-    return listing.withColumn("kind", kind).drop("missing").withColumn(
-        "extension", F.lower(F.regexp_extract(F.col("path"), r"(\.[^./]+)$", 1)))
+    try:
+        yield listing.withColumn("kind", kind).drop("missing", "_listing").withColumn(
+            "extension", F.lower(F.regexp_extract(F.col("path"), r"(\.[^./]+)$", 1)))
+    finally:
+        nonempty.unpersist()
 
 
 def listing_counts(listing: DataFrame) -> tuple[int, dict[str, int], dict[str, int]]:

@@ -104,52 +104,53 @@ def run(spark: SparkSession, input_dir: str, output_dir: str, config: Mapping[st
     root = fs.qualified(spark, input_dir)
     out = fs.qualified(spark, output_dir)
 
-    listing = list_files(spark, root, extensions, exclude_dirs, max_bytes).cache()
-    n_input, kinds, ignored = listing_counts(listing)
-    clock.lap("list", "%d files to read, %d empty, %d too large, %d ignored %s", kinds.get("read", 0),
-              kinds.get("empty", 0), kinds.get("too_large", 0), sum(ignored.values()), ignored or "")
-    if n_input == 0:
-        log.warning("no image files under %s (extensions: %s)", input_dir, ", ".join(extensions))
+    with list_files(spark, root, extensions, exclude_dirs, max_bytes) as listing:
+        n_input, kinds, ignored = listing_counts(listing)
+        clock.lap("list", "%d files to read, %d empty, %d too large, %d ignored %s", kinds.get("read", 0),
+                  kinds.get("empty", 0), kinds.get("too_large", 0), sum(ignored.values()), ignored or "")
+        if n_input == 0:
+            log.warning("no image files under %s (extensions: %s)", input_dir, ", ".join(extensions))
 
-    staging = f"{out}/_staging/processed"
-    processed = preprocess_images(read_contents(spark, root, extensions, exclude_dirs, max_bytes), root, params, aliases)
-    processed.write.mode("overwrite").parquet(staging)
-    processed = spark.read.parquet(staging)
-    status = {r["status"]: r["count"] for r in processed.groupBy("status").count().collect()}
-    clock.lap("decode", "%d decoded, %d rejected", status.get("ok", 0), status.get("error", 0))
+        staging = f"{out}/_staging/processed"
+        processed = preprocess_images(read_contents(spark, root, extensions, exclude_dirs, max_bytes), root, params, aliases)
+        processed.write.mode("overwrite").parquet(staging)
+        processed = spark.read.parquet(staging)
+        status = {r["status"]: r["count"] for r in processed.groupBy("status").count().collect()}
+        clock.lap("decode", "%d decoded, %d rejected", status.get("ok", 0), status.get("error", 0))
 
-    no_label = F.lit(None).cast("string")
-    errors = (processed.where(F.col("status") == "error").select(*ERROR_COLUMNS)
-              .unionByName(unread_files(listing, pre["max_file_mb"]).withColumn("label", no_label))
-              .unionByName(vanished_files(listing, processed).withColumn("label", no_label)))
+        no_label = F.lit(None).cast("string")
+        errors = (processed.where(F.col("status") == "error").select(*ERROR_COLUMNS)
+                  .unionByName(unread_files(listing, pre["max_file_mb"]).withColumn("label", no_label))
+                  .unionByName(vanished_files(listing, processed).withColumn("label", no_label)))
 
-    ranked = processed.where(F.col("status") == "ok").withColumn(
-        "_rank", F.row_number().over(Window.partitionBy("sha256").orderBy("path")))
-    first_of = ranked.where(F.col("_rank") == 1).select("sha256", F.col("path").alias("duplicate_of"))
-    duplicates = (ranked.where(F.col("_rank") > 1).select("path", "sha256", "label")
-                  .join(first_of, "sha256").select("path", "sha256", "label", "duplicate_of"))
-    unique = ranked.where(F.col("_rank") == 1).drop("_rank")
-    grouped, group_info = _with_groups(spark, unique, manifest)
-    images = grouped.withColumn("split", _split_udf(ratios, seed)(F.col("group_key"))).select(*IMAGE_COLUMNS)
+        ranked = processed.where(F.col("status") == "ok").withColumn(
+            "_rank", F.row_number().over(Window.partitionBy("sha256").orderBy("path")))
+        first_of = ranked.where(F.col("_rank") == 1).select("sha256", F.col("path").alias("duplicate_of"))
+        duplicates = (ranked.where(F.col("_rank") > 1).select("path", "sha256", "label")
+                      .join(first_of, "sha256").select("path", "sha256", "label", "duplicate_of"))
+        unique = ranked.where(F.col("_rank") == 1).drop("_rank")
+        grouped, group_info = _with_groups(spark, unique, manifest)
+        images = grouped.withColumn("split", _split_udf(ratios, seed)(F.col("group_key"))).select(*IMAGE_COLUMNS)
 
-    n_unique = unique.count()
-    files = max(1, math.ceil(n_unique / int(pre.get("rows_per_file", 1000))))
-    images.repartition(files, "sha256").sortWithinPartitions("path").write.parquet(f"{out}/images")
-    errors.coalesce(1).sortWithinPartitions("path").write.parquet(f"{out}/errors")
-    duplicates.coalesce(1).sortWithinPartitions("path").write.parquet(f"{out}/duplicates")
-    clock.lap("write", "wrote %d images", n_unique)
+        n_unique = unique.count()
+        files = max(1, math.ceil(n_unique / int(pre.get("rows_per_file", 1000))))
+        images.repartition(files, "sha256").sortWithinPartitions("path").write.parquet(f"{out}/images")
+        errors.coalesce(1).sortWithinPartitions("path").write.parquet(f"{out}/errors")
+        duplicates.coalesce(1).sortWithinPartitions("path").write.parquet(f"{out}/duplicates")
+        clock.lap("write", "wrote %d images", n_unique)
 
-    written_df = spark.read.parquet(f"{out}/images")
-    counts = {
-        "input": n_input,
-        "written": written_df.count(),
-        "rejected": spark.read.parquet(f"{out}/errors").count(),
-        "duplicates": spark.read.parquet(f"{out}/duplicates").count(),
-        "ignored": ignored,
-    }
-    by_split_label = [r.asDict() for r in written_df.groupBy("split", "label").count().orderBy("split", "label").collect()]
-    if group_info.get("manifest"):
-        group_info["images_with_patient_id"] = written_df.where(F.col("patient_id").isNotNull()).count()
+        written_df = spark.read.parquet(f"{out}/images")
+        counts = {
+            "input": n_input,
+            "written": written_df.count(),
+            "rejected": spark.read.parquet(f"{out}/errors").count(),
+            "duplicates": spark.read.parquet(f"{out}/duplicates").count(),
+            "ignored": ignored,
+        }
+        by_split_label = [r.asDict() for r in
+                          written_df.groupBy("split", "label").count().orderBy("split", "label").collect()]
+        if group_info.get("manifest"):
+            group_info["images_with_patient_id"] = written_df.where(F.col("patient_id").isNotNull()).count()
     fs.delete(spark, f"{out}/_staging")
     balanced = counts["input"] == counts["written"] + counts["rejected"] + counts["duplicates"]
     clock.lap("verify", "input %d = written %d + rejected %d + duplicates %d: %s", counts["input"], counts["written"],

@@ -94,11 +94,12 @@ def _remove_uncommitted(spark: SparkSession, out: str) -> list[str]:
     Called only while holding the lease: no other run can be writing."""
     removed = []
     fs.delete(spark, f"{out}/_staging")
+    committed = fs.list_names(spark, f"{out}/runs")
     for table in TABLES:
         for group_dir in fs.list_dirs(spark, f"{out}/{table}"):
             for run_dir in fs.list_dirs(spark, group_dir):
                 run_id = run_dir.rsplit("run_id=", 1)[-1]
-                if not fs.exists(spark, f"{out}/runs/{run_id}.json"):
+                if f"{run_id}.json" not in committed:
                     fs.delete(spark, run_dir)
                     removed.append(run_dir)
             if not fs.is_nonempty_dir(spark, group_dir):
@@ -237,11 +238,11 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
     root = fs.qualified(spark, input_uri)
     max_file_mb = pre["max_file_mb"]
     max_bytes = int(float(max_file_mb) * 1024 * 1024)
-    listing = list_files(spark, root, list(pre["extensions"]), list(pre.get("exclude_dirs") or []), max_bytes)
-    state = None if full else latest_state(spark, out, mid)
-    files = classify(listing, state, retry_errors).select("path", "length", "mtime_ms", "kind", "todo").cache()
-    tally = {r["todo"]: (int(r["n"]), int(r["bytes"] or 0))
-             for r in files.groupBy("todo").agg(F.count("*").alias("n"), F.sum("length").alias("bytes")).collect()}
+    with list_files(spark, root, list(pre["extensions"]), list(pre.get("exclude_dirs") or []), max_bytes) as listing:
+        state = None if full else latest_state(spark, out, mid)
+        files = classify(listing, state, retry_errors).select("path", "length", "mtime_ms", "kind", "todo").cache()
+        tally = {r["todo"]: (int(r["n"]), int(r["bytes"] or 0)) for r in
+                 files.groupBy("todo").agg(F.count("*").alias("n"), F.sum("length").alias("bytes")).collect()}
     n = {k: tally.get(k, (0, 0))[0] for k in ("ignored", "unchanged", "unread", "read")}
     clock.lap("list", "raw input: %d files, %d unchanged since the last run, %d to read", n["unchanged"] + n["unread"]
               + n["read"], n["unchanged"], n["read"])
@@ -263,7 +264,7 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
             hashed = (to_read.repartition(_tasks(spark, n["read"], files_per_task * 4))
                       .mapInPandas(lambda frames: (hash_frame(f, max_bytes) for f in frames), schema=HASH_SCHEMA)
                       .cache())
-            known = hashed.join(F.broadcast(scored), "sha256", "left_semi")
+            known = hashed.join(scored, "sha256", "left_semi")
             state_rows.append(known.select("path", "size", "mtime_ms", "sha256",
                                            F.lit("already_scored").alias("status")))
             n_known = known.count()
@@ -320,7 +321,7 @@ def _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, ru
     keys = images.select("path", "sha256")   # thin: the image column is read only if something is new
     n_input = keys.count()
     scored = None if full else _scored_shas(spark, out, mid)
-    new = keys if scored is None else keys.join(F.broadcast(scored), "sha256", "left_anti")
+    new = keys if scored is None else keys.join(scored, "sha256", "left_anti")
     n_new = n_input if scored is None else new.count()
     clock.lap("list", "preprocessed input: %d images, %d not yet scored by this model", n_input, n_new)
     if n_new:
