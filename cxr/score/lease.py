@@ -94,13 +94,18 @@ def _iso(t: float) -> str:
 
 
 def _process_exists(pid: int) -> bool:
+    """A live process with that pid (a zombie, killed but not yet reaped, counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def holder_gone(holder: dict, now: float) -> str | None:
