@@ -39,7 +39,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -159,108 +158,9 @@ def input_files(root: Path, pre: dict) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- memory of the workers
-def _status_kb(pid: int, field: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        pass
-    return 0
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every process below pid, from /proc/PID/task/TID/children (no psutil)."""
-    found, todo = set(), [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                with open(f"/proc/{parent}/task/{tid}/children") as f:
-                    kids = [int(k) for k in f.read().split()]
-            except OSError:
-                continue
-            for kid in kids:
-                if kid not in found:
-                    found.add(kid)
-                    todo.append(kid)
-    return found
-
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pattern: str) -> dict[int, float]:
-    """Cumulative CPU (user + system) of each matching process under this one: to tell work from waiting."""
-    regex, out = re.compile(pattern), {}
-    for pid in _descendants(os.getpid()):
-        if regex.search(_cmdline(pid)):
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                out[pid] = (int(fields[11]) + int(fields[12])) / _TICK
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
-
-
-def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
-    return sum(t - before.get(pid, 0.0) for pid, t in after.items())
-
-
-class WorkerMemory:
-    """Polls the matching processes under this one and keeps each one's peak RSS (VmHWM, kB).
-
-    VmHWM is the kernel's own high-water mark, so peaks between two polls are not missed as long
-    as the process is seen once before it exits (Spark reuses its workers; the Pool's live on)."""
-
-    def __init__(self, pattern: str, interval: float = 0.1):
-        self.pattern = re.compile(pattern)
-        self.interval = interval
-        self.peaks: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _poll(self):
-        for pid in _descendants(os.getpid()):
-            if self.pattern.search(_cmdline(pid)):
-                self.peaks[pid] = max(self.peaks.get(pid, 0), _status_kb(pid, "VmHWM:"))
-
-    def _loop(self):
-        while not self._stop.is_set():
-            self._poll()
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self._poll()
-
-    @property
-    def peak_mb(self) -> float:
-        return max(self.peaks.values(), default=0) / 1024
-
-
-SPARK_WORKERS = r"pyspark[./](daemon|worker)"
-SPARK_JVM = r"org\.apache\.spark\.deploy\.SparkSubmit"
-POOL_WORKERS = r"multiprocessing\.spawn|spawn_main"
+# /proc helpers shared with the other bench scripts: cxr/bench.py
+from cxr.bench import (POOL_WORKERS, SPARK_JVM, SPARK_WORKERS, WorkerMemory, cpu_delta,  # noqa: E402
+                       cpu_seconds, versions)
 
 
 # ----------------------------------------------------------------------------- the plain Pool side
@@ -487,20 +387,6 @@ def bench_input(name: str, input_dir: Path, pre: dict, sparks: list[SparkChild],
 
 
 # ----------------------------------------------------------------------------- report
-def versions() -> dict:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for name in ("pyspark", "pyarrow", "opencv-python-headless", "numpy", "pandas"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()
-    out["java"] = java[0].split('"')[1] if java and '"' in java[0] else "?"
-    return out
-
-
 def tables(results: list[dict], labels: list[str]) -> list[str]:
     sparks = labels[1:]
     head = ("| input | files | Pool(2) s | " + " | ".join(f"{l} s" for l in sparks) + " | Pool img/s | "

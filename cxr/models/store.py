@@ -148,6 +148,7 @@ class Predictor:
     in cxr.CLASSES order; `.metadata` is the model's metrics.json (with the preprocess params)."""
 
     kind = "?"
+    fixed_batch = False   # True: every call must have the same batch size (a compiled graph retraces otherwise)
 
     def __init__(self, model_dir: Path, metadata: dict, batch_size: int = 64):
         self.model_dir = Path(model_dir)
@@ -192,6 +193,7 @@ def resize_batch(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 class KerasPredictor(Predictor):
     kind = "keras"
+    fixed_batch = True
 
     def __init__(self, model_dir: Path, metadata: dict, batch_size: int = 64):
         super().__init__(model_dir, metadata, batch_size)

@@ -73,15 +73,18 @@ def params_mismatch(model_params: Mapping[str, Any], data_params: Mapping[str, A
 
 
 def predict_fixed_batches(predictor, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """(N, H, W) uint8 -> (N, 3) probabilities, calling the model on batch_size rows at a time, last one padded."""
+    """(N, H, W) uint8 -> (N, 3) probabilities, calling the model on batch_size rows at a time. The last batch
+    is padded only for models that need one input shape (Keras): padding a 16-row Arrow batch to 32 would
+    double ONNX Runtime's work for nothing."""
     n = len(images)
     out = np.empty((n, len(CLASSES)), np.float32)
     batch = np.zeros((batch_size, *images.shape[1:], 1), np.float32)
+    pad = getattr(predictor, "fixed_batch", True)
     for start in range(0, n, batch_size):
         chunk = images[start:start + batch_size]
         batch[:len(chunk), ..., 0] = chunk.astype(np.float32) / 255.0
         batch[len(chunk):] = 0.0
-        out[start:start + len(chunk)] = predictor.predict_proba(batch)[:len(chunk)]
+        out[start:start + len(chunk)] = predictor.predict_proba(batch if pad else batch[:len(chunk)])[:len(chunk)]
     return out
 
 

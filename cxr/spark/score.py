@@ -41,6 +41,7 @@ from cxr.score.frames import (HASH_COLUMNS, PROB_COLUMNS, RESULT_COLUMNS, Engine
 from cxr.score.lease import Lease, LocalLeaseFiles
 from cxr.image.source import local_path
 from cxr.spark import fs
+from cxr.spark.session import master_url, default_parallelism
 from cxr.spark.images import UNREAD_KINDS, list_files, unread_reason
 from cxr.spark.preprocess import Stopwatch
 
@@ -110,7 +111,7 @@ def _remove_uncommitted(spark: SparkSession, out: str) -> list[str]:
 
 
 def _lease_files(spark: SparkSession, out: str):
-    return LocalLeaseFiles() if local_path(out) is not None else fs.HadoopLeaseFiles(spark)
+    return LocalLeaseFiles() if local_path(out) is not None else fs.FsLeaseFiles(spark)
 
 
 @contextlib.contextmanager
@@ -128,7 +129,7 @@ def _listing_conf(spark: SparkSession):
 
 def _tasks(spark: SparkSession, n_rows: int, per_task: int) -> int:
     """Enough tasks to keep every core busy, no more than one per `per_task` files."""
-    cores = spark.sparkContext.defaultParallelism
+    cores = default_parallelism(spark)
     return max(1, min(max(cores, -(-n_rows // per_task)), n_rows))
 
 
@@ -214,7 +215,7 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
             "params": params.to_dict(), "explain": explained, "lease_taken_over": lease.took_over,
             "timings_s": clock.timings, "seconds": round(seconds, 3),
             "images_per_s": round(counts["scored"] / max(seconds, 1e-9), 2),
-            "versions": package_versions(), "spark": {"version": spark.version, "master": spark.sparkContext.master},
+            "versions": package_versions(), "spark": {"version": spark.version, "master": master_url(spark)},
         }
         fs.write_text(spark, f"{out}/runs/{run_id}.json", json.dumps(record, indent=2, sort_keys=True))
     return record
@@ -269,8 +270,6 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
                                            F.lit("already_scored").alias("status")))
             n_known = known.count()
             to_read = hashed.join(scored, "sha256", "left_anti").select("path", "size", "mtime_ms")
-            if n_known < n["read"]:   # the new content is read a second time, to be scored
-                bytes_read += to_read.agg(F.sum("size")).first()[0] or 0
             clock.lap("hash", "%d changed files hashed, %d of them already scored by this model", n["read"], n_known)
         if n_known < n["read"]:
             aliases = alias_table(pre["labels"])
@@ -296,19 +295,24 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
     files.unpersist()
     if hashed is not None:
         hashed.unpersist()
-    counts = _result_counts(spark, staging)
+    counts, scored_bytes = _result_counts(spark, staging)
     counts.update(input=n["unchanged"] + n["unread"] + n["read"], skipped_unchanged=n["unchanged"],
                   skipped_already_scored=n_known)
     counts["rejected"] += n["unread"]
+    if hashed is not None:   # changed files were read once to hash them, the new content again to score it
+        bytes_read += scored_bytes
     return counts, int(bytes_read)
 
 
-def _result_counts(spark: SparkSession, staging: str) -> dict[str, int]:
-    counts = {"scored": 0, "rejected": 0}
+def _result_counts(spark: SparkSession, staging: str) -> tuple[dict[str, int], int]:
+    """({scored, rejected}, bytes of the files behind the results) of this run's results table."""
+    counts, size = {"scored": 0, "rejected": 0}, 0
     if fs.exists(spark, f"{staging}/results"):
-        for r in spark.read.parquet(f"{staging}/results").groupBy("status").count().collect():
-            counts["scored" if r["status"] == "ok" else "rejected"] += int(r["count"])
-    return counts
+        for r in (spark.read.parquet(f"{staging}/results").groupBy("status")
+                  .agg(F.count("*").alias("n"), F.sum("size").alias("bytes")).collect()):
+            counts["scored" if r["status"] == "ok" else "rejected"] += int(r["n"])
+            size += int(r["bytes"] or 0)
+    return counts, size
 
 
 def _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, runner, staging, clock):
@@ -317,7 +321,7 @@ def _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, ru
     if mismatch:
         raise ValueError(f"{input_uri} was preprocessed differently from the data model {name} was trained on "
                          f"(param: (model, data)): {mismatch}; score the raw archive instead")
-    images = spark.read.parquet(f"{input_uri.rstrip('/')}/images")
+    images = spark.read.parquet(f"{fs.qualified(spark, input_uri)}/images")
     keys = images.select("path", "sha256")   # thin: the image column is read only if something is new
     n_input = keys.count()
     scored = None if full else _scored_shas(spark, out, mid)
@@ -331,6 +335,6 @@ def _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, ru
         (todo.mapInPandas(lambda frames: (score_preprocessed_frame(f, runner) for f in frames), schema=RESULT_SCHEMA)
          .write.parquet(f"{staging}/results"))
     clock.lap("score", "%d images scored on the executors", n_new)
-    counts = _result_counts(spark, staging)
+    counts, _ = _result_counts(spark, staging)
     counts.update(input=n_input, skipped_unchanged=0, skipped_already_scored=n_input - n_new)
     return counts, 0
