@@ -1,7 +1,6 @@
 """The score job on a real local[2] session: raw and preprocessed inputs, incremental runs, crash recovery."""
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -137,15 +136,14 @@ def test_a_file_vanishing_between_listing_and_reading_is_an_errors_row(spark, ar
     score.run(spark, str(root), str(keras_model), str(out), small_config, run_id="first")
     victim = root / "VIRAL" / "late.png"
     shutil.copy(_good_images(root)[0], victim)
-    original = score.list_files
+    original = score.list_archive
 
-    @contextlib.contextmanager
     def list_then_delete(*args, **kwargs):
-        with original(*args, **kwargs) as frame:  # the archive is listed here: the victim with it
-            victim.unlink()
-            yield frame
+        listing = original(*args, **kwargs)  # the archive is listed here: the victim with it
+        victim.unlink()
+        return listing
 
-    monkeypatch.setattr(score, "list_files", list_then_delete)
+    monkeypatch.setattr(score, "list_archive", list_then_delete)
     record = score.run(spark, str(root), str(keras_model), str(out), small_config, run_id="second")
     c = record["counts"]
     assert record["accounted"] and c["rejected"] == 1 and c["scored"] == 0

@@ -10,6 +10,7 @@ import re
 import threading
 
 VANISHED = "file vanished or became unreadable between listing and reading"
+UNREAD_KINDS = ("empty", "too_large", "vanished")   # listed files that become errors rows without a read
 
 _FILESYSTEMS: dict[str, object] = {}
 _LOCK = threading.Lock()

@@ -16,7 +16,7 @@ from pyspark.sql import types as T
 
 from cxr.image.batch import process_frame
 from cxr.image.pipeline import PreprocessParams
-from cxr.image.source import VANISHED
+from cxr.image.source import UNREAD_KINDS, VANISHED
 from cxr.spark import fs
 
 PREPROCESSED_SCHEMA = T.StructType([
@@ -127,9 +127,6 @@ def unread_files(listing: DataFrame, max_file_mb: float) -> DataFrame:
     return (listing.where(F.col("kind").isin(*UNREAD_KINDS))
             .select("path", F.lit(None).cast("string").alias("sha256"), F.lit("read").alias("stage"),
                     unread_reason(max_file_mb).alias("reason")))
-
-
-UNREAD_KINDS = ("empty", "too_large", "vanished")
 
 
 def unread_reason(max_file_mb: float) -> Column:

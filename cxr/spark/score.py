@@ -8,7 +8,8 @@ Layout of PRED_DIR, queryable by any Parquet/SQL engine:
     runs/R.json                                          counts, timings, throughput of run R
     _lease                                               the running run's lease (cxr/score/lease.py)
 
-A night costs what changed: a raw file whose (path, size, mtime) equal the latest state row for the same
+A night costs what changed: the archive is listed and compared with the state table on the driver
+(cxr/score/incremental.py); a raw file whose (path, size, mtime) equal the latest state row for the same
 model is skipped without being opened; only new or changed files are read (in the Python workers, never
 through the JVM). A changed file whose content (sha256) already has a prediction from this model (touched,
 copied, moved) is hashed but not decoded, and gets a state row instead of a prediction row.
@@ -20,7 +21,6 @@ ever deleted by another.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import logging
@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -38,11 +38,12 @@ from cxr.models import store
 from cxr.provenance import package_versions
 from cxr.score.frames import (HASH_COLUMNS, PROB_COLUMNS, RESULT_COLUMNS, Engine, hash_frame, model_id,
                               params_mismatch, score_preprocessed_frame, score_raw_frame)
+from cxr.score.incremental import classify, latest_state, list_archive
 from cxr.score.lease import Lease, LocalLeaseFiles
 from cxr.image.source import local_path
 from cxr.spark import fs
 from cxr.spark.session import master_url, default_parallelism
-from cxr.spark.images import UNREAD_KINDS, list_files, unread_reason
+from cxr.spark.images import unread_reason
 from cxr.spark.preprocess import Stopwatch
 
 log = logging.getLogger(__name__)
@@ -64,30 +65,6 @@ def _scored_shas(spark: SparkSession, out: str, mid: str) -> DataFrame | None:
         return None
     return (spark.read.parquet(f"{out}/predictions").where(F.col("model_id") == mid)
             .select("sha256").distinct())
-
-
-def latest_state(spark: SparkSession, out: str, mid: str) -> DataFrame | None:
-    """The newest state row per path for this model: what the last run that looked at each file saw."""
-    if not fs.exists(spark, f"{out}/state/model_id={mid}"):
-        return None
-    rows = spark.read.parquet(f"{out}/state").where(F.col("model_id") == mid)
-    newest = Window.partitionBy("path").orderBy(F.col("seen_at").desc(), F.col("run_id").desc())
-    return (rows.withColumn("_n", F.row_number().over(newest)).where(F.col("_n") == 1)
-            .select("path", F.col("size").alias("s_size"), F.unix_millis("mtime").alias("s_mtime_ms"),
-                    F.col("status").alias("s_status")))
-
-
-def classify(listing: DataFrame, state: DataFrame | None, retry_errors: bool) -> DataFrame:
-    """listing + `todo`: ignored | unchanged (not opened) | unread (empty, too large) | read."""
-    todo = (F.when(F.col("kind").startswith("ignored"), "ignored")
-            .when(F.col("kind").isin(*UNREAD_KINDS), "unread").otherwise("read"))
-    if state is None:
-        return listing.withColumn("todo", todo)
-    same = (F.col("length") == F.col("s_size")) & F.col("mtime_ms").eqNullSafe(F.col("s_mtime_ms"))
-    settled = (F.col("s_status") != "rejected") | F.lit(not retry_errors)
-    unchanged = ~F.col("kind").startswith("ignored") & F.col("s_size").isNotNull() & same & settled
-    return (listing.join(state, "path", "left")
-            .withColumn("todo", F.when(unchanged, "unchanged").otherwise(todo)))
 
 
 def _remove_uncommitted(spark: SparkSession, out: str) -> list[str]:
@@ -112,19 +89,6 @@ def _remove_uncommitted(spark: SparkSession, out: str) -> list[str]:
 
 def _lease_files(spark: SparkSession, out: str):
     return LocalLeaseFiles() if local_path(out) is not None else fs.FsLeaseFiles(spark)
-
-
-@contextlib.contextmanager
-def _listing_conf(spark: SparkSession):
-    """The listing scan reads no file content: pack many files per task instead of ~one per 4 MB of
-    openCostInBytes (30 tasks for 450 files -> 2)."""
-    key = "spark.sql.files.openCostInBytes"
-    before = spark.conf.get(key, None)
-    spark.conf.set(key, "1024")
-    try:
-        yield
-    finally:
-        spark.conf.unset(key) if before is None else spark.conf.set(key, before)
 
 
 def _tasks(spark: SparkSession, n_rows: int, per_task: int) -> int:
@@ -173,9 +137,8 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
                                                      staging, clock)
         else:
             mode = "raw"
-            with _listing_conf(spark):
-                counts, bytes_read = _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors,
-                                                runner, staging, stamp, clock, int(score_conf.get("files_per_task", 64)))
+            counts, bytes_read = _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors,
+                                            runner, staging, stamp, clock, int(score_conf.get("files_per_task", 64)))
         results = f"{staging}/results"
         if fs.exists(spark, results):
             rows = spark.read.parquet(results)
@@ -239,26 +202,27 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
     root = fs.qualified(spark, input_uri)
     max_file_mb = pre["max_file_mb"]
     max_bytes = int(float(max_file_mb) * 1024 * 1024)
-    with list_files(spark, root, list(pre["extensions"]), list(pre.get("exclude_dirs") or []), max_bytes) as listing:
-        state = None if full else latest_state(spark, out, mid)
-        files = classify(listing, state, retry_errors).select("path", "length", "mtime_ms", "kind", "todo").cache()
-        tally = {r["todo"]: (int(r["n"]), int(r["bytes"] or 0)) for r in
-                 files.groupBy("todo").agg(F.count("*").alias("n"), F.sum("length").alias("bytes")).collect()}
-    n = {k: tally.get(k, (0, 0))[0] for k in ("ignored", "unchanged", "unread", "read")}
+    listing = list_archive(root, list(pre["extensions"]), list(pre.get("exclude_dirs") or []), max_bytes)
+    plan = classify(listing, None if full else latest_state(out, mid), retry_errors)
+    n = {k: int((plan["todo"] == k).sum()) for k in ("ignored", "unchanged", "unread", "read")}
     clock.lap("list", "raw input: %d files, %d unchanged since the last run, %d to read", n["unchanged"] + n["unread"]
               + n["read"], n["unchanged"], n["read"])
 
+    def frame_of(todo: str) -> DataFrame:
+        rows = plan.loc[plan["todo"] == todo, ["path", "length", "mtime_ms", "kind"]]
+        return spark.createDataFrame(rows, "path string, length long, mtime_ms long, kind string")
+
     state_rows = []   # DataFrames of (path, size, mtime_ms, sha256, status) for files this run looked at
     if n["unread"]:
-        unread = files.where(F.col("todo") == "unread")
+        unread = frame_of("unread")
         unread.select("path", F.lit(None).cast("string").alias("sha256"), F.lit("read").alias("stage"),
                       unread_reason(max_file_mb).alias("reason")).write.parquet(f"{staging}/unread")
         state_rows.append(unread.select("path", F.col("length").alias("size"), "mtime_ms",
                                         F.lit(None).cast("string").alias("sha256"), F.lit("rejected").alias("status")))
-    to_read = files.where(F.col("todo") == "read").select("path", F.col("length").alias("size"), "mtime_ms")
     n_known, bytes_read, hashed = 0, 0, None
     if n["read"]:
-        bytes_read = tally["read"][1]
+        to_read = frame_of("read").select("path", F.col("length").alias("size"), "mtime_ms")
+        bytes_read = int(plan.loc[plan["todo"] == "read", "length"].sum())
         scored = None if full else _scored_shas(spark, out, mid)
         if scored is not None:
             # changed files: hash first; content this model already scored is not decoded again
@@ -291,8 +255,7 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
             frame = frame.unionByName(more)
         (frame.select("path", "size", F.timestamp_millis("mtime_ms").alias("mtime"), "sha256", "status",
                       stamp.alias("seen_at"))
-         .coalesce(max(1, _tasks(spark, n["read"] + n["unread"], 1 << 20))).write.parquet(f"{staging}/state"))
-    files.unpersist()
+         .coalesce(1).write.parquet(f"{staging}/state"))
     if hashed is not None:
         hashed.unpersist()
     counts, scored_bytes = _result_counts(spark, staging)
