@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shutil
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 # cmdline patterns of the processes the benchmarks watch (all below the benchmark's own process)
 SPARK_WORKERS = r"pyspark[./](daemon|worker)"
@@ -197,3 +199,33 @@ def reset_peak_rss(pid: int | str = "self") -> bool:
         return True
     except OSError:
         return False
+
+
+# ----------------------------------------------------------------------------- benchmark inputs
+CACHE = Path("/tmp/cxr-bench")   # generated inputs and measurements, made once and reused
+
+
+def linked_subset(src: Path, n: int, name: str) -> Path:
+    """The first n files of src by index (classes take turns, so they stay balanced), hard-linked under
+    CACHE/name: no copy, the same bytes and modification times."""
+    out = CACHE / name
+    files = sorted((p for p in src.rglob("*") if p.is_file() and not p.name.startswith(".")),
+                   key=lambda p: (p.stem.rsplit("_", 1)[-1], p.name))[:n]
+    wanted = {f.relative_to(src) for f in files}
+    if out.is_dir() and {p.relative_to(out) for p in out.rglob("*") if p.is_file()} == wanted:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    for f in files:
+        dest = out / f.relative_to(src)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.link(f, dest)
+    return out
+
+
+def input_files(root: Path, pre: dict) -> list[str]:
+    """The files the jobs read under root: the jobs' own listing (extensions, excluded folders, size limits)."""
+    from cxr.score.incremental import list_archive
+
+    listing = list_archive(f"file:{Path(root).resolve()}", list(pre["extensions"]), list(pre.get("exclude_dirs") or []),
+                           int(float(pre["max_file_mb"]) * 1024 * 1024))
+    return sorted(p[len("file:"):] for p in listing.loc[listing["kind"] == "read", "path"])

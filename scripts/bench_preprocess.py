@@ -47,7 +47,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # also runs in the Pool's spawned children, which import this module
 
 SECTION = "## Preprocess: Spark vs multiprocessing.Pool (scripts/bench_preprocess.py)"
-CACHE = Path("/tmp/cxr-bench")
 SHARED = ROOT.parent / "shared" / "data" / "cxr"
 MASTER = "local[2]"
 WORKERS = 2
@@ -126,41 +125,10 @@ def synthetic_input(n: int, size: int, seed: int = 0) -> Path:
     return out
 
 
-def linked_subset(src: Path, n: int, name: str) -> Path:
-    """The first n images of src (by index: classes take turns, so they stay balanced) as hard links:
-    no copy, the same bytes."""
-    out = CACHE / name
-    files = sorted((p for p in src.rglob("*") if p.is_file()), key=lambda p: (p.stem.rsplit("_", 1)[-1], p.name))[:n]
-    wanted = {f.relative_to(src) for f in files}
-    if out.is_dir() and {p.relative_to(out) for p in out.rglob("*") if p.is_file()} == wanted:
-        return out
-    shutil.rmtree(out, ignore_errors=True)
-    for f in files:
-        dest = out / f.relative_to(src)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.link(f, dest)
-    return out
-
-
-def input_files(root: Path, pre: dict) -> list[str]:
-    """The files the Spark job reads: same extensions, excluded folders and size limits (see list_files)."""
-    exts = {"." + e.lstrip(".").lower() for e in pre["extensions"]}
-    excluded = {d.lower() for d in pre.get("exclude_dirs") or []}
-    max_bytes = float(pre["max_file_mb"]) * 1024 * 1024
-    files = []
-    for dirpath, dirnames, names in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d.lower() not in excluded]
-        for name in names:
-            path = os.path.join(dirpath, name)
-            if os.path.splitext(name)[1].lower() in exts and 0 < os.path.getsize(path) <= max_bytes:
-                files.append(path)
-    return sorted(files)
-
-
 # ----------------------------------------------------------------------------- memory of the workers
 # /proc helpers shared with the other bench scripts: cxr/bench.py
-from cxr.bench import (POOL_WORKERS, SPARK_JVM, SPARK_WORKERS, WorkerMemory, cpu_delta,  # noqa: E402
-                       cpu_seconds, versions)
+from cxr.bench import (CACHE, POOL_WORKERS, SPARK_JVM, SPARK_WORKERS, WorkerMemory, cpu_delta,  # noqa: E402
+                       cpu_seconds, input_files, linked_subset, versions)
 
 
 # ----------------------------------------------------------------------------- the plain Pool side
