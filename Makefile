@@ -11,7 +11,7 @@ export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN)/python)
 export SPARK_LOCAL_IP        ?= 127.0.0.1
 export TF_CPP_MIN_LOG_LEVEL  ?= 2
 
-.PHONY: demo test test-cluster venv clean dist cluster-up cluster-down
+.PHONY: demo test test-cluster test-connect venv clean dist cluster-up cluster-down
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ demo: $(STAMP)
 # (CXR_CLUSTER_TESTS=0 make test leaves them out for a quick local run).
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -q tests/test_cluster.py
+
+# Only the Spark Connect tests (a Connect server on a free loopback port; CXR_CONNECT_TESTS=0 make test skips them).
+test-connect: $(STAMP)
+	$(BIN)/python -m pytest -q tests/test_connect.py
 
 # Cluster packaging: dist/cxr-env.tar.gz (packed venv for the executors, TensorFlow included) + dist/cxr_spark-*.whl.
 dist: $(STAMP)

@@ -13,6 +13,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--conf", help="a YAML file (or a profile name in conf/) layered over conf/default.yaml")
     parser.add_argument("--master", help="Spark master URL; default: spark-submit's --master, else conf")
+    parser.add_argument("--remote", metavar="sc://HOST:PORT",
+                        help="run over Spark Connect against this server instead (default: $SPARK_REMOTE, if set "
+                             "and no --master is given)")
     parser.add_argument("--log-level", default="INFO", help="log level of the job's own messages (default INFO)")
     return parser
 
@@ -27,18 +30,34 @@ def setup_logging(level: str) -> None:
 def run_job(args: argparse.Namespace, overrides: Mapping[str, Any], body: Callable[[Any, dict], int | None]) -> int:
     """Load config, start Spark, run body(spark, config); known user errors exit 2 with one clear line, a
     busy output folder (another run's lease) exits 3."""
-    from cxr.spark.session import get_spark
+    from cxr.spark.session import get_spark, is_connect, not_on_connect
 
     setup_logging(args.log_level)
     config = load_config(args.conf, overrides)
-    spark = get_spark(config, master=args.master)
+    try:
+        spark = get_spark(config, master=args.master, remote=getattr(args, "remote", None))
+    except ValueError as exc:   # --master and --remote together
+        logging.getLogger("cxr").error("%s", exc)
+        return 2
+    except RuntimeError as exc:
+        if type(exc).__name__ != "ConnectUnsupportedError":
+            raise
+        logging.getLogger("cxr").error("%s", exc)
+        return 2
     try:
         return int(body(spark, config) or 0)
+    except (AttributeError, NotImplementedError) as exc:
+        if not is_connect(spark):
+            raise
+        # pyspark's JVM_ATTRIBUTE_NOT_SUPPORTED & co.: say what is missing rather than show an AttributeError
+        logging.getLogger("cxr").error("%s", not_on_connect(str(exc).splitlines()[0] if str(exc) else repr(exc)))
+        return 2
     except (FileNotFoundError, ValueError) as exc:
         logging.getLogger("cxr").error("%s", exc)
         return 2
     except RuntimeError as exc:
-        code = {"OutputExistsError": 2, "LeaseHeldError": 3, "LeaseLostError": 3}.get(type(exc).__name__)
+        code = {"OutputExistsError": 2, "LeaseHeldError": 3, "LeaseLostError": 3,
+                "ConnectUnsupportedError": 2}.get(type(exc).__name__)
         if code is None:
             raise
         logging.getLogger("cxr").error("%s", exc)

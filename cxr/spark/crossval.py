@@ -21,6 +21,7 @@ from cxr.folds import fold_key
 from cxr.models.store import inference_settings
 from cxr.probes import REGIONS, mask_images
 from cxr.spark.evaluate import _label_index, images_frame
+from cxr.spark import fs
 
 GROUP_ROWS = 128
 RESULT_SCHEMA = ("seed int, fold int, model string, region string, sha256 array<string>, y array<int>, "
@@ -67,7 +68,7 @@ def evaluate_folds(spark: SparkSession, data_dir: str, assignment: pd.DataFrame,
     assign = assignment.assign(bucket=(rank % buckets).astype(np.int32),
                                seed=assignment["seed"].astype(np.int32), fold=assignment["fold"].astype(np.int32))
     keys = spark.createDataFrame(assign[["sha256", "seed", "fold", "bucket"]])
-    images = (spark.read.parquet(f"{str(data_dir).rstrip('/')}/images")
+    images = (spark.read.parquet(f"{fs.qualified(spark, str(data_dir))}/images")
               .where(F.col("label").isin(list(CLASSES)))
               .select("sha256", "label", "image", "height", "width"))
     joined = images.join(F.broadcast(keys), "sha256")

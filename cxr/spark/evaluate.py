@@ -24,6 +24,8 @@ from cxr import CLASSES
 from cxr.data.loader import SplitLeakError, to_unit_float
 from cxr.metrics import confusion_matrix, summarize
 from cxr.models.store import ONNX_FILE, inference_settings, list_models, missing_onnx_message, read_metadata
+from cxr.spark import fs
+from cxr.spark.session import master_url, default_parallelism
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +180,7 @@ def run(spark: SparkSession, data_dir: str, models_dir: str, config: Mapping[str
             if not (d / ONNX_FILE).is_file():
                 raise FileNotFoundError(missing_onnx_message(d))
 
-    images = spark.read.parquet(f"{str(data_dir).rstrip('/')}/images")
+    images = spark.read.parquet(f"{fs.qualified(spark, str(data_dir))}/images")
     checks = split_checks(images, split)
     timings = {"checks": round(time.perf_counter() - t0, 3)}
     for name, meta in metas.items():
@@ -203,7 +205,7 @@ def run(spark: SparkSession, data_dir: str, models_dir: str, config: Mapping[str
         if trained_on and trained_on != manifest_sha:
             warnings.append(f"{name} was trained on another preprocess output (manifest sha256 {trained_on[:12]}… "
                             f"!= {manifest_sha[:12]}…): its {split} split may overlap that run's training images")
-    parts = int(conf.get("partitions") or 0) or spark.sparkContext.defaultParallelism
+    parts = int(conf.get("partitions") or 0) or default_parallelism(spark)
     rows_df = (images.where((F.col("split") == split) & F.col("label").isin(list(CLASSES)))
                .select("sha256", "label", "image", "height", "width")
                .repartition(parts, "sha256"))
@@ -232,7 +234,7 @@ def run(spark: SparkSession, data_dir: str, models_dir: str, config: Mapping[str
     timings["total"] = round(time.perf_counter() - t0, 3)
     out = {"split": split, "data_dir": str(data_dir), "manifest_sha256": manifest_sha, "data": checks,
            "warnings": warnings, "partitions": parts, "models": results, "timings_s": timings, "inference": inference,
-           "spark": {"version": spark.version, "master": spark.sparkContext.master}}
+           "spark": {"version": spark.version, "master": master_url(spark)}}
     for w in warnings:
         log.warning("%s", w)
     if write:

@@ -35,6 +35,7 @@ from pyspark.sql import types as T
 from cxr import CLASSES
 from cxr.score.frames import PROB_COLUMNS
 from cxr.spark import fs
+from cxr.spark.session import default_parallelism
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ def _explain_run(spark, out, run_id, run_date, model_dir, model_id, input_uri, m
         return {"n_per_class": n, "images": 0, "note": "the run scored no images"}
     chosen = select_rows(spark.read.parquet(pred_dir), n)
     if mode == "preprocessed":
-        images = (spark.read.parquet(f"{input_uri.rstrip('/')}/images").select("sha256", "image", "height", "width")
+        images = (spark.read.parquet(f"{fs.qualified(spark, input_uri)}/images").select("sha256", "image", "height", "width")
                   .dropDuplicates(["sha256"]))
         todo = images.join(F.broadcast(chosen), "sha256")
         params_dict = None
@@ -228,7 +229,7 @@ def _explain_run(spark, out, run_id, run_date, model_dir, model_id, input_uri, m
         params_dict = params.to_dict()
     # spread the Grad-CAM work over the cores, but do not start (and load TensorFlow in) more Python workers
     # than there are Arrow batches (16 rows) to fill
-    parts = spark.sparkContext.defaultParallelism
+    parts = default_parallelism(spark)
     if n != "all":
         parts = max(1, min(parts, -(-len(CLASSES) * int(n) // 16)))
     todo = todo.repartition(parts)

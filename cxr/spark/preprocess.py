@@ -20,6 +20,7 @@ from cxr.image.pipeline import PreprocessParams
 from cxr.labels import alias_table
 from cxr.provenance import package_versions
 from cxr.spark import fs
+from cxr.spark.session import master_url
 from cxr.spark.images import (list_files, listing_counts, preprocess_images, read_contents, unread_files,
                               vanished_files)
 from cxr.splits import assign_split, validate_ratios
@@ -167,7 +168,7 @@ def run(spark: SparkSession, input_dir: str, output_dir: str, config: Mapping[st
         "params": {**params.to_dict(), "split": {**ratios, "seed": seed}, "extensions": extensions,
                    "exclude_dirs": exclude_dirs, "max_file_mb": pre["max_file_mb"], "labels": pre["labels"]},
         "versions": package_versions(),
-        "spark": {"version": spark.version, "master": spark.sparkContext.master},
+        "spark": {"version": spark.version, "master": master_url(spark)},
         "timings_s": clock.timings,
     }
     fs.write_text(spark, f"{out}/manifest.json", json.dumps(result, indent=2, sort_keys=True))
