@@ -29,7 +29,7 @@ cat <<EOM
 Demo finished. Results:
   preprocessed images   $out/preprocessed/images/      (Parquet; errors/ and duplicates/ beside it)
   preprocess manifest   $out/preprocessed/manifest.json
-  models                $out/models/<name>/            (model.keras or model.npz + model.json, metrics.json)
+  models                $out/models/<name>/            (model.keras or model.npz + model.json, model.onnx, metrics.json)
   training report       $out/models/report.md          (the study's optimizer table, evaluation, plots)
   predictions           $out/predictions/predictions/  (Parquet, partitioned by run_date and run_id)
   score run record      $(ls "$out"/predictions/runs/*.json)
