@@ -23,7 +23,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("py4j", "matplotlib", "PIL"):
+    for noisy in ("py4j", "matplotlib", "PIL", "tf2onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
