@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from tests.scoring_models import tiny_keras_cnn
 from tests.cluster_fixtures import ROOT, TIMINGS, VENV_BIN, cluster, slim_env, spark_home  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
@@ -73,20 +74,8 @@ def clean_preprocess(cluster, archive, job_conf, tmp_path_factory):
 def model_dir(clean_preprocess, tmp_path_factory):
     """A Keras CNN with its model.onnx: the slim executor environment has no TensorFlow, so the cluster scores it
     with ONNX Runtime (the default engine); the local session's Keras run is the reference."""
-    import keras
-
-    from cxr.models import store
-    from cxr.models.keras_models import build
-    from cxr.models.onnx_export import export_onnx
-
     _, manifest, _ = clean_preprocess
-    keras.utils.set_random_seed(0)
-    model = build("cnn", (SIZE, SIZE, 1), {"filters": [4, 8], "kernel_size": 3, "dense": 8, "dropout": 0.0})
-    meta = {"name": "cnn-cluster", "classes": ["COVID", "NORMAL", "VIRAL"], "preprocess": manifest["params"],
-            "input": {"data_size": [SIZE, SIZE], "model_size": [SIZE, SIZE]}}
-    d = store.save_keras(model, tmp_path_factory.mktemp("cluster_models") / "cnn-cluster", meta)
-    export_onnx(d)
-    return d
+    return tiny_keras_cnn(tmp_path_factory.mktemp("cluster_models") / "cnn-cluster", manifest["params"], SIZE)
 
 
 def _score_args(root: Path, model: Path, out: Path, conf: Path, run_id: str) -> list[str]:

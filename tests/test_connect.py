@@ -24,6 +24,7 @@ from cxr.models import store
 from cxr.score.frames import PROB_COLUMNS
 from cxr.spark import fs, preprocess, score
 from tests.conftest import ROOT
+from tests.scoring_models import tiny_keras_cnn
 
 SIZE = 32
 CONNECT_SH = ROOT / "scripts" / "connect.sh"
@@ -141,18 +142,7 @@ def preprocessed(connect_server, spark, archive, small_config, tmp_path_factory)
 
 @pytest.fixture(scope="module")
 def model(preprocessed, tmp_path_factory):
-    import keras
-
-    from cxr.models.keras_models import build
-    from cxr.models.onnx_export import export_onnx
-
-    keras.utils.set_random_seed(0)
-    net = build("cnn", (SIZE, SIZE, 1), {"filters": [4, 8], "kernel_size": 3, "dense": 8, "dropout": 0.0})
-    meta = {"name": "cnn-connect", "classes": ["COVID", "NORMAL", "VIRAL"], "preprocess": preprocessed[1]["params"],
-            "input": {"data_size": [SIZE, SIZE], "model_size": [SIZE, SIZE]}}
-    d = store.save_keras(net, tmp_path_factory.mktemp("connect_models") / "cnn-connect", meta)
-    export_onnx(d)
-    return d
+    return tiny_keras_cnn(tmp_path_factory.mktemp("connect_models") / "cnn-connect", preprocessed[1]["params"], SIZE)
 
 
 def _rows(path: Path, drop=()) -> pd.DataFrame:

@@ -21,6 +21,7 @@ from cxr.models.onnx_export import export_onnx
 from cxr.score.frames import PROB_COLUMNS, model_id
 from cxr.spark import preprocess, score
 from tests.conftest import ROOT
+from tests.scoring_models import model_metadata, tiny_keras_cnn
 
 SIZE = 32
 
@@ -47,21 +48,12 @@ def preprocessed(spark, archive, small_config, tmp_path_factory):
 
 
 def _metadata(name, pre_result):
-    return {"name": name, "classes": ["COVID", "NORMAL", "VIRAL"], "preprocess": pre_result["params"],
-            "input": {"data_size": [SIZE, SIZE], "model_size": [SIZE, SIZE]}}
+    return model_metadata(name, pre_result["params"], SIZE)
 
 
 @pytest.fixture(scope="module")
 def keras_model(preprocessed, tmp_path_factory):
-    import keras
-
-    from cxr.models.keras_models import build
-
-    keras.utils.set_random_seed(0)
-    model = build("cnn", (SIZE, SIZE, 1), {"filters": [4, 8], "kernel_size": 3, "dense": 8, "dropout": 0.0})
-    d = store.save_keras(model, tmp_path_factory.mktemp("models") / "cnn-test", _metadata("cnn-test", preprocessed[1]))
-    export_onnx(d)
-    return d
+    return tiny_keras_cnn(tmp_path_factory.mktemp("models") / "cnn-test", preprocessed[1]["params"], SIZE)
 
 
 @pytest.fixture(scope="module")
