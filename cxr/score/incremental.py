@@ -81,11 +81,10 @@ def latest_state(out: str, model_id: str) -> pd.DataFrame | None:
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
 
     fs, base, _ = _filesystem(out)
     folder = f"{base}/state/model_id={model_id}"
-    import pyarrow.fs as pafs
-
     if fs.get_file_info(folder).type != pafs.FileType.Directory:
         return None
     table = ds.dataset(folder, filesystem=fs, format="parquet", partitioning="hive",

@@ -33,6 +33,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from cxr.image.pipeline import PreprocessParams
+from cxr.image.source import local_path
 from cxr.labels import alias_table
 from cxr.models import store
 from cxr.provenance import package_versions
@@ -40,18 +41,16 @@ from cxr.score.frames import (HASH_COLUMNS, PROB_COLUMNS, RESULT_COLUMNS, Engine
                               params_mismatch, score_preprocessed_frame, score_raw_frame)
 from cxr.score.incremental import classify, latest_state, list_archive
 from cxr.score.lease import Lease, LocalLeaseFiles
-from cxr.image.source import local_path
 from cxr.spark import fs
-from cxr.spark.session import master_url, default_parallelism
 from cxr.spark.images import unread_reason
 from cxr.spark.preprocess import Stopwatch
+from cxr.spark.session import default_parallelism, master_url
 
 log = logging.getLogger(__name__)
 
 _TYPES = {"size": T.LongType(), "mtime_ms": T.LongType(), **{c: T.FloatType() for c in PROB_COLUMNS}}
 RESULT_SCHEMA = T.StructType([T.StructField(c, _TYPES.get(c, T.StringType())) for c in RESULT_COLUMNS])
 HASH_SCHEMA = T.StructType([T.StructField(c, _TYPES.get(c, T.StringType())) for c in HASH_COLUMNS])
-STATE_COLUMNS = ("path", "size", "mtime", "sha256", "status", "seen_at")
 TABLES = ("predictions", "errors", "state")
 
 
@@ -114,8 +113,7 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
     if "size" not in model_params:
         raise ValueError(f"{model_dir}/metrics.json records no preprocess params: cannot prepare images for it")
     if runner.name == "onnx" and not (Path(model_path) / store.ONNX_FILE).is_file():
-        raise FileNotFoundError(f"{model_dir} has no {store.ONNX_FILE}: export it with `python -m "
-                                f"cxr.models.onnx_export {model_dir}` or score with --engine keras")
+        raise FileNotFoundError(store.missing_onnx_message(model_dir))   # before any Spark work
     params = PreprocessParams.from_dict(model_params)
     if explain:  # Grad-CAM overlays after the run (cxr/spark/explain.py); refuse unexplainable models now
         from cxr.spark.explain import check_explain_args, explain_run
