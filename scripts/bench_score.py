@@ -679,7 +679,7 @@ def report(args, st: dict, meta: dict) -> str:
                      "where the per-image work is smallest." if min(pre_pc) < 0.9 else "the per-run overhead is "
                      "small next to the work."), ""]
         cs, real_a = st.get("c:spark"), st.get("a:real")
-        if cs and real_a:
+        if cs and real_a and cs["onnx"]["wall_s"] < real_a["raw"]["spark"]["wall_s"]:   # warm session was faster
             o = cs["onnx"]
             fast = o["counts"]["scored"] / o["wall_s"]
             lines += [f"Caveat, warm-up: the same raw run over the {o['counts']['scored']} real files took "
