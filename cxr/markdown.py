@@ -16,3 +16,13 @@ def replace_section(path: Path, heading: str, section: str, title: str = "# Benc
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text.rstrip("\n") + "\n")
+
+
+def publish(section: str, path: Path, heading: str, write: bool = True) -> None:
+    """Print a benchmark's section and, unless write is False, put it into BENCHMARKS.md (path)."""
+    print("\n" + section)
+    if not write:
+        print(f"(not written to {path})")
+        return
+    replace_section(Path(path), heading, section)
+    print(f"wrote the section to {path}")

@@ -497,16 +497,11 @@ def main(argv=None) -> int:
         r["size"] = pre["size"]
     labels = ["Pool"] + [s.label for s in sparks]
     section = report(args, results, labels, _conf_pairs(args.tuned), time.perf_counter() - t0)
-    print("\n" + section)
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "labels": labels}, indent=2))
-    if args.no_write:
-        print(f"(not written to {args.out})")
-    else:
-        from cxr.markdown import replace_section
+    from cxr.markdown import publish
 
-        replace_section(Path(args.out), SECTION, section)
-        print(f"wrote the section to {args.out}")
+    publish(section, Path(args.out), SECTION, write=not args.no_write)
     return 0
 
 

@@ -897,14 +897,9 @@ def main(argv=None) -> int:
     if "e" not in bench.state and "e" in PARTS:
         meta.setdefault("notes", []).append("(e) predict_batch_udf was not measured in this run.")
     section = report(args, bench.state, meta)
-    print("\n" + section)
-    if args.no_write:
-        print(f"(not written to {args.out})")
-    else:
-        from cxr.markdown import replace_section
+    from cxr.markdown import publish
 
-        replace_section(Path(args.out), SECTION, section)
-        print(f"wrote the section to {args.out}")
+    publish(section, Path(args.out), SECTION, write=not args.no_write)
     return 0
 
 
