@@ -11,7 +11,7 @@ export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN)/python)
 export SPARK_LOCAL_IP        ?= 127.0.0.1
 export TF_CPP_MIN_LOG_LEVEL  ?= 2
 
-.PHONY: demo test test-cluster test-connect venv clean dist cluster-up cluster-down
+.PHONY: demo test test-cluster test-connect test-airflow venv clean dist cluster-up cluster-down
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,20 @@ test-cluster: $(STAMP)
 test-connect: $(STAMP)
 	$(BIN)/python -m pytest -q tests/test_connect.py
 
+# The nightly DAG (scripts/airflow_score_dag.py) loaded by Airflow's own DagBag, in .venv-airflow: the `airflow`
+# extra of pyproject.toml without the project (its pins are not ours). Built once, again when pyproject.toml changes.
+AF_VENV  := .venv-airflow
+AF_STAMP := $(AF_VENV)/.installed-stamp
+
+$(AF_STAMP): pyproject.toml
+	test -x $(AF_VENV)/bin/python || $(PYTHON) -m venv $(AF_VENV)
+	$(AF_VENV)/bin/pip install --quiet --upgrade pip
+	$(AF_VENV)/bin/python scripts/extra_requirements.py airflow | $(AF_VENV)/bin/pip install --quiet -r /dev/stdin
+	touch $(AF_STAMP)
+
+test-airflow: $(AF_STAMP)
+	$(AF_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/airflow_dag
+
 # Cluster packaging: dist/cxr-env.tar.gz (packed venv for the executors, TensorFlow included) + dist/cxr_spark-*.whl.
 dist: $(STAMP)
 	bash scripts/build_dist.sh full
@@ -48,4 +62,4 @@ cluster-down:
 	bash scripts/cluster.sh down
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(AF_VENV) out .pytest_cache

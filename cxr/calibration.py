@@ -145,15 +145,17 @@ def fit_report(proba: np.ndarray, y: np.ndarray, n_bins: int = N_BINS, force: bo
 def calibrate_model(model_dir: str | Path, data_dir: str | Path, split: str = "val", val=None,
                     n_bins: int = N_BINS, write: bool = True, force: bool = False) -> dict[str, Any]:
     """Fit T for the model in model_dir on PRE_OUT's `split` (or an already loaded SplitData `val`) and, if
-    `write`, store it as metrics.json's `calibration`. The train job can call this after saving each model."""
-    from cxr.data.loader import load_split, read_manifest
+    `write`, store it as metrics.json's `calibration`. The train job can call this after saving each model.
+    `val` may be in memory (SplitData) or streamed (cxr.data.stream.ParquetSplit); either is read in batches."""
+    from cxr.data.loader import read_manifest
+    from cxr.data.stream import ParquetSplit, predict_source
     from cxr.models import store
 
-    predictor = store.load_predictor(model_dir)
-    data = val if val is not None else load_split(str(data_dir), split)
+    predictor = store.load_predictor(model_dir, batch_size=16)  # 16 a call: bounded activations at 224 px
+    data = val if val is not None else ParquetSplit.open(str(data_dir), split)  # streamed: one batch in memory
     if len(data) == 0:
         raise ValueError(f"no labeled {split} images in {data_dir}: nothing to fit a temperature on")
-    proba = predictor.predict_proba(data.x)
+    proba = predict_source(predictor.predict_proba, data)
     record = fit_report(proba, data.y.astype(np.int64), n_bins, force)
     try:
         _, manifest_sha = read_manifest(str(data_dir))

@@ -20,20 +20,45 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_tracking_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", help="MLflow tracking store (default: $MLFLOW_TRACKING_URI, else conf "
+                        "tracking.uri, else sqlite:///mlflow.db in the working directory)")
+    parser.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow for this run")
+
+
+def tracking_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"tracking.uri_flag": args.tracking_uri, "tracking.enabled": False if args.no_tracking else None}
+
+
+def start_tracking(config: Mapping[str, Any]):
+    """The job's TrackingSettings, checked against the store before any work (None when tracking is off)."""
+    from cxr.tracking.settings import TrackingSettings
+
+    settings = TrackingSettings.from_config(config)
+    if not settings.enabled:
+        return None
+    settings.activate()
+    return settings
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("py4j", "matplotlib", "PIL", "tf2onnx"):
+    for noisy in ("py4j", "matplotlib", "PIL", "tf2onnx", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def run_job(args: argparse.Namespace, overrides: Mapping[str, Any], body: Callable[[Any, dict], int | None]) -> int:
     """Load config, start Spark, run body(spark, config); known user errors exit 2 with one clear line, a
-    busy output folder (another run's lease) exits 3."""
+    busy output folder (another run's lease) exits 3. A session the caller already had (a notebook, the tests)
+    is used and left running."""
+    from pyspark.sql import SparkSession
+
     from cxr.spark.session import get_spark, is_connect, not_on_connect
 
     setup_logging(args.log_level)
     config = load_config(args.conf, overrides)
+    reused = SparkSession.getActiveSession() is not None
     try:
         spark = get_spark(config, master=args.master, remote=getattr(args, "remote", None))
     except ValueError as exc:   # --master and --remote together
@@ -63,4 +88,5 @@ def run_job(args: argparse.Namespace, overrides: Mapping[str, Any], body: Callab
         logging.getLogger("cxr").error("%s", exc)
         return code
     finally:
-        spark.stop()
+        if not reused:
+            spark.stop()

@@ -22,7 +22,7 @@ import pandas as pd
 
 from cxr import CLASSES
 from cxr.calibration import ece
-from cxr.data.loader import images_dataset, load_split, read_manifest
+from cxr.data.loader import images_dataset, read_manifest
 from cxr.folds import assign_folds, check_grouping, fold_key, group_keys
 from cxr.metrics import summarize
 from cxr.probes import REGIONS, metadata_probe, quick_scores, verdict
@@ -38,9 +38,12 @@ REPORT_FILE = "crossval.md"
 FOLDS_FILE = "folds.csv"         # sha256, seed, fold, group, label: which image was held out where
 
 
-def load_pool(data_dir: str, batch_rows: int = 64):
-    """Every labeled image of every split, and its file metadata (for the metadata probe) in the same order."""
-    data = load_split(data_dir, SPLITS, batch_rows=batch_rows)
+def load_pool(data_dir: str, batch_rows: int = 64, conf: Mapping[str, Any] | None = None):
+    """Every labeled image of every split, and its file metadata (for the metadata probe) in the same order.
+    The pixels are not loaded: each fold's training streams them (cxr.data.stream, train.shuffle_buffer)."""
+    from cxr.data.stream import open_training_split
+
+    data = open_training_split(data_dir, SPLITS, {**(conf or {}), "loader_batch_rows": batch_rows})
     cols = ["sha256", "label", "patient_id", "orig_width", "orig_height", "source_format", "color_mode"]
     meta = images_dataset(data_dir).to_table(columns=cols).to_pandas().drop_duplicates("sha256")
     meta = meta.set_index("sha256").loc[list(data.sha256)].reset_index()
@@ -141,7 +144,7 @@ def run(spark, data_dir: str, out_dir: str, config: Mapping[str, Any], folds: in
 
     t0 = time.perf_counter()
     manifest, manifest_sha = read_manifest(data_dir)
-    data, meta = load_pool(data_dir, int(tconf.get("loader_batch_rows", 64)))
+    data, meta = load_pool(data_dir, int(tconf.get("loader_batch_rows", 64)), tconf)
     if len(data) < k:
         raise ValueError(f"{data_dir} holds {len(data)} labeled images: too few for {k} folds")
     assignment = fold_assignment(data, k, seed_values)
@@ -159,7 +162,7 @@ def run(spark, data_dir: str, out_dir: str, config: Mapping[str, Any], folds: in
             train = data.subset(~held)
             cw = class_weights(train.y, tconf.get("class_weight", "balanced"))
             record = {"dir": str(data_dir), "manifest_sha256": manifest_sha,
-                      "image_size": [int(data.x.shape[1]), int(data.x.shape[2])],
+                      "image_size": list(data.image_size),
                       "crossval": {"seed": seed, "fold": fold, "folds": k, "train_images": int(len(train)),
                                    "held_out_images": int(held.sum())}, "load_s": load_s}
             key = fold_key(seed, fold)
@@ -188,7 +191,7 @@ def run(spark, data_dir: str, out_dir: str, config: Mapping[str, Any], folds: in
         "data": {"dir": str(data_dir), "manifest_sha256": manifest_sha, "images": int(len(data)),
                  "groups": int(assignment.loc[assignment["seed"] == seed_values[0], "group"].nunique()),
                  "images_without_patient_id": int(sum(p is None for p in data.patient_id)),
-                 "classes": data.class_counts(), "image_size": [int(data.x.shape[1]), int(data.x.shape[2])]},
+                 "classes": data.class_counts(), "image_size": list(data.image_size)},
         "preprocess": manifest.get("params", {}),
         "folds": k, "seeds": seed_values, "epochs": epochs, "models": [t["name"] for t in todo],
         "train": {key: tconf.get(key) for key in ("batch_size", "class_weight", "augment", "optimizer_config")},

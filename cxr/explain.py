@@ -22,6 +22,9 @@ classic one.
 
 TensorFlow is imported only inside the functions, so Spark workers that never explain do not load it.
 Scratch (cxr.nn) models and the DNN have no convolutional layer in Keras: they are refused with a reason.
+A seed ensemble (train.ensemble) is explained per member and averaged: every member's heatmap for the class the
+ensemble calls (its mean probability's argmax, or the class asked for), each scaled to max 1, then their mean
+scaled to max 1 again, so each member counts equally; the probabilities returned are the ensemble's.
 """
 from __future__ import annotations
 
@@ -117,6 +120,8 @@ def gradcam(model, images: np.ndarray, class_index: int | Sequence[int] | None =
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if isinstance(model, (list, tuple)):
+        return _ensemble_gradcam(list(model), images, class_index, layer_name, batch_size, method)
     x = _as_model_input(images)
     n, h, w = x.shape[:3]
     layer = conv_layer(model, layer_name)
@@ -142,6 +147,35 @@ def gradcam(model, images: np.ndarray, class_index: int | Sequence[int] | None =
                 cams[start + i] = cv2.resize(m / top, (w, h), interpolation=cv2.INTER_LINEAR)
     np.clip(cams, 0.0, 1.0, out=cams)
     return cams, proba
+
+
+def _ensemble_gradcam(models: list, images: np.ndarray, class_index, layer_name, batch_size: int,
+                      method: str) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM of a seed ensemble: the members' heatmaps of one class per image, averaged (module docstring)."""
+    if not models:
+        raise NotExplainable("an ensemble without members")
+    x = _as_model_input(images)
+    if class_index is None:
+        proba = np.mean([np.concatenate([m(x[i:i + batch_size], training=False).numpy()
+                                         for i in range(0, len(x), batch_size)] or [np.zeros((0, 3), np.float32)])
+                         for m in models], axis=0)
+        class_index = proba.argmax(axis=1)
+    cams, probas = zip(*[gradcam(m, x, class_index, layer_name, batch_size, method) for m in models])
+    cam = np.mean(cams, axis=0)
+    top = cam.reshape(len(cam), -1).max(axis=1) if len(cam) else np.zeros(0, np.float32)
+    cam = np.where(top[:, None, None] > 0, cam / np.maximum(top, 1e-12)[:, None, None], 0.0).astype(np.float32)
+    return cam, np.mean(probas, axis=0).astype(np.float32)
+
+
+def load_explainable(model_dir: str | Path):
+    """The Keras model of model_dir, or the list of its members' models for an ensemble (gradcam takes both)."""
+    from cxr.models import store
+
+    check_explainable(model_dir)
+    members = store.ensemble_members(model_dir)
+    if members:
+        return [store.load_keras(m / store.KERAS_FILE) for m in members]
+    return store.load_keras(Path(model_dir) / store.KERAS_FILE)
 
 
 def overlay(gray: np.ndarray, cam: np.ndarray, caption: str | None = None, alpha: float = 0.45,
@@ -183,6 +217,10 @@ def check_explainable(model_dir: str | Path) -> None:
 
     meta = store.read_metadata(model_dir)
     kind = store.model_kind(model_dir)
+    if kind == "ensemble":
+        for member in store.ensemble_members(model_dir):
+            check_explainable(member)
+        return
     if kind != "keras":
         raise NotExplainable(f"{model_dir}: Grad-CAM needs a Keras model with a convolutional layer; this is a "
                              f"{kind} (cxr.nn) model")
@@ -345,9 +383,9 @@ def shortcut_section(model_dir: str | Path, data_dir: str | Path, split: str = "
         check_explainable(model_dir)
     except NotExplainable as exc:
         return f"### Shortcut check: {name}\n\n(not run: {exc})\n", None
-    model = store.load_keras(Path(model_dir) / store.KERAS_FILE)
+    model = load_explainable(model_dir)
     splits = ("train", "val", "test") if split == "all" else tuple(s.strip() for s in split.split(","))
-    data = load_split(str(data_dir), splits)
+    data = load_split(str(data_dir), splits, limit=max_images)  # reads no more than it checks
     if len(data) == 0:
         return f"### Shortcut check: {name}\n\n(not run: no labeled {split} images)\n", None
     x, y = data.x[:max_images], data.y[:max_images]

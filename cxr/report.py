@@ -278,6 +278,7 @@ def write_report(models_dir: str | Path, evaluation: Mapping | None = None, spli
     else:
         L.append("(No evaluation found: run jobs/evaluate.py.)")
         L.append("")
+    L += ensemble_rows(metas, evaluation)
 
     from cxr.calibration import calibration_section
     from cxr.explain import shortcut_section
@@ -304,6 +305,41 @@ def write_report(models_dir: str | Path, evaluation: Mapping | None = None, spli
     path = root / "report.md"
     path.write_text("\n".join(L))
     return path
+
+
+def ensemble_rows(metas: Mapping[str, dict], evaluation: Mapping | None) -> list[str]:
+    """The seed-ensemble section: every member (evaluated beside its ensemble by cxr.spark.evaluate), the
+    members' mean and spread (what one training run would give), and the ensemble itself."""
+    ensembles = {n: m for n, m in metas.items() if m.get("kind") == "ensemble"}
+    if not ensembles:
+        return []
+    ev = (evaluation or {}).get("models", {})
+    split = (evaluation or {}).get("split", "test")
+    nv = (lambda s: (s.get("normal_vs_viral") or {}).get("accuracy"))
+    L = ["## Seed ensembles", "",
+         f"Each ensemble is one model (one folder, one model id, one model.onnx) predicting the mean of its members' "
+         f"probabilities; the members differ only in their seed. Numbers on the {split} split; \"members mean ± sd\" "
+         "is what a single training run gives on average and how much it moves with the seed.", "",
+         f"| model | seed | accuracy | macro-F1 | NORMAL-vs-VIRAL acc | final val accuracy |",
+         "|---|---|---|---|---|---|"]
+    for name, meta in ensembles.items():
+        members = meta["ensemble"]["members"]
+        for m in members:
+            s = ev.get(m["name"], {})
+            L.append(f"| {m['name']} | {m['seed']} | {_fmt(s.get('accuracy'))} | {_fmt(s.get('macro_f1'))} | "
+                     f"{_fmt(nv(s) if s else None)} | {_fmt((m['history'].get('val_accuracy') or [None])[-1])} |")
+        got = [ev[m["name"]] for m in members if m["name"] in ev]
+        if len(got) > 1:
+            spread = (lambda vals: "n/a" if any(v is None for v in vals) else
+                      f"{np.mean(vals):.4f} ± {np.std(vals, ddof=1):.4f}")
+            L.append(f"| members mean ± sd | | {spread([g['accuracy'] for g in got])} | "
+                     f"{spread([g['macro_f1'] for g in got])} | {spread([nv(g) for g in got])} | |")
+        s = ev.get(name, {})
+        L.append(f"| **{name}** (ensemble of {len(members)}) | {', '.join(str(m['seed']) for m in members)} | "
+                 f"{_fmt(s.get('accuracy'))} | {_fmt(s.get('macro_f1'))} | {_fmt(nv(s) if s else None)} | "
+                 f"{_fmt((meta.get('history', {}).get('val_accuracy') or [None])[-1])} (members' mean) |")
+    L.append("")
+    return L
 
 
 def _weights(w: Mapping | None) -> str:

@@ -140,7 +140,7 @@ def figure1(items: Sequence[tuple[str, dict[str, np.ndarray]]], out: str | Path,
 
 def stages_of_file(path: str | Path, params) -> dict[str, np.ndarray]:
     """Decode one file and run the preprocessing steps, keeping every stage; user errors become VizError."""
-    from cxr.image.decode import decode_image
+    from cxr.image.pipeline import decode_with, equalization_input, preprocess_stages
     from cxr.image.rejection import RejectedImage
 
     p = Path(path)
@@ -148,12 +148,10 @@ def stages_of_file(path: str | Path, params) -> dict[str, np.ndarray]:
         raise VizError(f"{path}: no such file")
     data = p.read_bytes()
     try:
-        decoded = decode_image(data, max_pixels=params.max_pixels, min_side=params.min_side)
+        decoded = decode_with(data, params)   # as the preprocess job decodes (16-bit window, reduced decode)
     except RejectedImage as exc:
         raise VizError(f"{path}: {exc.reason}") from None
-    from cxr.image.pipeline import preprocess_stages
-
-    return preprocess_stages(decoded.pixels, params)
+    return preprocess_stages(equalization_input(decoded), params)
 
 
 def _read_uri(uri: str) -> bytes:
@@ -236,17 +234,16 @@ def recompute_from_parquet(pre_out: str, n: int, seed: int = 0):
     rows = _spread(meta, n, seed)
     stored = _stored_images(pre_out, [r["sha256"] for r in rows])
     items, notes = [], []
-    from cxr.image.decode import decode_image
-    from cxr.image.pipeline import preprocess_stages
+    from cxr.image.pipeline import decode_with, equalization_input, preprocess_stages
     from cxr.image.rejection import RejectedImage
 
     for r in rows:
         try:
             data = _read_uri(r["path"])
-            decoded = decode_image(data, max_pixels=params.max_pixels, min_side=params.min_side)
+            decoded = decode_with(data, params)
         except (OSError, RejectedImage) as exc:
             raise VizError(f"cannot re-read the source of {r['sha256'][:12]} ({r['path']}): {exc}") from None
-        stages = preprocess_stages(decoded.pixels, params)
+        stages = preprocess_stages(equalization_input(decoded), params)
         same = r["sha256"] in stored and np.array_equal(stages["resized"], stored[r["sha256"]])
         label = r["label"] if isinstance(r["label"], str) else "unlabeled"
         items.append((f"{label}/{r['path'].rsplit('/', 1)[-1]}", stages))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cxr.cli import base_parser, run_job  # noqa: E402
+from cxr.cli import add_tracking_flags, base_parser, run_job, start_tracking, tracking_overrides  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -24,11 +24,15 @@ def main(argv=None) -> int:
     parser.add_argument("--engine", choices=("onnx", "keras"),
                         help="inference engine on the executors: onnx (model.onnx in ONNX Runtime) or keras (the "
                              "model's own framework: Keras or cxr.nn); default: conf inference.engine")
+    add_tracking_flags(parser)
     args = parser.parse_args(argv)
-    overrides = {"crossval.keep_models": True if args.keep_models else None, "inference.engine": args.engine}
+    overrides = {"crossval.keep_models": True if args.keep_models else None, "inference.engine": args.engine,
+                 **tracking_overrides(args)}
 
     def body(spark, config):
         from cxr.crossval import REPORT_FILE, run
+
+        tracking = start_tracking(config)
 
         result = run(spark, args.data, args.out, config, folds=args.folds, seeds=args.seeds, models=args.models,
                      optimizers=args.optimizers, epochs=args.epochs, probes=False if args.no_probes else None,
@@ -41,6 +45,10 @@ def main(argv=None) -> int:
         for warning in [w for ws in (result.get("warnings") or {}).values() for w in ws]:
             print(warning)
         print(f"crossval: {result['timings_s']['total']:.0f}s -> {Path(args.out) / REPORT_FILE}")
+        if tracking:
+            from cxr.tracking.mirror import log_crossval
+
+            print(f"mlflow: run {log_crossval(tracking, args.data, args.out, result)}")
 
     return run_job(args, overrides, body)
 

@@ -18,11 +18,14 @@ def main(argv=None) -> int:
     parser.add_argument("--tile-grid", type=int, help="CLAHE tiles per side")
     parser.add_argument("--resize-mode", choices=["stretch", "pad", "crop"])
     parser.add_argument("--seed", type=int, help="split seed")
+    parser.add_argument("--decode-reduction", choices=["off", "auto"], help="decode at 1/2-1/8 scale when large")
+    parser.add_argument("--on-damaged", choices=["reject", "flag"], help="files the codec reports damaged")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     args = parser.parse_args(argv)
     overrides = {"preprocess.size": args.size, "preprocess.method": args.method,
                  "preprocess.clip_limit": args.clip_limit, "preprocess.tile_grid": args.tile_grid,
-                 "preprocess.resize_mode": args.resize_mode, "preprocess.split.seed": args.seed}
+                 "preprocess.resize_mode": args.resize_mode, "preprocess.split.seed": args.seed,
+                 "preprocess.decode_reduction": args.decode_reduction, "preprocess.on_damaged": args.on_damaged}
 
     def body(spark, config):
         from cxr.spark.preprocess import run

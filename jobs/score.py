@@ -6,13 +6,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cxr.cli import base_parser, run_job  # noqa: E402
+from cxr.cli import add_tracking_flags, base_parser, run_job, start_tracking, tracking_overrides  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = base_parser(__doc__)
     parser.add_argument("--input", required=True, help="raw image folder, or a preprocess job's output folder")
-    parser.add_argument("--model", required=True, help="a model folder written by jobs/train.py")
+    parser.add_argument("--model", required=True,
+                        help="a model folder written by jobs/train.py, or a model it logged to MLflow: "
+                             "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model")
     parser.add_argument("--output", required=True, help="predictions folder (grows run by run)")
     parser.add_argument("--batch-size", type=int, help="images per model call")
     parser.add_argument("--full", action="store_true", help="rescore files already scored by this model")
@@ -24,13 +26,30 @@ def main(argv=None) -> int:
     parser.add_argument("--run-id", help="name of this run (default: UTC time + random suffix)")
     parser.add_argument("--explain", metavar="N|all", help="Grad-CAM overlays for N images per predicted class "
                         "(or all) -> PRED_DIR/explain/run_id=R/, indexed in PRED_DIR/explanations/")
+    parser.add_argument("--on-damaged", choices=["reject", "flag"],
+                        help="files the codec reports damaged: errors rows, or predictions with decode_warnings")
+    add_tracking_flags(parser)
     args = parser.parse_args(argv)
 
     def body(spark, config):
         from cxr.spark.score import run
+        from cxr.tracking.registry import is_model_uri, resolve
+        from cxr.tracking.settings import TrackingSettings
 
-        r = run(spark, args.input, args.model, args.output, config, batch_size=args.batch_size, full=args.full,
-                run_id=args.run_id, explain=args.explain, engine=args.engine, retry_errors=args.retry_errors)
+        tracking = start_tracking(config)
+        model_dir, registry = args.model, None
+        if is_model_uri(args.model):   # resolved once, here on the driver
+            registry = resolve(args.model, tracking or TrackingSettings.from_config(config)).record()
+            model_dir = registry["dir"]
+            version = f" version {registry['version']}" if registry["version"] else ""
+            print(f"score: {args.model} ->{version} {model_dir}")
+        r = run(spark, args.input, model_dir, args.output, config, batch_size=args.batch_size, full=args.full,
+                run_id=args.run_id, explain=args.explain, engine=args.engine, retry_errors=args.retry_errors,
+                registry=registry)
+        if tracking:
+            from cxr.tracking.mirror import log_score
+
+            print(f"mlflow: run {log_score(tracking, r)}")
         c = r["counts"]
         print(f"score: run {r['run_id']}: {c['input']} files -> {c['scored']} scored, {c['rejected']} rejected, "
               f"{c['skipped_unchanged']} unchanged (not read), {c['skipped_already_scored']} already scored; "
@@ -40,7 +59,8 @@ def main(argv=None) -> int:
             print(f"explain: {e.get('images', 0)} overlays in {e.get('png_dir')}" if "error" not in e
                   else f"explain: failed ({e['error']}); predictions are unaffected")
 
-    return run_job(args, {"score.batch_size": args.batch_size}, body)
+    return run_job(args, {"score.batch_size": args.batch_size, "preprocess.on_damaged": args.on_damaged,
+                          **tracking_overrides(args)}, body)
 
 
 if __name__ == "__main__":

@@ -1,36 +1,55 @@
-"""Example Airflow DAG: score the X-ray archive every night with jobs/score.py (incremental by default).
+"""Airflow DAG: score the X-ray archive every night with jobs/score.py (incremental: a night costs what changed).
 
-Copy into your DAGs folder and set the Airflow Variables cxr_home, cxr_archive, cxr_model, cxr_predictions
-(and a Spark connection `spark_default` pointing at your master). Needs apache-airflow and
-apache-airflow-providers-apache-spark; cxr-spark itself does not depend on Airflow.
+Copy it into your DAGs folder. It submits, through the Spark connection `spark_default` (your master), the
+README's nightly command. The model is a registry URI, `models:/cxr@champion` by default: promoting another
+version (`python -m cxr.tracking.registry promote cxr VERSION`) changes what the next night scores, with no edit
+here. Paths and URIs are DAG params: change their defaults below or per run (trigger with config). Nothing is
+looked up when the file is parsed (no Variables, no connections): the scheduler parses it often.
+
+`make test-airflow` loads this file with Airflow's DagBag and checks the command it renders against the README.
+Needs apache-airflow 3 and apache-airflow-providers-apache-spark (the project's `airflow` extra).
 """
 from __future__ import annotations
 
 import pendulum
-from airflow import DAG
-from airflow.models import Variable
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
-CXR_HOME = Variable.get("cxr_home", default_var="/opt/cxr-spark")
+try:                                    # Airflow 3
+    from airflow.sdk import DAG, Param
+except ImportError:                     # Airflow 2.x
+    from airflow import DAG
+    from airflow.models.param import Param
 
 with DAG(
     dag_id="cxr_nightly_score",
     schedule="30 2 * * *",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,          # each run scores whatever is new; there is nothing to backfill
-    max_active_runs=1,      # one run at a time per predictions folder
+    max_active_runs=1,      # one run at a time per predictions folder (a second would exit 3 on the lease)
     tags=["cxr", "spark"],
+    params={
+        "cxr_home": Param("/opt/cxr-spark", type="string", description="the cxr-spark checkout (jobs/)"),
+        "archive": Param("/data/xray-archive", type="string", description="raw archive (grows every night)"),
+        "model": Param("models:/cxr@champion", type="string",
+                       description="models:/NAME@ALIAS, models:/NAME/VERSION or a model folder"),
+        "predictions": Param("/data/predictions", type="string", description="PRED_DIR"),
+        "tracking_uri": Param("sqlite:////opt/cxr-spark/mlflow.db", type="string",
+                              description="the MLflow store train registered the model in"),
+    },
 ) as dag:
     SparkSubmitOperator(
         task_id="score_archive",
         conn_id="spark_default",
-        application=f"{CXR_HOME}/jobs/score.py",
+        name="cxr-nightly-score",   # the Spark application's name (history server, cluster UI)
+        application="{{ params.cxr_home }}/jobs/score.py",
         application_args=[
-            "--input", Variable.get("cxr_archive", default_var="/data/xray-archive"),
-            "--model", Variable.get("cxr_model", default_var=f"{CXR_HOME}/models/cnn-adam"),
-            "--output", Variable.get("cxr_predictions", default_var="/data/predictions"),
+            "--input", "{{ params.archive }}",
+            "--model", "{{ params.model }}",
+            "--output", "{{ params.predictions }}",
+            "--tracking-uri", "{{ params.tracking_uri }}",
             "--run-id", "{{ ts_nodash }}",
         ],
         conf={"spark.sql.execution.arrow.maxRecordsPerBatch": "16"},
         retries=2,          # a rerun is safe: crashed runs are cleaned up and scored files skipped
+        retry_delay=pendulum.duration(minutes=10),
     )

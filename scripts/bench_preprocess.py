@@ -5,8 +5,8 @@ Both sides call the same per-image function, cxr.image.batch.process_file (read 
 preprocess_bytes: decode, CLAHE, brightness, resize -> one row), and both end with Parquet on disk:
 
     Pool(2)  files -> imap_unordered(process_file) -> pyarrow ParquetWriter (zstd), in the parent
-    Spark    cxr.spark.preprocess.run(): binaryFile -> mapInPandas(process_frame) -> staging Parquet ->
-             dedup / split / repartition -> images, errors, duplicates Parquet + manifest.json
+    Spark    cxr.spark.preprocess.run(): driver-side listing -> one stage (each Python worker reads its files,
+             process_file, patient id + split) -> images Parquet; counts, duplicates, errors from thin columns
 
 Timed: wall clock from "files on disk" to "Parquet written", warm on both sides. The Spark session is
 started and a warm-up run() on 6 images is done first (JVM, Python workers and their imports are ready,
@@ -14,18 +14,24 @@ as in a long-lived session); the Pool is created and its workers have imported e
 clock starts. Start-up costs are reported separately. Each input is run --rounds times per side, the
 order rotated every round, and the median is kept (the machine is shared: single timings are noisy).
 
-Spark runs in child processes, one per configuration: conf/default.yaml as the job uses it, and a
-"tuned" one (--tuned, default: larger file partitions and the JVM's C1 JIT only), because JVM options
-only apply when a JVM starts. CPU seconds of the workers and of the driver JVM are read from /proc, to
-show where the time goes: on 2 cores the JVM competes with the Python workers for the same CPUs.
+Inputs: --sizes synthetic 1024 px files (default 600 and 5,000; the first n of scripts/bench_score.py's
+cached archive: 200 rendered radiographs, each file a flip/shift/exposure of one, 55/45 PNG/JPEG), the 450
+real X-rays of ../shared/data/cxr, and one --big run (default 20,000 files, Spark only, one round) for how
+time per image and memory hold up. CPU seconds of the Python workers and of the driver JVM come from /proc;
+the slope between the two synthetic sizes is the marginal CPU per image, the intercept the fixed cost per run.
+With --reduction, the 600-file and the real sets are also run with preprocess.decode_reduction=auto, on
+both sides, for images per core-second with and without it.
 
-Peak memory of the Python workers is polled from /proc (psutil is not a dependency): VmHWM of the
-Pool's children, and of the pyspark.daemon / worker processes under each JVM. It is measured at two
-input sizes (--images and a quarter of it) to show that it does not grow with the number of images.
+Spark runs in child processes, one per configuration (conf/default.yaml as the job uses it; --tuned adds a
+second configuration to compare, e.g. JVM options, which only apply when a JVM starts).
 
-    python scripts/bench_preprocess.py               # 600 synthetic 1024x1024 images + ../shared/data/cxr
-    python scripts/bench_preprocess.py --quick       # 60 images at 512 px, nothing written: does it work?
-    python scripts/bench_preprocess.py --tuned spark.sql.shuffle.partitions=4   # try other settings
+Peak memory is VmHWM from /proc (psutil is not a dependency): of any one Python worker (the Pool's
+children, or the pyspark.daemon and workers under the JVM), of the driver JVM and of the Python driver,
+each reset before every run (/proc/PID/clear_refs), so a peak belongs to that run.
+
+    python scripts/bench_preprocess.py               # 600 + 5,000 synthetic, the real set, 20,000, reduction
+    python scripts/bench_preprocess.py --quick       # 60 + 120 files at 512 px, nothing written: does it work?
+    python scripts/bench_preprocess.py --tuned spark.sql.execution.arrow.maxRecordsPerBatch=64   # an experiment
 """
 from __future__ import annotations
 
@@ -50,85 +56,53 @@ SECTION = "## Preprocess: Spark vs multiprocessing.Pool (scripts/bench_preproces
 SHARED = ROOT.parent / "shared" / "data" / "cxr"
 MASTER = "local[2]"
 WORKERS = 2
-# The tuning finding: on 2 cores the driver JVM competes with the Python workers for CPU. Fewer, larger file
-# tasks (41 -> 11 for 600 images: less per-task set-up in the JVM and the workers) and the JVM's quick C1 JIT
-# only (its optimising C2 compiler keeps compiling Spark's code for minutes) cut the JVM's CPU by ~40%.
-DEFAULT_TUNED = ["spark.sql.files.maxPartitionBytes=268435456", "spark.driver.extraJavaOptions=-XX:TieredStopAtLevel=1"]
+GOALS = {"ratio_big": 0.9, "ratio_real": 0.9, "ratio_small": 0.8, "jvm_ms_per_image": 3.0, "big_within": 0.15}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=600, help="synthetic images (a quarter of them is the small run)")
+    p.add_argument("--sizes", type=int, nargs=2, default=[600, 5000], metavar=("SMALL", "LARGE"),
+                   help="synthetic set sizes: the slope between them is the marginal cost per image")
+    p.add_argument("--big", type=int, default=20000, help="the one large Spark-only run (0: none)")
     p.add_argument("--size", type=int, default=1024, help="side of the synthetic images in pixels")
     p.add_argument("--rounds", type=int, default=3, help="timed runs per side and input (median kept)")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="BENCHMARKS.md to update")
     p.add_argument("--skip-shared", action="store_true", help=f"do not run on {SHARED}")
+    p.add_argument("--no-reduction", dest="reduction", action="store_false",
+                   help="skip the decode_reduction=auto runs")
     p.add_argument("--quick", action="store_true",
-                   help="60 images at 512 px, 1 round, no shared data, BENCHMARKS.md untouched")
+                   help="60 + 120 images at 512 px, 1 round, no shared data, no big run, BENCHMARKS.md untouched")
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra Spark setting for the experiment (repeatable), e.g. "
-                        "spark.sql.execution.arrow.maxRecordsPerBatch=64")
-    p.add_argument("--tuned", action="append", default=None, metavar="KEY=VALUE",
-                   help="settings of a second Spark configuration measured in the same run "
-                        f"(default: {' '.join(DEFAULT_TUNED)}, see DEFAULT_TUNED)")
-    p.add_argument("--no-tuned", action="store_true", help="measure the default Spark configuration only")
+                   help="extra Spark setting for every Spark run (repeatable)")
+    p.add_argument("--tuned", action="append", default=[], metavar="KEY=VALUE",
+                   help="settings of a second Spark configuration measured in the same run (an experiment)")
     p.add_argument("--json", help="also write the raw measurements here")
+    p.add_argument("--from-json", help="write the report from measurements saved with --json (nothing is run; "
+                                       "give the flags of that run)")
     p.add_argument("--serve-spark", help=argparse.SUPPRESS)
     p.add_argument("--reply-fd", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.tuned is None:
-        args.tuned = list(DEFAULT_TUNED)
     if args.quick:
-        args.images, args.size, args.rounds, args.no_write, args.skip_shared = 60, 512, 1, True, True
+        args.sizes, args.size, args.rounds, args.no_write, args.skip_shared, args.big = [60, 120], 512, 1, True, True, 0
     return args
 
 
 # ----------------------------------------------------------------------------- input data
-def _render_one(job):
-    """Draw one synthetic radiograph and write it as 8-bit PNG or JPEG (55/45, like cxr.synth)."""
-    import cv2
-    import numpy as np
+def synthetic_inputs(sizes: list[int], size: int) -> dict[int, Path]:
+    """{n: folder} with the first n files of scripts/bench_score.py's cached synthetic archive of the largest
+    n (made once; the smaller sets are hard-linked subsets, so every set is a prefix of the next)."""
+    from scripts.bench_score import synthetic_archive
 
-    from cxr.synth import CLASSES, render_chest
-
-    index, size, seed, out = job
-    cls = CLASSES[index % len(CLASSES)]
-    rng = np.random.default_rng([seed, index])
-    ext = ".png" if rng.random() < 0.55 else ".jpg"
-    pixels = np.round(render_chest(cls, size, rng) * 255.0).astype(np.uint8)
-    path = Path(out, cls, f"{cls.lower()}_{index:05d}{ext}")
-    if not cv2.imwrite(str(path), pixels):
-        raise RuntimeError(f"could not write {path}")
-    return str(path)
-
-
-def synthetic_input(n: int, size: int, seed: int = 0) -> Path:
-    """n images of size x size in class folders, made once and cached (rendering 1024 px takes ~0.5 s each).
-
-    Written with render_chest + cv2.imwrite on 2 processes rather than cxr.synth.generate_archive, which
-    renders one image at a time and adds DICOM/16-bit/broken files that are not the point here."""
-    out = CACHE / f"synth-{size}px-{n}-seed{seed}"
-    marker = out.with_name(out.name + ".done.json")
-    if marker.is_file() and out.is_dir():
-        return out
-    shutil.rmtree(out, ignore_errors=True)
-    from cxr.synth import CLASSES
-
-    for cls in CLASSES:
-        (out / cls).mkdir(parents=True)
-    t0 = time.perf_counter()
-    with mp.get_context("spawn").Pool(WORKERS) as pool:
-        paths = pool.map(_render_one, [(i, size, seed, str(out)) for i in range(n)], chunksize=4)
-    marker.write_text(json.dumps({"n": n, "size": size, "seed": seed, "seconds": time.perf_counter() - t0}))
-    print(f"generated {len(paths)} images of {size}x{size} in {out} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    return out
+    full_n = max(sizes)
+    full = synthetic_archive(full_n, size)
+    return {n: full if n == full_n else linked_subset(full, n, f"{full.name}-first{n}") for n in sizes}
 
 
 # ----------------------------------------------------------------------------- memory of the workers
 # /proc helpers shared with the other bench scripts: cxr/bench.py
 from cxr.bench import (CACHE, POOL_WORKERS, SPARK_JVM, SPARK_WORKERS, WorkerMemory, cpu_delta,  # noqa: E402
-                       cpu_seconds, input_files, linked_subset, versions)
+                       cpu_seconds, input_files, linked_subset, matching, reset_peak_rss, status_kb, versions)
 
 
 # ----------------------------------------------------------------------------- the plain Pool side
@@ -199,12 +173,14 @@ def run_pool(files: list[str], root: Path, pre: dict, out: Path, chunksize: int 
 
 
 # ----------------------------------------------------------------------------- the Spark side
-def bench_config() -> dict:
-    """conf/default.yaml as the job uses it; only the console progress bar is off (it adds noise, not work)."""
+def bench_config(pre: dict | None = None) -> dict:
+    """conf/default.yaml as the job uses it, with preprocess overrides; the console progress bar is off (it adds
+    noise, not work)."""
     from cxr.config import load_config
 
     config = load_config()
     config["spark"]["conf"]["spark.ui.showConsoleProgress"] = False
+    config["preprocess"].update(pre or {})
     return config
 
 
@@ -217,10 +193,14 @@ def start_spark(config: dict, extra_conf: dict):
 
 
 def run_spark(spark, input_dir: Path, config: dict, out: Path) -> dict:
-    """cxr.spark.preprocess.run() on a warm session, wall clock around the call (output removed first)."""
+    """cxr.spark.preprocess.run() on a warm session, wall clock around the call (output removed first). Peak
+    RSS of the JVM and of this Python driver is reset first, so it is this run's."""
     from cxr.spark.preprocess import run
 
     shutil.rmtree(out, ignore_errors=True)
+    jvms = matching(SPARK_JVM)
+    for pid in [*jvms, "self"]:
+        reset_peak_rss(pid)
     with WorkerMemory(SPARK_WORKERS) as mem:
         cpu0, jvm0 = cpu_seconds(SPARK_WORKERS), cpu_seconds(SPARK_JVM)
         t0 = time.perf_counter()
@@ -228,8 +208,10 @@ def run_spark(spark, input_dir: Path, config: dict, out: Path) -> dict:
         seconds = time.perf_counter() - t0
         cpu = {"workers": cpu_delta(cpu0, cpu_seconds(SPARK_WORKERS)),
                "driver": cpu_delta(jvm0, cpu_seconds(SPARK_JVM))}
-    return {"seconds": seconds, "counts": result["counts"], "timings_s": result["timings_s"],
-            "peak_rss_mb": mem.peak_mb, "workers_seen": len(mem.peaks), "cpu_s": cpu}
+    return {"seconds": seconds, "counts": result["counts"], "timings_s": result["timings_s"], "io": result["io"],
+            "peak_rss_mb": mem.peak_mb, "workers_seen": len(mem.peaks), "cpu_s": cpu,
+            "jvm_rss_mb": max((status_kb(pid, "VmHWM:") for pid in jvms), default=0) / 1024,
+            "driver_rss_mb": status_kb("self", "VmHWM:") / 1024}
 
 
 def serve_spark(extra_conf: dict, reply_fd: int) -> int:
@@ -240,12 +222,12 @@ def serve_spark(extra_conf: dict, reply_fd: int) -> int:
     import traceback
 
     logging_quiet()
-    config = bench_config()
     spark = None
     with os.fdopen(reply_fd, "w") as replies:
         for line in sys.stdin:
             req = json.loads(line)
             try:
+                config = bench_config(req.get("pre"))
                 if req["cmd"] == "session":  # a fresh SparkContext (fresh Python workers), then the warm-up
                     if spark is not None:
                         spark.stop()
@@ -298,17 +280,21 @@ class SparkChild:
 
 
 # ----------------------------------------------------------------------------- one input, every side
-def bench_input(name: str, input_dir: Path, pre: dict, sparks: list[SparkChild], rounds: int, warmup: Path) -> dict:
+def bench_input(name: str, input_dir: Path, pre: dict, sparks: list[SparkChild], rounds: int, warmup: Path,
+                with_pool: bool = True) -> dict:
     """A fresh SparkContext per input and configuration (so the workers' VmHWM starts clean), then the
     sides in turn, the order rotated each round so that each side goes first once in 3 rounds."""
-    files = input_files(input_dir, pre)
-    print(f"\n== {name}: {len(files)} files in {input_dir}", flush=True)
-    sides = ["Pool"] + [s.label for s in sparks]
+    config_pre = {**bench_config()["preprocess"], **pre}
+    files = input_files(input_dir, config_pre)
+    tag = f" ({', '.join(f'{k}={v}' for k, v in pre.items())})" if pre else ""
+    print(f"\n== {name}{tag}: {len(files)} files in {input_dir}", flush=True)
+    sides = (["Pool"] if with_pool else []) + [s.label for s in sparks]
     by_label = {s.label: s for s in sparks}
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     sessions = {}
     for s in sparks:
-        sessions[s.label] = s.call(cmd="session", warmup=str(warmup), out=str(CACHE / "out" / "spark-warmup"))
+        sessions[s.label] = s.call(cmd="session", warmup=str(warmup), out=str(CACHE / "out" / "spark-warmup"),
+                                   pre=pre)
         print(f"   {s.label}: session {sessions[s.label]['session_s']:.1f} s, warm-up run() on "
               f"{sessions[s.label]['warmup_files']} files {sessions[s.label]['warmup_s']:.1f} s", flush=True)
     loads = []
@@ -317,140 +303,213 @@ def bench_input(name: str, input_dir: Path, pre: dict, sparks: list[SparkChild],
             loads.append(os.getloadavg()[0])
             out = CACHE / "out" / re.sub(r"[^a-z0-9]+", "-", f"{side}-{name}".lower())
             if side == "Pool":
-                res = run_pool(files, input_dir, pre, out)
+                res = run_pool(files, input_dir, config_pre, out)
             else:
-                res = by_label[side].call(cmd="run", input=str(input_dir), out=str(out))
+                res = by_label[side].call(cmd="run", input=str(input_dir), out=str(out), pre=pre)
+            shutil.rmtree(out, ignore_errors=True)   # 20,000 rows are ~1 GB: do not keep them around
             runs[side].append(res)
-            print(f"   round {r + 1} {side:12s} {res['seconds']:6.2f} s {len(files) / res['seconds']:6.1f} img/s"
-                  f"  CPU s: workers {res['cpu_s']['workers']:5.1f}, {'JVM' if side != 'Pool' else 'parent'} "
+            print(f"   round {r + 1} {side:12s} {res['seconds']:7.2f} s {len(files) / res['seconds']:6.1f} img/s"
+                  f"  CPU s: workers {res['cpu_s']['workers']:6.1f}, {'JVM' if side != 'Pool' else 'parent'} "
                   f"{res['cpu_s']['driver']:5.1f}  peak worker RSS {res['peak_rss_mb']:.0f} MB"
-                  + (f"  stages {res['timings_s']}" if side != "Pool" else ""), flush=True)
+                  + (f"  JVM RSS {res['jvm_rss_mb']:.0f} MB, stages {res['timings_s']}, io {res['io']}"
+                     if side != "Pool" else ""), flush=True)
     med = statistics.median
     kinds: dict[str, int] = {}
     for f in files:
         ext = os.path.splitext(f)[1].lower().replace(".jpeg", ".jpg")
         kinds[ext] = kinds.get(ext, 0) + 1
-    result = {"name": name, "input": str(input_dir), "files": len(files), "rounds": rounds, "loadavg": loads,
-              "mb": sum(os.path.getsize(f) for f in files) / 1e6, "kinds": kinds, "sides": {}}
+    result = {"name": name, "pre": pre, "input": str(input_dir), "files": len(files), "rounds": rounds,
+              "loadavg": loads, "mb": sum(os.path.getsize(f) for f in files) / 1e6, "kinds": kinds, "sides": {}}
     for side in sides:
         rs = runs[side]
-        result["sides"][side] = {
+        d = result["sides"][side] = {
             "seconds": med(x["seconds"] for x in rs), "all_s": [round(x["seconds"], 2) for x in rs],
             "cpu_workers_s": med(x["cpu_s"]["workers"] for x in rs),
             "cpu_driver_s": med(x["cpu_s"]["driver"] for x in rs),
-            "peak_rss_mb": max(x["peak_rss_mb"] for x in rs), "counts": rs[0]["counts"],
-            **({"startup_s": med(x["startup_s"] for x in rs)} if side == "Pool" else
-               {"stages_s": {k: med(x["timings_s"][k] for x in rs) for k in rs[0]["timings_s"]}, **sessions[side]}),
-        }
-    pool = result["sides"]["Pool"]
-    for side in sides:
-        result["sides"][side]["ips"] = len(files) / result["sides"][side]["seconds"]
-        result["sides"][side]["ratio"] = pool["seconds"] / result["sides"][side]["seconds"]
-    ok = pool["counts"].get("ok", 0)
-    for s in sparks:
-        c = result["sides"][s.label]["counts"]
-        if ok != c["written"] + c["duplicates"] or len(files) != c["input"]:
-            print(f"   WARNING: {s.label} saw other files than the Pool: {c} vs {pool['counts']}", flush=True)
+            "peak_rss_mb": max(x["peak_rss_mb"] for x in rs), "counts": rs[0]["counts"]}
+        if side == "Pool":
+            d["startup_s"] = med(x["startup_s"] for x in rs)
+        else:
+            d.update(stages_s={k: med(x["timings_s"][k] for x in rs) for k in rs[0]["timings_s"]},
+                     jvm_rss_mb=max(x["jvm_rss_mb"] for x in rs), driver_rss_mb=max(x["driver_rss_mb"] for x in rs),
+                     io=rs[0]["io"], **sessions[side])
+        d["ips"] = len(files) / d["seconds"]
+        d["per_core_s"] = len(files) / max(1e-9, d["cpu_workers_s"] + d["cpu_driver_s"])
+    if with_pool:
+        pool = result["sides"]["Pool"]
+        for side in sides:
+            result["sides"][side]["ratio"] = pool["seconds"] / result["sides"][side]["seconds"]
+        ok = pool["counts"].get("ok", 0)
+        for s in sparks:
+            c = result["sides"][s.label]["counts"]
+            if ok != c["written"] + c["duplicates"] or len(files) != c["input"]:
+                print(f"   WARNING: {s.label} saw other files than the Pool: {c} vs {pool['counts']}", flush=True)
     return result
 
 
 # ----------------------------------------------------------------------------- report
-def tables(results: list[dict], labels: list[str]) -> list[str]:
-    sparks = labels[1:]
-    head = ("| input | files | Pool(2) s | " + " | ".join(f"{l} s" for l in sparks) + " | Pool img/s | "
-            + " | ".join(f"{l} img/s | **ratio {l}/Pool**" for l in sparks) + " |")
-    rows = [head, "|---|---|---|" + "---|" * len(sparks) + "---|" + "---|---|" * len(sparks)]
-    for r in results:
-        sd = r["sides"]
-        rows.append(f"| {r['name']} | {r['files']} | {sd['Pool']['seconds']:.1f} | "
-                    + " | ".join(f"{sd[l]['seconds']:.1f}" for l in sparks) + f" | {sd['Pool']['ips']:.1f} | "
-                    + " | ".join(f"{sd[l]['ips']:.1f} | **{sd[l]['ratio']:.2f}**" for l in sparks) + " |")
-    rows += ["", "Where the CPU goes (median CPU seconds per run, from /proc: Python workers + the parent or the "
-             "driver JVM), Spark's decode stage (read + preprocess + staging Parquet, from run()'s own timings) "
-             "and the peak RSS of one Python worker:", "",
-             "| input | Pool CPU s workers + parent | " + " | ".join(f"{l} CPU s workers + JVM" for l in sparks)
-             + " | " + " | ".join(f"{l} decode stage s" for l in sparks) + " | peak worker RSS MB: Pool / "
-             + " / ".join(sparks) + " |",
-             "|---|---|" + "---|" * (2 * len(sparks)) + "---|"]
-    for r in results:
-        sd = r["sides"]
-        rows.append(f"| {r['name']} | {sd['Pool']['cpu_workers_s']:.1f} + {sd['Pool']['cpu_driver_s']:.1f} | "
-                    + " | ".join(f"{sd[l]['cpu_workers_s']:.1f} + {sd[l]['cpu_driver_s']:.1f}" for l in sparks) + " | "
-                    + " | ".join(f"{sd[l]['stages_s']['decode']:.1f}" for l in sparks) + " | "
-                    + " / ".join(f"{sd[l]['peak_rss_mb']:.0f}" for l in labels) + " |")
+def cpu_ratio(r: dict, spark: str) -> float:
+    """Pool CPU seconds / Spark CPU seconds for the same files (workers + parent or JVM): the ratio on dedicated
+    cores, less at the mercy of the other jobs on a shared machine than the wall-clock one."""
+    p, s = r["sides"]["Pool"], r["sides"][spark]
+    return (p["cpu_workers_s"] + p["cpu_driver_s"]) / max(1e-9, s["cpu_workers_s"] + s["cpu_driver_s"])
+
+
+def cpu_ms(r: dict, side: str) -> float:
+    s = r["sides"][side]
+    return 1000 * (s["cpu_workers_s"] + s["cpu_driver_s"]) / r["files"]
+
+
+def marginal(small: dict, large: dict, side: str, key: str) -> tuple[float, float]:
+    """(ms per extra image, fixed seconds per run) of a measure, from the line through the two sizes."""
+    a, b = small["sides"][side][key], large["sides"][side][key]
+    slope = (b - a) / max(1, large["files"] - small["files"])
+    return slope * 1000, a - slope * small["files"]
+
+
+def _met(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def tables(res: dict, spark: str) -> list[str]:
+    main = [r for r in res["inputs"] if not r["pre"]]
+    rows = ["| input | files | Pool(2) s | Spark s | Pool img/s | Spark img/s | **Spark/Pool** (wall) | CPU s Pool: workers + "
+            "parent | CPU s Spark: workers + JVM | **CPU Pool/Spark** | Spark stages s (list / decode+write / rest) | "
+            "peak RSS MB: Pool worker / Spark worker / JVM / Python driver |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in main:
+        p, s = r["sides"]["Pool"], r["sides"][spark]
+        st = s["stages_s"]
+        rows.append(f"| {r['name']} | {r['files']} | {p['seconds']:.1f} | {s['seconds']:.1f} | {p['ips']:.1f} | "
+                    f"{s['ips']:.1f} | **{s['ratio']:.2f}** | {p['cpu_workers_s']:.1f} + {p['cpu_driver_s']:.1f} | "
+                    f"{s['cpu_workers_s']:.1f} + {s['cpu_driver_s']:.1f} | **{cpu_ratio(r, spark):.2f}** | "
+                    f"{st['list']:.1f} / {st['decode']:.1f} / "
+                    f"{st.get('write', 0) + st.get('verify', 0):.1f} | {p['peak_rss_mb']:.0f} / {s['peak_rss_mb']:.0f} / "
+                    f"{s['jvm_rss_mb']:.0f} / {s['driver_rss_mb']:.0f} |")
     return rows
 
 
-def interpretation(results: list[dict], labels: list[str]) -> str:
-    small, big = results[0], results[1]
-    base = big["sides"][labels[1]]
-    pool = big["sides"]["Pool"]
-    text = (f"On {big['files']} images Spark (default conf) runs at **{base['ratio']:.2f}x** the plain Pool "
-            f"({'meets' if base['ratio'] >= 0.9 else 'misses'} the 0.9x goal): its Python workers use about the "
-            f"Pool's CPU ({base['cpu_workers_s']:.0f} s vs {pool['cpu_workers_s']:.0f} s) but the driver JVM adds "
-            f"{base['cpu_driver_s']:.0f} s of CPU on the same 2 cores (JIT compilation, per-task set-up, planning and "
-            f"the ~34 stages of run(): listing, staging write, dedup, repartition, verify)")
-    if len(labels) > 2:
-        tuned = big["sides"][labels[2]]
-        text += (f"; {labels[2]} cuts the JVM to {tuned['cpu_driver_s']:.0f} s and reaches "
-                 f"**{tuned['ratio']:.2f}x**")
-    rss = " / ".join(f"{l} {small['sides'][l]['peak_rss_mb']:.0f} -> {big['sides'][l]['peak_rss_mb']:.0f} MB"
-                     for l in labels)
-    return (text + f". Peak worker RSS does not grow with the input ({small['files']} -> {big['files']} images: "
-            f"{rss}).")
+def marginal_table(res: dict, spark: str) -> list[str]:
+    small, large = res["synthetic"]
+    rows = ["| per run, from the two synthetic sizes | Pool workers | Pool parent | Spark Python workers | Spark JVM | "
+            "Pool wall | Spark wall |", "|---|---|---|---|---|---|---|"]
+    cells = [marginal(small, large, "Pool", "cpu_workers_s"), marginal(small, large, "Pool", "cpu_driver_s"),
+             marginal(small, large, spark, "cpu_workers_s"), marginal(small, large, spark, "cpu_driver_s"),
+             marginal(small, large, "Pool", "seconds"), marginal(small, large, spark, "seconds")]
+    rows.append("| marginal: ms per extra image | " + " | ".join(f"{c[0]:.2f}" for c in cells) + " |")
+    rows.append("| fixed: s per run (intercept) | " + " | ".join(f"{c[1]:.2f}" for c in cells) + " |")
+    return rows
 
 
-def report(args, results: list[dict], labels: list[str], tuned_conf: dict, wall: float) -> str:
+def reduction_table(res: dict, spark: str) -> list[str]:
+    rows = ["| input | decode_reduction | Pool s | Spark s | Spark/Pool | Pool img per core-s | Spark img per core-s "
+            "| Spark auto / off per core-s |", "|---|---|---|---|---|---|---|---|"]
+    off = {r["name"]: r for r in res["inputs"] if not r["pre"]}
+    for r in res["inputs"]:
+        if not r["pre"]:
+            continue
+        base = off[r["name"]]
+        for label, x in (("off", base), (r["pre"]["decode_reduction"], r)):
+            p, s = x["sides"]["Pool"], x["sides"][spark]
+            gain = s["per_core_s"] / base["sides"][spark]["per_core_s"]
+            rows.append(f"| {r['name']} | {label} | {p['seconds']:.1f} | {s['seconds']:.1f} | {s['ratio']:.2f} | "
+                        f"{p['per_core_s']:.1f} | {s['per_core_s']:.1f} | {gain:.2f}x |")
+    return rows
+
+
+def big_table(res: dict, spark: str) -> list[str]:
+    rows = ["| run | files | wall s | ms per image | vs the 5,000 run | CPU ms per image (workers + JVM) | vs the 5,000 "
+            "run | peak worker RSS MB | peak JVM RSS MB | peak Python driver RSS MB | 1-min load average |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ref = res["synthetic"][1]["sides"][spark]
+    ref_ms = 1000 * ref["seconds"] / res["synthetic"][1]["files"]
+    ref_cpu = cpu_ms(res["synthetic"][1], spark)
+    for r in [*res["synthetic"], res["big"]]:
+        s = r["sides"][spark]
+        ms = 1000 * s["seconds"] / r["files"]
+        loads = r["loadavg"]
+        rows.append(f"| {r['name']} | {r['files']} | {s['seconds']:.1f} | {ms:.2f} | {ms / ref_ms:.2f}x | "
+                    f"{cpu_ms(r, spark):.2f} | {cpu_ms(r, spark) / ref_cpu:.2f}x | "
+                    f"{s['peak_rss_mb']:.0f} | {s['jvm_rss_mb']:.0f} | {s['driver_rss_mb']:.0f} | "
+                    f"{min(loads):.1f}-{max(loads):.1f} |")
+    return rows
+
+
+def goals(res: dict, spark: str) -> list[str]:
+    small, large = res["synthetic"]
+    real = res.get("real")
+    jvm_ms, _ = marginal(small, large, spark, "cpu_driver_s")
+    def ratio_line(label: str, r: dict, goal: float) -> str:
+        wall, cpu = r["sides"][spark]["ratio"], cpu_ratio(r, spark)
+        return (f"- Spark / Pool(2) >= {goal} {label}: wall clock {wall:.2f} {_met(wall >= goal)}; "
+                f"CPU {cpu:.2f} {_met(cpu >= goal)}")
+
+    lines = [ratio_line(f"on {large['files']} synthetic", large, GOALS["ratio_big"])]
+    if real:
+        lines.append(ratio_line("on the 450 real", real, GOALS["ratio_real"]))
+    lines += [ratio_line(f"at {small['files']}", small, GOALS["ratio_small"]),
+              f"- marginal JVM CPU <= 3 ms per image: {jvm_ms:.2f} ms {_met(jvm_ms <= GOALS['jvm_ms_per_image'])}"]
+    if res.get("big"):
+        big = res["big"]
+        ms_big = big["sides"][spark]["seconds"] / big["files"]
+        ms_ref = large["sides"][spark]["seconds"] / large["files"]
+        rss = [r["sides"][spark]["peak_rss_mb"] for r in [small, large, big]]
+        cpu = cpu_ms(big, spark) / cpu_ms(large, spark)
+        lines += [f"- {big['files']} images: time per image within 15% of the {large['files']} run: wall clock "
+                  f"{ms_big / ms_ref:.2f}x {_met(ms_big / ms_ref <= 1 + GOALS['big_within'])} (the machine's load "
+                  f"differed between the runs); CPU per image {cpu:.2f}x {_met(abs(cpu - 1) <= GOALS['big_within'])}",
+                  f"- worker RSS flat ({' -> '.join(f'{x:.0f}' for x in rss)} MB for "
+                  f"{small['files']} -> {large['files']} -> {big['files']} images): "
+                  f"{_met(max(rss) <= 1.15 * min(rss))}"]
+    return lines
+
+
+def report(args, res: dict, spark: str, wall: float) -> str:
     v = versions()
-    loads = [x for r in results for x in r["loadavg"]]
-    flags = ([f"--images {args.images}"] if args.images != 600 else []) + \
+    loads = [x for r in [*res["inputs"], *([res["big"]] if res.get("big") else [])] for x in r["loadavg"]]
+    flags = ([f"--sizes {args.sizes[0]} {args.sizes[1]}"] if args.sizes != [600, 5000] else []) + \
+        ([f"--big {args.big}"] if args.big != 20000 else []) + \
         ([f"--size {args.size}"] if args.size != 1024 else []) + \
         ([f"--rounds {args.rounds}"] if args.rounds != 3 else []) + (["--skip-shared"] if args.skip_shared else []) + \
-        [f"--conf {k}={v_}" for k, v_ in _conf_pairs(args.conf).items()] + \
-        (["--no-tuned"] if args.no_tuned else [f"--tuned {k}={v_}" for k, v_ in _conf_pairs(args.tuned).items()
-                                               if args.tuned != DEFAULT_TUNED])
-
-    def spark_list(key):
-        return ", ".join(f"{r['sides'][label][key]:.1f}" for r in results for label in labels[1:])
-
+        ([] if args.reduction else ["--no-reduction"]) + \
+        [f"--conf {k}={v_}" for k, v_ in _conf_pairs(args.conf).items()]
+    conf = bench_config()["spark"]["conf"]
+    tuned = ", ".join(f"`{k}={conf[k]}`" for k in sorted(conf) if k.startswith(("spark.sql.files", "spark.sql.execution.arrow", "spark.python", "spark.driver.extraJava")))
     lines = [
         SECTION, "",
-        f"{date.today().isoformat()}. Machine: **{os.cpu_count()} cores** (os.cpu_count(), {platform.machine()}, "
+        f"{date.today().isoformat()}. Command: `.venv/bin/python scripts/bench_preprocess.py{''.join(' ' + f for f in flags)}` "
+        f"({wall / 60:.0f} min). Machine: **{os.cpu_count()} cores** (os.cpu_count(), {platform.machine()}, "
         f"{platform.system()}), shared with other jobs: 1-minute load average {min(loads):.1f}-{max(loads):.1f} "
-        f"during the {wall / 60:.0f} min run, so absolute times are slow and noisy; compare the ratios. "
+        f"during the runs, so absolute times are noisy; compare the ratios, measured side by side. "
         f"Python {v['python']}, PySpark {v.get('pyspark')} (Java {v['java']}), pyarrow {v.get('pyarrow')}, "
         f"OpenCV {v.get('opencv-python-headless')}, NumPy {v.get('numpy')}, pandas {v.get('pandas')}.", "",
-        f"Both sides run `cxr.image.batch.process_file` on every file (sha256, decode, CLAHE, brightness, resize "
-        f"to {results[0]['size']} px) and end with zstd Parquet on disk. **Pool(2)**: `multiprocessing.Pool(2)` "
-        f"(spawn), `imap_unordered(chunksize=4)` over the files, each worker reads its file; the parent streams "
-        f"the rows into one Parquet file with pyarrow. **Spark**: `cxr.spark.preprocess.run()` in `{MASTER}` with "
-        f"conf/default.yaml" + (f" plus {', '.join(f'`{k}={v_}`' for k, v_ in _conf_pairs(args.conf).items())}"
-                                 if args.conf else "")
-        + " (binaryFile -> mapInPandas -> staging Parquet -> dedup, split, repartition -> images/errors/duplicates "
-        "Parquet + manifest, counts verified)"
-        + (f"; **{labels[2]}** is the same with "
-           + ", ".join(f"`{k}={v_}`" for k, v_ in tuned_conf.items()) + " (a tuning experiment, not the default)"
-           if len(labels) > 2 else "") + ". "
-        "Each Spark configuration runs in its own process (JVM options apply only at JVM start). "
-        "Times are wall clock, files in -> Parquet out, warm: the Spark session is started and a warm-up `run()` "
-        f"on 6 images is done first (not counted: session start {spark_list('session_s')} s, warm-up "
-        f"{spark_list('warmup_s')} s); the Pool is created and its workers have imported everything before its clock "
-        "starts (not counted: " + ", ".join(f"{r['sides']['Pool']['startup_s']:.1f}" for r in results) + " s). "
+        f"Both sides run `cxr.image.batch.process_file` on every file (sha256, decode, CLAHE, brightness, resize to "
+        f"{res['params_size']} px) and end with zstd Parquet on disk. **Pool(2)**: `multiprocessing.Pool(2)` (spawn), "
+        "`imap_unordered(chunksize=4)` over the files, each worker reads its file; the parent streams the rows into "
+        f"one Parquet file with pyarrow. **Spark**: `cxr.spark.preprocess.run()` in `{MASTER}` with conf/default.yaml "
+        f"({tuned}): one driver-side listing, one stage in which each task's Python worker reads its files and "
+        "returns finished rows that Spark writes into `images/` (no staging copy, no shuffle of pixels), then "
+        "counts, duplicates and errors from thin columns, manifest verified from the Parquet footers. "
+        "Warm: the Spark session is started and a warm-up `run()` on 6 images is done first (session start "
+        + ", ".join(f"{r['sides'][spark]['session_s']:.1f}" for r in res["inputs"]) + " s, warm-up "
+        + ", ".join(f"{r['sides'][spark]['warmup_s']:.1f}" for r in res["inputs"]) + " s, not counted); the Pool's "
+        "workers have imported everything before its clock starts. "
         f"Each input ran {args.rounds} time{'s' if args.rounds != 1 else ''} per side, the order rotated each round; "
-        "the tables have the median. Ratio = Spark img/s / Pool img/s (goal >= 0.9).", "",
+        "the tables have the median.", "",
         "Inputs: " + "; ".join(
             f"{r['name']}: " + " + ".join(f"{n} {ext.lstrip('.').upper()}" for ext, n in sorted(r["kinds"].items()))
-            + f", {r['mb']:.0f} MB" for r in results)
-        + f" (synthetic = cxr.synth.render_chest, 8-bit grayscale, classes in turn; the small set is the first "
-        f"quarter of the large one).", "",
-        *tables(results, labels), "",
-        "Peak worker RSS = the largest VmHWM (peak resident set, from /proc) of any one Python worker: the Pool's "
-        "children, or the pyspark.daemon and the Python workers it forks under that configuration's JVM (a fresh "
-        "SparkContext per input, so the high-water mark starts clean).", "",
-        interpretation(results, labels), "",
-        f"Reproduce: `.venv/bin/python scripts/bench_preprocess.py{''.join(' ' + f for f in flags)}` (inputs are "
-        f"generated once into {CACHE}; `--quick` checks the script on 60 images of 512 px without writing here).", "",
+            + f", {r['mb']:.0f} MB" for r in res["inputs"] if not r["pre"]) + ".", "",
+        *tables(res, spark), "",
+        "Marginal and fixed cost (the line through the two synthetic sizes; CPU from /proc):", "",
+        *marginal_table(res, spark), "",
     ]
+    if any(r["pre"] for r in res["inputs"]):
+        lines += ["Decode reduction (`preprocess.decode_reduction`, images per core-second = images / CPU seconds of "
+                  "the workers + the parent or JVM):", "", *reduction_table(res, spark), ""]
+    if res.get("big"):
+        lines += [f"Large run: {res['big']['files']} synthetic files, Spark only, one round, a fresh session (peaks "
+                  "reset before each run):", "", *big_table(res, spark), ""]
+    lines += ["Goals (issue 14):", "", *goals(res, spark), ""]
     return "\n".join(lines)
 
 
@@ -471,38 +530,54 @@ def main(argv=None) -> int:
     logging_quiet()
     pre = bench_config()["preprocess"]
     base_conf = _conf_pairs(args.conf)
-    tuned_conf = {} if args.no_tuned else {**base_conf, **_conf_pairs(args.tuned)}
     t0 = time.perf_counter()
-    big_dir = synthetic_input(args.images, args.size)
-    n_small = max(3, args.images // 4)
-    small_dir = linked_subset(big_dir, n_small, f"{big_dir.name}-first{n_small}")
-    warmup = linked_subset(big_dir, 6, f"{big_dir.name}-first6")
-    inputs = [(f"synthetic {args.size} px x{n_small}", small_dir),
-              (f"synthetic {args.size} px x{args.images}", big_dir)]
+    sizes = sorted(args.sizes)
+    synth = synthetic_inputs(sizes + ([args.big] if args.big else []), args.size)
+    warmup = linked_subset(synth[sizes[0]], 6, f"{synth[sizes[0]].name}-first6")
+    names = {n: f"synthetic {args.size} px x{n}" for n in synth}
+    inputs = [(names[n], synth[n], {}) for n in sizes]
+    real = None
     if not args.skip_shared:
         if SHARED.is_dir():
-            inputs.append(("../shared/data/cxr (real)", SHARED))
+            real = ("../shared/data/cxr (real)", SHARED, {})
+            inputs.append(real)
         else:
             print(f"{SHARED} not found: skipped", flush=True)
+    if args.reduction:
+        inputs += [(names[sizes[0]], synth[sizes[0]], {"decode_reduction": "auto"})]
+        if real:
+            inputs.append((real[0], real[1], {"decode_reduction": "auto"}))
     sparks = [SparkChild("Spark", base_conf)]
-    if not args.no_tuned:
-        sparks.append(SparkChild("Spark tuned", tuned_conf))
+    if args.tuned:
+        sparks.append(SparkChild("Spark tuned", {**base_conf, **_conf_pairs(args.tuned)}))
     print("Spark logs: " + ", ".join(str(s.log) for s in sparks), flush=True)
+    res: dict = {"params_size": pre["size"]}
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        publish_report(args, saved, ["Spark"] + (["Spark tuned"] if args.tuned else []), saved.get("wall_s", 0.0))
+        return 0
     try:
-        results = [bench_input(name, path, pre, sparks, args.rounds, warmup) for name, path in inputs]
+        res["inputs"] = [bench_input(name, path, p, sparks, args.rounds, warmup) for name, path, p in inputs]
+        if args.big:
+            res["big"] = bench_input(names[args.big], synth[args.big], {}, sparks[:1], 1, warmup, with_pool=False)
     finally:
         for s in sparks:
             s.close()
-    for r in results:
-        r["size"] = pre["size"]
-    labels = ["Pool"] + [s.label for s in sparks]
-    section = report(args, results, labels, _conf_pairs(args.tuned), time.perf_counter() - t0)
+    res["synthetic"] = [r for r in res["inputs"] if not r["pre"] and r["input"] in {str(synth[n]) for n in sizes}]
+    res["real"] = next((r for r in res["inputs"] if not r["pre"] and r["input"] == str(SHARED)), None)
+    res["wall_s"] = time.perf_counter() - t0
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "labels": labels}, indent=2))
+        Path(args.json).write_text(json.dumps(res, indent=2, default=str))
+    publish_report(args, res, [s.label for s in sparks], res["wall_s"])
+    return 0
+
+
+def publish_report(args, res: dict, labels: list[str], wall: float) -> None:
     from cxr.markdown import publish
 
-    publish(section, Path(args.out), SECTION, write=not args.no_write)
-    return 0
+    for label in labels:
+        section = report(args, res, label, wall)
+        publish(section, Path(args.out), SECTION, write=not args.no_write and label == "Spark")
 
 
 def logging_quiet():

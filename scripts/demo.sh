@@ -15,10 +15,11 @@ echo "== 2/5 preprocess (decode, CLAHE, brightness, resize) -> $out/preprocessed
 $submit jobs/preprocess.py --conf demo --input "$out/archive" --output "$out/preprocessed" \
   --manifest "$out/archive/MANIFEST.csv"
 echo "== 3/5 train on the driver, evaluate on the executors -> $out/models"
-$submit jobs/train.py --conf demo --data "$out/preprocessed" --out "$out/models"
-echo "== 4/5 score the raw archive with cnn-adam, Grad-CAM overlays for 2 images per call -> $out/predictions"
-$submit jobs/score.py --conf demo --input "$out/archive" --model "$out/models/cnn-adam" --output "$out/predictions" \
-  --explain 2
+$submit jobs/train.py --conf demo --data "$out/preprocessed" --out "$out/models" \
+  --register cxr --register-model cnn-adam --alias champion
+echo "== 4/5 score the raw archive with models:/cxr@champion (cnn-adam), Grad-CAM overlays for 2 images per call"
+$submit jobs/score.py --conf demo --input "$out/archive" --model "models:/cxr@champion" \
+  --output "$out/predictions" --explain 2
 echo "== 5/5 pictures: the study's Figure 1 and a sample sheet of the preprocessed images -> $out/figures"
 mkdir -p "$out/figures"
 $py -m cxr.viz preprocess --from-parquet "$out/preprocessed" --n 3 --out "$out/figures/figure1.png" >/dev/null
@@ -26,7 +27,8 @@ $py -m cxr.viz samples "$out/preprocessed" --per-class 4 --out "$out/figures/sam
 
 cat <<EOM
 
-Demo finished. Results:
+Demo finished (small models on synthetic images: conf/demo.yaml; on real X-rays train with --conf recommended,
+see the README). Results:
   preprocessed images   $out/preprocessed/images/      (Parquet; errors/ and duplicates/ beside it)
   preprocess manifest   $out/preprocessed/manifest.json
   models                $out/models/<name>/            (model.keras or model.npz + model.json, model.onnx, metrics.json)
@@ -35,6 +37,8 @@ Demo finished. Results:
   score run record      $(ls "$out"/predictions/runs/*.json)
   Figure 1 panel        $out/figures/figure1.png     (each preprocessing step with its histogram)
   sample sheet          $out/figures/samples.png     (4 preprocessed images per class and split)
+  MLflow runs + registry ${MLFLOW_TRACKING_URI:-sqlite:///$here/mlflow.db} (see them: .venv/bin/mlflow ui, then
+                        http://127.0.0.1:5000; the demo registered cnn-adam as models:/cxr@champion)
   Grad-CAM overlays     $out/predictions/explain/    (index: $out/predictions/explanations/), e.g.
 $(ls "$out"/predictions/explain/run_id=*/*.png | head -3 | sed 's/^/                        /')
 EOM

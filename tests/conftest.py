@@ -1,8 +1,10 @@
 """Shared fixtures: one real local[2] SparkSession for the whole test session (a start costs ~10 s)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,11 @@ def spark(config):
                                     "spark.ui.showConsoleProgress": False})
     yield session
     session.stop()
+
+
+# Every job a test runs logs to MLflow (tracking is on by default): into one throwaway store per test session,
+# never into ./mlflow.db or a developer's tracking server. Subprocess jobs (spark-submit) inherit it.
+os.environ["MLFLOW_TRACKING_URI"] = "sqlite:///" + os.path.join(tempfile.mkdtemp(prefix="cxr-mlflow-"), "mlflow.db")
+
+# tests/airflow_dag runs in .venv-airflow (`make test-airflow`); Airflow is not a dependency of the project.
+collect_ignore = [] if importlib.util.find_spec("airflow") else ["airflow_dag"]

@@ -123,3 +123,11 @@ def test_disjointness_check(tmp_path):
         check_disjoint(load_metadata(str(leaky)))
     manifest, sha = read_manifest(str(clean))
     assert manifest["params"]["size"] == 32 and len(sha) == 64
+
+
+def test_limit_reads_only_the_first_rows(tmp_path):
+    _write_big(tmp_path, 300, 16)
+    full = load_split(str(tmp_path), "train", dtype="uint8", batch_rows=7)
+    first = load_split(str(tmp_path), "train", dtype="uint8", batch_rows=7, limit=20)
+    assert len(first) == 20 and np.array_equal(first.x, full.x[:20]) and list(first.sha256) == list(full.sha256[:20])
+    assert first.stats["batches"] < full.stats["batches"]  # stopped reading once it had them

@@ -196,3 +196,123 @@ def test_shared_cxr_sample(spark, tmp_path):
     assert images.patient_id.notna().all()
     assert images.groupby("patient_id").split.nunique().max() == 1
     assert images.label.value_counts().to_dict() == {"COVID": 150, "NORMAL": 150, "VIRAL": 150}
+
+
+class _WriteSpy:
+    """Records every DataFrame.write.parquet(...) of a run: the target and whether the rows carry pixels."""
+
+    def __init__(self, monkeypatch):
+        from pyspark.sql.readwriter import DataFrameWriter
+
+        self.writes: list[tuple[str, bool]] = []
+        original = DataFrameWriter.parquet
+
+        def parquet(writer, path, *args, **kwargs):
+            self.writes.append((str(path), "image" in writer._df.columns))
+            return original(writer, path, *args, **kwargs)
+
+        monkeypatch.setattr(DataFrameWriter, "parquet", parquet)
+
+    def pixel_writes(self) -> list[str]:
+        return [path for path, pixels in self.writes if pixels]
+
+
+def _stages_of(spark, group: str) -> int:
+    tracker = spark.sparkContext.statusTracker()
+    return sum(len(tracker.getJobInfo(j).stageIds) for j in tracker.getJobIdsForGroup(group))
+
+
+def _copy_archive(archive, dst: Path, copies: int) -> list[Path]:
+    """The archive's image files (no sidecars, no masks, not its own duplicate) under dst, and `copies` exact
+    copies of one valid image in other folders. Returns [the image copied, its copies]."""
+    import shutil
+
+    src, summary = archive
+    broken = {Path(b["path"]).name for b in summary["broken"]}
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix in (".png", ".jpg", ".dcm")
+                   and "masks" not in p.parts and "_copy" not in p.stem)
+    for f in files:
+        (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dst / f.relative_to(src))
+    made = []
+    original = dst / next(f for f in files if f.name not in broken and f.suffix == ".png").relative_to(src)
+    for i, folder in enumerate(["NORMAL", "VIRAL", "zz-extra"][:copies]):
+        (dst / folder).mkdir(exist_ok=True)
+        made.append(dst / folder / f"copy{i}{original.suffix}")
+        shutil.copy2(original, made[-1])
+    return [original, *made]
+
+
+def test_image_rows_are_written_once(spark, archive, small_config, tmp_path, monkeypatch):
+    """No staging copy of pixels: the only write carrying image bytes is OUT/images itself, in one Spark stage
+    with one task per packed group of files, and a run is a handful of stages (it was ~34)."""
+    clean = tmp_path / "clean"
+    _copy_archive(archive, clean, copies=0)
+    spy = _WriteSpy(monkeypatch)
+    spark.sparkContext.setJobGroup("written-once", "preprocess without duplicates")
+    try:
+        result = run(spark, str(clean), str(tmp_path / "out"), small_config)
+    finally:
+        spark.sparkContext.setJobGroup("", "")
+    out = tmp_path / "out"
+    assert spy.pixel_writes() == [f"file:{out}/images"]
+    assert result["counts"]["duplicates"] == 0 and result["io"]["files_rewritten_for_duplicates"] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["duplicates", "errors", "images", "manifest.json"]
+    parts = sorted((out / "images").glob("part-*.parquet"))
+    assert len(parts) == result["io"]["tasks"] >= 2   # one file per task: no shuffle, no repartition
+    assert sum(pq.read_metadata(p).num_rows for p in parts) == result["counts"]["written"]
+    stages = _stages_of(spark, "written-once")
+    assert 0 < stages <= 10, stages
+    for part in parts:   # rows in path order within each file: the layout a rerun repeats
+        paths = pq.read_table(part, columns=["path"]).column("path").to_pylist()
+        assert paths == sorted(paths)
+
+
+def test_duplicates_are_written_once_and_listed(spark, archive, small_config, tmp_path, monkeypatch):
+    """Three exact copies of one file in other folders: the first path is kept, the copies are listed with
+    duplicate_of, only the Parquet files that held a copy are rewritten, and the images table equals the one
+    made from the archive without the copies."""
+    with_copies, without = tmp_path / "with", tmp_path / "without"
+    original, *copies = _copy_archive(archive, with_copies, copies=3)
+    _copy_archive(archive, without, copies=0)
+    run(spark, str(without), str(tmp_path / "ref"), small_config)
+    spy = _WriteSpy(monkeypatch)
+    result = run(spark, str(with_copies), str(tmp_path / "out"), small_config)
+    out = tmp_path / "out"
+    dups = _table(out / "duplicates").sort_values("path")
+    first = min([original, *copies], key=str)
+    assert sorted(dups.path.str.split(":", n=1).str[1]) == sorted(str(p) for p in [original, *copies] if p != first)
+    assert set(dups.duplicate_of) == {f"file:{first}"}
+    assert result["counts"]["duplicates"] == 3 and result["accounted"]
+    rewritten = result["io"]["files_rewritten_for_duplicates"]
+    assert 1 <= rewritten <= 3
+    pixel_writes = spy.pixel_writes()
+    assert pixel_writes[0] == f"file:{out}/images" and len(pixel_writes) == 1 + rewritten
+    assert all("/_rewrite-" in p for p in pixel_writes[1:])
+    assert not any(p.name.startswith("_rewrite") for p in out.iterdir())
+    cols = ["sha256", "label", "split", "image"]
+    rel = lambda frame, base: frame.assign(path=frame.path.str.replace(f"file:{base}", "", regex=False))  # noqa: E731
+    got = rel(_table(out / "images"), with_copies).sort_values("path").reset_index(drop=True)
+    want = rel(_table(tmp_path / "ref" / "images"), without).sort_values("path").reset_index(drop=True)
+    got = got[~got.path.isin([str(p).replace(str(with_copies), "") for p in copies if p != first])]
+    pd.testing.assert_frame_equal(got[["path", *cols]].reset_index(drop=True), want[["path", *cols]])
+
+
+def test_tasks_are_equal_shares_with_the_same_mix_of_folders():
+    """Spark's file-source rule for how many tasks (length + open cost per file, maxPartitionBytes per task),
+    rounded up to a multiple of the cores; files dealt out in path order to the least loaded task, so that
+    every task gets the same mix of folders and no core waits for the one that drew the large images."""
+    from cxr.spark.images import pack_tasks
+
+    mb = 1024 * 1024
+    lengths = np.r_[np.full(300, 200_000), np.full(300, 2_000_000)]   # a folder of small files, then large ones
+    tasks = pack_tasks(lengths, 512 * mb, 4 * mb, cores=2)
+    n = tasks.max() + 1
+    assert n % 2 == 0 and n == 6 and set(tasks) == set(range(n))   # 600 x (~1 MB + 4 MB) / 512 MB -> 6 tasks
+    weight = np.bincount(tasks, weights=lengths + 4 * mb)
+    assert weight.max() - weight.min() <= lengths.max() + 4 * mb
+    large = np.bincount(tasks[300:], minlength=n)
+    assert large.max() - large.min() <= 1                           # each task got its share of the large files
+    assert (pack_tasks(lengths, 512 * mb, 4 * mb, cores=2) == tasks).all()   # the same layout on a rerun
+    assert list(pack_tasks([10, 10, 10], 10 ** 9, 0, cores=4)) == [0, 1, 2]   # never more tasks than files
+    assert len(pack_tasks([], 10, 1, cores=2)) == 0

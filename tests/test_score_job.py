@@ -1,7 +1,6 @@
 """The score job on a real local[2] session: raw and preprocessed inputs, incremental runs, crash recovery."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -286,15 +285,6 @@ def test_differently_preprocessed_data_is_refused(spark, preprocessed, keras_mod
     store.write_metadata(other, {**meta, "preprocess": {**meta["preprocess"], "clip_limit": 4.0}})
     with pytest.raises(ValueError, match="clip_limit"):
         score.run(spark, str(pre_out), str(other), str(tmp_path / "pred"), load_config())
-
-
-def test_airflow_dag_imports():
-    if importlib.util.find_spec("airflow") is None:
-        pytest.skip("Airflow is not installed (optional: pip install apache-airflow apache-airflow-providers-apache-spark)")
-    spec = importlib.util.spec_from_file_location("cxr_dag", ROOT / "scripts" / "airflow_score_dag.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.dag.dag_id == "cxr_nightly_score"
 
 
 def test_two_concurrent_spark_submits_one_scores_the_other_exits_3(archive, keras_model, preprocessed, tmp_path):

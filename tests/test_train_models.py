@@ -125,3 +125,31 @@ def test_plan_trains_the_cnn_once_per_optimizer():
         plan(["cnn"], ["nesterov"], "adam")
     with pytest.raises(ValueError, match="unknown model"):
         plan(["resnet"], ["adam"], "adam")
+
+
+def test_metrics_json_records_the_streamed_shuffle(trained):
+    out, result = trained
+    meta = read_metadata(out / "cnn-adam")
+    assert meta["data"]["loader"]["mode"] == "stream" and meta["data"]["loader"]["shuffle_buffer"] == 4096
+    shuffle = meta["training"]["shuffle"]
+    assert shuffle["source"] == "parquet stream" and shuffle["rows"] == meta["data"]["train"]["images"]
+    assert "permutation of the split per epoch" in shuffle["order"]  # the buffer holds this small split
+
+
+@pytest.mark.parametrize("family", ["cnn", "dnn", "dwsep"])
+def test_keras_models_export_without_tf2onnx(family):
+    """The study's Keras families (augmentation layers included) are written directly, one copy of the weights:
+    tf2onnx held ~60 (+2.9 GB for the CNN at 224 px). The graph reproduces Keras to 1e-5."""
+    import onnxruntime as ort
+
+    from cxr.models.keras_models import build
+    from cxr.models.onnx_export import keras_sequential_to_onnx
+
+    model = build(family, (SIZE, SIZE, 1), {"cnn": {"filters": [4, 8], "dense": 8}, "dnn": {"units": [8]},
+                                           "dwsep": {"filters": [4, 8, 8], "dense": 8}}[family],
+                  augment={"enabled": True, "seed": 3})
+    proto = keras_sequential_to_onnx(model)
+    assert "cxr.models.onnx_export" == proto.producer_name
+    x = np.random.default_rng(0).random((5, SIZE, SIZE, 1), dtype=np.float32)
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    assert np.max(np.abs(got - model(x, training=False).numpy())) <= 1e-5

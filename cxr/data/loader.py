@@ -1,9 +1,11 @@
-"""The preprocess job's Parquet images -> one preallocated NumPy array, streamed batch by batch.
+"""The preprocess job's Parquet images: the metadata pass (scan_split) and, for evaluation helpers on the
+driver, one preallocated NumPy array streamed batch by batch (load_split).
 
-Training runs on the driver, so the split must end up in driver memory; what must not happen is holding it
-twice (a collect() into Python rows, or a whole Arrow table beside the array). Here the rows are counted
-first, the array is allocated once, and Arrow record batches of `batch_rows` rows are copied into it: peak
-memory is the array plus one bounded batch (Parquet pages are streamed, not whole row groups).
+Training does not load a split: cxr.data.stream reads the same record batches each epoch through a bounded
+shuffle buffer. What must never happen is holding a split twice (a collect() into Python rows, or a whole
+Arrow table beside the array). load_split counts the rows first, allocates the array once, and copies Arrow
+record batches of `batch_rows` rows into it: peak memory is the array plus one bounded batch (Parquet pages
+are streamed, not whole row groups).
 """
 from __future__ import annotations
 
@@ -57,6 +59,25 @@ class SplitData:
         """Distinct patients; an image without a patient id counts as its own patient."""
         ids = {p for p in self.patient_id if p is not None}
         return len(ids) + int(sum(p is None for p in self.patient_id))
+
+    # The training-source interface cxr.data.stream.ParquetSplit also has: training code takes either.
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.x.shape[1]), int(self.x.shape[2])
+
+    def head(self, k: int) -> np.ndarray:
+        """The first k images (N, H, W) as stored (uint8 or float32)."""
+        return self.x[:k, :, :, 0]
+
+    def batches(self, batch_size: int, epoch: int = 0, shuffle: bool = False, seed: int = 0):
+        """(images (b, H, W) as stored, labels (b,)) per batch; shuffled in the order a ParquetSplit whose
+        buffer holds the whole split gives (cxr.data.stream.epoch_order)."""
+        from cxr.data.stream import epoch_order
+
+        order = epoch_order(len(self), seed, epoch) if shuffle else np.arange(len(self))
+        for start in range(0, len(self), int(batch_size)):
+            idx = order[start:start + int(batch_size)]
+            yield self.x[idx, :, :, 0], self.y[idx]
 
 
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -130,18 +151,54 @@ def to_unit_float(images_u8: np.ndarray, out: np.ndarray | None = None) -> np.nd
     return np.divide(images_u8, np.float32(255), out=out, dtype=np.float32, casting="unsafe")
 
 
-def load_split(data_dir: str, splits: str | Sequence[str], *, dtype: str = "float32", batch_rows: int = 64,
-               labeled_only: bool = True) -> SplitData:
-    """Rows of the given split(s) as x (N, H, W, 1): float32 scaled to [0, 1], or raw uint8.
+@dataclass
+class SplitIndex:
+    """What the metadata pass of a split found: which rows of which row groups are wanted, their labels and
+    identities, and the one image size. No pixels: the image column is read later, by load_split (into one
+    array) or cxr.data.stream (batch by batch)."""
 
-    Two passes: the small columns first (which rows, how many, what size), then the image column streamed
-    `batch_rows` at a time from only the row groups that hold wanted rows, straight into the array.
-    All images must share one size (the preprocess job guarantees it); anything else is refused.
-    """
+    fs: pafs.FileSystem
+    plan: list  # (file path, row group, keep mask over the row group's rows)
+    y: np.ndarray
+    sha256: np.ndarray
+    patient_id: np.ndarray
+    path: np.ndarray
+    height: int
+    width: int
+    splits: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return int(len(self.y))
+
+    def blocks(self, group: int, batch_rows: int = 64, stats: dict | None = None):
+        """The kept images of plan[group] as (k, h, w) uint8 blocks, `batch_rows` Parquet rows at a time
+        (k <= batch_rows), streamed through a small buffer: memory is one record batch, not the row group."""
+        path, rg, keep = self.plan[group]
+        h, w = self.height, self.width
+        with self.fs.open_input_file(path) as handle:
+            pf = pq.ParquetFile(handle, buffer_size=STREAM_BUFFER, pre_buffer=False)
+            pos = 0
+            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], columns=["image"],
+                                         use_threads=False):
+                m = batch.num_rows
+                block = _image_rows(batch.column(0), keep[pos:pos + m], h, w)
+                pos += m
+                if stats is not None:
+                    stats["batches"] = stats.get("batches", 0) + 1
+                    stats["max_batch_bytes"] = max(stats.get("max_batch_bytes", 0), int(batch.nbytes))
+                del batch
+                if len(block):
+                    yield block
+
+    def group_sizes(self) -> np.ndarray:
+        """Kept rows per plan entry (their global indices are consecutive, in plan order)."""
+        return np.asarray([int(keep.sum()) for _, _, keep in self.plan], dtype=np.int64)
+
+
+def scan_split(data_dir: str, splits: str | Sequence[str], labeled_only: bool = True) -> SplitIndex:
+    """The metadata pass: the small columns of every row group (which rows, how many, what size), no pixels.
+    All images must share one size (the preprocess job guarantees it); anything else is refused."""
     splits = (splits,) if isinstance(splits, str) else tuple(splits)
-    dtype = np.dtype(dtype)
-    if dtype not in (np.dtype(np.float32), np.dtype(np.uint8)):
-        raise ValueError("dtype must be float32 or uint8")
     fs, files = parquet_files(data_dir)
     labels = pa.array(CLASSES)
     plan, meta = [], {k: [] for k in ("y", "sha256", "patient_id", "path")}
@@ -167,39 +224,53 @@ def load_split(data_dir: str, splits: str | Sequence[str], *, dtype: str = "floa
         raise ValueError(f"images of different sizes in {data_dir}: {sorted(sizes)[:4]} "
                          "(was it written by one preprocess run?)")
     h, w = next(iter(sizes)) if sizes else (0, 0)
-    n = int(sum(len(k) for k in meta["y"]))
+    cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dtype=dt))
+    return SplitIndex(fs=fs, plan=plan, y=cat(meta["y"], np.int8), sha256=cat(meta["sha256"], object),
+                      patient_id=cat(meta["patient_id"], object), path=cat(meta["path"], object),
+                      height=int(h), width=int(w), splits=splits)
+
+
+def load_split(data_dir: str, splits: str | Sequence[str], *, dtype: str = "float32", batch_rows: int = 64,
+               labeled_only: bool = True, limit: int | None = None) -> SplitData:
+    """Rows of the given split(s) as x (N, H, W, 1): float32 scaled to [0, 1], or raw uint8.
+
+    Two passes: the small columns first (scan_split: which rows, how many, what size), then the image column
+    streamed `batch_rows` at a time from only the row groups that hold wanted rows, straight into the array.
+    `limit` keeps the first rows only (and reads no further). Training does not use this (it streams, see
+    cxr.data.stream); evaluation helpers on the driver (probes, Grad-CAM checks, the ONNX check) do.
+    """
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.float32), np.dtype(np.uint8)):
+        raise ValueError("dtype must be float32 or uint8")
+    index = scan_split(data_dir, splits, labeled_only)
+    n = len(index) if limit is None else min(len(index), int(limit))
+    h, w = index.height, index.width
     x = np.empty((n, h, w, 1), dtype=dtype)
-    filled, max_batch_bytes, n_batches, arrow_peak = 0, 0, 0, 0
+    filled, arrow_peak, stats = 0, 0, {"batches": 0, "max_batch_bytes": 0}
     arrow_base = pa.total_allocated_bytes()
-    for path, rg, keep in plan:
-        with fs.open_input_file(path) as handle:
-            pf = pq.ParquetFile(handle, buffer_size=STREAM_BUFFER, pre_buffer=False)
-            pos = 0
-            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], columns=["image"],
-                                         use_threads=False):
-                m = batch.num_rows
-                block = _image_rows(batch.column(0), keep[pos:pos + m], h, w)
-                k = len(block)
-                if filled + k > n:
-                    raise RuntimeError("the dataset changed while being read")
-                target = x[filled:filled + k, :, :, 0]
-                if dtype == np.uint8:
-                    target[...] = block
-                else:
-                    to_unit_float(block, out=target)
-                filled += k
-                pos += m
-                n_batches += 1
-                max_batch_bytes = max(max_batch_bytes, batch.nbytes)
-                arrow_peak = max(arrow_peak, pa.total_allocated_bytes() - arrow_base)
-                del batch, block
+    groups = 0
+    for g in range(len(index.plan)):
+        if filled >= n:
+            break
+        groups += 1
+        for block in index.blocks(g, batch_rows, stats):
+            k = min(len(block), n - filled)
+            target = x[filled:filled + k, :, :, 0]
+            if dtype == np.uint8:
+                target[...] = block[:k]
+            else:
+                to_unit_float(block[:k], out=target)
+            filled += k
+            arrow_peak = max(arrow_peak, pa.total_allocated_bytes() - arrow_base)
+            del block
+            if filled >= n:
+                break
     if filled != n:
         raise RuntimeError(f"read {filled} images, {n} expected: the dataset changed while being read")
-    cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dtype=dt))
-    return SplitData(x=x, y=cat(meta["y"], np.int8), sha256=cat(meta["sha256"], object),
-                     patient_id=cat(meta["patient_id"], object), path=cat(meta["path"], object), splits=splits,
-                     stats={"rows": n, "batches": n_batches, "batch_rows": batch_rows, "row_groups": len(plan),
-                            "max_batch_bytes": int(max_batch_bytes), "arrow_peak_bytes": int(arrow_peak),
+    return SplitData(x=x, y=index.y[:n], sha256=index.sha256[:n], patient_id=index.patient_id[:n],
+                     path=index.path[:n], splits=index.splits,
+                     stats={"rows": n, "batches": stats["batches"], "batch_rows": batch_rows, "row_groups": groups,
+                            "max_batch_bytes": int(stats["max_batch_bytes"]), "arrow_peak_bytes": int(arrow_peak),
                             "array_bytes": int(x.nbytes)})
 
 

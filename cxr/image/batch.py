@@ -6,16 +6,18 @@ without Spark. A file never escapes as an exception: whatever goes wrong becomes
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Mapping
 
 import pandas as pd
 
+from cxr.image.deadline import TimeLimitExceeded, time_limit
 from cxr.image.pipeline import PreprocessParams, preprocess_bytes
 from cxr.image.rejection import RejectedImage
 from cxr.labels import infer_label
 
 COLUMNS = ("path", "rel_path", "label", "sha256", "status", "stage", "reason", "image", "height", "width",
-           "orig_height", "orig_width", "orig_dtype", "source_format", "color_mode")
+           "orig_height", "orig_width", "orig_dtype", "source_format", "color_mode", "decode_warnings")
 
 
 def relative_to(path: str, root: str) -> str:
@@ -31,7 +33,14 @@ def process_file(path: str, content: bytes | None, root: str, params: Preprocess
     try:
         data = bytes(content) if content is not None else b""
         row["sha256"] = hashlib.sha256(data).hexdigest()
-        decoded, image = preprocess_bytes(data, params)
+        started = time.perf_counter()
+        with time_limit(params.time_limit_s):
+            decoded, image = preprocess_bytes(data, params)
+    except TimeLimitExceeded:
+        row.update(stage="decode", reason=f"took more than {params.time_limit_s:g} s to decode and prepare "
+                                          f"(stopped after {time.perf_counter() - started:.1f} s; "
+                                          f"preprocess.time_limit_s): a damaged or hostile file")
+        return row
     except RejectedImage as exc:
         row.update(stage=exc.stage, reason=exc.reason)
         return row
@@ -43,7 +52,8 @@ def process_file(path: str, content: bytes | None, root: str, params: Preprocess
         return row
     row.update(status="ok", image=image.tobytes(), height=int(image.shape[0]), width=int(image.shape[1]),
                orig_height=decoded.orig_height, orig_width=decoded.orig_width, orig_dtype=decoded.orig_dtype,
-               source_format=decoded.source_format, color_mode=decoded.color_mode)
+               source_format=decoded.source_format, color_mode=decoded.color_mode,
+               decode_warnings="; ".join(decoded.warnings) or None)
     return row
 
 

@@ -6,10 +6,16 @@ can claim 10 gigapixels), and keeps 16-bit depth. Raster formats are decoded by 
 call, colour -> gray inside the codec); Pillow is used only to read headers. DICOM goes through pydicom
 (+ pylibjpeg plugins for JPEG 2000 / JPEG-LS) and is brought to display values: Modality LUT, VOI
 LUT / window, MONOCHROME1 inverted so bone is bright, then stretched to the full uint8/uint16 range.
+
+Two optional behaviours ride along: `reduce_to` (decode a JPEG at a libjpeg DCT scale of 1/2, 1/4 or 1/8,
+area-shrink other formats by the same power of two, while the short side stays >= reduce_to: the output is
+224 px, decoding 2000 px is waste) and `on_damaged` (codec warnings mean a damaged file that decoded anyway,
+see cxr/image/damage.py: "reject" raises, "flag" keeps the image with its `warnings`).
 """
 
 from __future__ import annotations
 
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -23,12 +29,15 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, p
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from cxr.image.damage import (ON_DAMAGED, damage_of, damaged_reason, decoder_messages, png_crc_errors,
+                               png_with_fixed_crcs)
+from cxr.image.depth import png_significant_bits
 from cxr.image.rejection import RejectedImage
 
 cv2.setNumThreads(1)  # a Spark worker gets one core; OpenCV's own pool would oversubscribe it
 Image.MAX_IMAGE_PIXELS = None  # our max_pixels decides, not Pillow's warning/bomb heuristics
 
-__all__ = ["DecodedImage", "decode_image", "sniff_format"]
+__all__ = ["DecodedImage", "decode_image", "reduction_factor", "sniff_format"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,9 @@ class DecodedImage:
     color_mode: str  # as stored: Pillow mode ("L", "RGB", "I;16", ...) or DICOM PhotometricInterpretation
     orig_height: int
     orig_width: int
+    warnings: tuple[str, ...] = ()  # damage the codec reported (kept only with on_damaged="flag")
+    significant_bits: int | None = None  # PNG sBIT: bits really used in a 16-bit file
+    scale: int = 1  # pixels are 1/scale of the stored size on each side (reduced decode)
 
 
 # --------------------------------------------------------------------------------------------- sniff
@@ -115,8 +127,14 @@ def _describe_start(data: bytes) -> str:
 
 # -------------------------------------------------------------------------------------------- decode
 
-def decode_image(data: bytes, *, max_pixels: int = 100_000_000, min_side: int = 64) -> DecodedImage:
-    """Decode one file's bytes to a 2-D grayscale uint8/uint16 array; raise RejectedImage otherwise."""
+def decode_image(data: bytes, *, max_pixels: int = 100_000_000, min_side: int = 64, reduce_to: int = 0,
+                 on_damaged: str = "reject") -> DecodedImage:
+    """Decode one file's bytes to a 2-D grayscale uint8/uint16 array; raise RejectedImage otherwise.
+
+    reduce_to > 0: decode at the smallest scale (1/2, 1/4, 1/8) keeping the short side >= reduce_to.
+    """
+    if on_damaged not in ON_DAMAGED:
+        raise ValueError(f"on_damaged must be one of {ON_DAMAGED}, got {on_damaged!r}")
     if data is None or not isinstance(data, (bytes, bytearray, memoryview)):
         raise RejectedImage("read", f"no file content (got {type(data).__name__}, expected bytes)")
     data = bytes(data) if not isinstance(data, bytes) else data
@@ -127,8 +145,8 @@ def decode_image(data: bytes, *, max_pixels: int = 100_000_000, min_side: int = 
         raise RejectedImage("sniff", f"not a recognised image format ({_describe_start(data)})")
     try:
         if fmt == "DICOM":
-            return _decode_dicom(data, max_pixels, min_side)
-        return _decode_raster(data, fmt, max_pixels, min_side)
+            return _decode_dicom(data, max_pixels, min_side, reduce_to, on_damaged)
+        return _decode_raster(data, fmt, max_pixels, min_side, reduce_to, on_damaged)
     except RejectedImage:
         raise
     except MemoryError:
@@ -191,23 +209,83 @@ def _stretch(arr: np.ndarray, dtype, *, invert: bool = False) -> np.ndarray:
     return out
 
 
-def _decode_raster(data: bytes, fmt: str, max_pixels: int, min_side: int) -> DecodedImage:
-    """Header via Pillow (lazy: reads no pixels), truncation check, then one cv2.imdecode call."""
+def reduction_factor(width: int, height: int, reduce_to: int) -> int:
+    """The largest of 8, 4, 2 whose scaled short side (rounded up, as libjpeg does) is still >= reduce_to; else 1."""
+    if reduce_to > 0:
+        short = min(width, height)
+        for factor in (8, 4, 2):
+            if -(-short // factor) >= reduce_to:
+                return factor
+    return 1
+
+
+_JPEG_REDUCED = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+                 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+
+
+def _area_reduce(arr: np.ndarray, factor: int) -> np.ndarray:
+    """Shrink by `factor` per side with pixel-area averaging, to the sizes libjpeg's scaling would give."""
+    if factor == 1:
+        return arr
+    h, w = arr.shape
+    return cv2.resize(arr, (-(-w // factor), -(-h // factor)), interpolation=cv2.INTER_AREA)
+
+
+def _imdecode(data: bytes, flags: int, fmt: str) -> tuple[np.ndarray | None, list[str]]:
+    """cv2.imdecode, with what the codec wrote to stderr sorted into damage warnings."""
+    with decoder_messages() as lines:
+        try:
+            arr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        except cv2.error as exc:
+            raise RejectedImage("decode", f"OpenCV failed to decode the {fmt} data: {exc}") from None
+    return arr, damage_of(lines, fmt)
+
+
+def _header(data: bytes, fmt: str) -> tuple[int, int, str]:
+    """(width, height, Pillow mode) from the header alone (Pillow's open is lazy: no pixels are read)."""
     try:
         with Image.open(BytesIO(data), formats=[fmt]) as im:
             (width, height), mode = im.size, im.mode
     except Exception as exc:
         detail = "no valid header found" if isinstance(exc, UnidentifiedImageError) else f"{type(exc).__name__}: {exc}"
         raise RejectedImage("header", f"cannot read the {fmt} header: file truncated or corrupt ({detail})") from None
+    return width, height, mode
+
+
+def _decode_raster(data: bytes, fmt: str, max_pixels: int, min_side: int, reduce_to: int = 0,
+                   on_damaged: str = "reject") -> DecodedImage:
+    """Header via Pillow (lazy: reads no pixels), truncation check, then one cv2.imdecode call."""
+    header_damage: list[str] = []
+    try:
+        width, height, mode = _header(data, fmt)
+    except RejectedImage:
+        header_damage = png_crc_errors(data) if fmt == "PNG" else []  # Pillow refuses chunks with a bad CRC
+        if not header_damage:
+            raise
+        if on_damaged == "reject":
+            raise RejectedImage("decode", damaged_reason(header_damage)) from None
+        data = png_with_fixed_crcs(data)
+        width, height, mode = _header(data, fmt)
     _check_size(width, height, max_pixels, min_side)
     _check_complete(data, fmt)
-    try:
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
-    except cv2.error as exc:
-        raise RejectedImage("decode", f"OpenCV failed to decode the {fmt} data: {exc}") from None
+    factor = reduction_factor(width, height, reduce_to)
+    jpeg_scaled = fmt == "JPEG" and factor > 1
+    flags = _JPEG_REDUCED[factor] if jpeg_scaled else cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH
+    arr, warnings = _imdecode(data, flags, fmt)
+    warnings = header_damage + [w for w in warnings if not header_damage or "crc" not in w.lower()]
+    if fmt == "PNG" and (arr is None or warnings) and not header_damage:
+        crc = png_crc_errors(data)  # only now: whole files never pay for a second CRC pass
+        warnings = crc + [w for w in warnings if "crc" not in w.lower()]
+        if crc and arr is None and on_damaged == "flag":  # maybe only the CRC is wrong: let libpng try the data
+            arr, more = _imdecode(png_with_fixed_crcs(data), flags, fmt)
+            warnings += [w for w in more if w not in warnings]
     if arr is None:
+        if warnings:
+            raise RejectedImage("decode", f"{damaged_reason(warnings)} (the {fmt} data cannot be decoded)")
         raise RejectedImage("decode", f"OpenCV could not decode the {fmt} data (corrupt, truncated or an "
                                       f"unsupported {fmt} variant)")
+    if warnings and on_damaged == "reject":
+        raise RejectedImage("decode", damaged_reason(warnings))
     orig_dtype = str(arr.dtype)
     if arr.ndim != 2:
         raise RejectedImage("decode", f"decoder returned a {arr.ndim}-D array {arr.shape}, expected 2-D gray")
@@ -218,8 +296,15 @@ def _decode_raster(data: bytes, fmt: str, max_pixels: int, min_side: int) -> Dec
     lo, hi = _min_max(arr)
     if lo == hi:
         raise _blank(lo)
-    height, width = arr.shape  # OpenCV applies EXIF orientation, which may swap the header's sides
-    return DecodedImage(np.ascontiguousarray(arr), fmt, orig_dtype, mode, height, width)
+    if jpeg_scaled:  # OpenCV applies EXIF orientation, which may swap the header's sides
+        rotated = (arr.shape[0] > arr.shape[1]) != (height > width) and arr.shape[0] != arr.shape[1]
+        orig_h, orig_w = (width, height) if rotated else (height, width)
+    else:
+        orig_h, orig_w = arr.shape
+        arr = _area_reduce(arr, factor)
+    sbit = png_significant_bits(data) if fmt == "PNG" and arr.dtype == np.uint16 else None
+    return DecodedImage(np.ascontiguousarray(arr), fmt, orig_dtype, mode, orig_h, orig_w, tuple(warnings), sbit,
+                        factor)
 
 
 def _check_complete(data: bytes, fmt: str) -> None:
@@ -261,7 +346,8 @@ def _read_dicom(data: bytes, stop_before_pixels: bool):
     return ds, (fp.tell() if fp.tell() < len(data) else None)
 
 
-def _decode_dicom(data: bytes, max_pixels: int, min_side: int) -> DecodedImage:
+def _decode_dicom(data: bytes, max_pixels: int, min_side: int, reduce_to: int = 0,
+                  on_damaged: str = "reject") -> DecodedImage:
     """Header first (sizes, no pixels), then the pixels of the first frame, then display values."""
     ds, pixel_offset = _read_dicom(data, stop_before_pixels=True)
     if not any(tag.group in (0x0008, 0x0028) for tag in ds.keys()):
@@ -286,17 +372,25 @@ def _decode_dicom(data: bytes, max_pixels: int, min_side: int) -> DecodedImage:
         ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
                                           ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
     tsyntax = ds.file_meta.TransferSyntaxUID
+    damage: list[str] = []
     if not tsyntax.is_compressed and "PixelData" in ds:
         have, need = len(ds.PixelData), get_expected_length(ds, unit="bytes")
         if have < need:
-            raise RejectedImage("decode", f"truncated DICOM: pixel data has {have} of the {need} bytes that "
-                                          f"Rows x Columns x BitsAllocated ({rows}x{cols}x{ds.BitsAllocated}) need")
+            damage.append(f"truncated DICOM: pixel data has {have} of the {need} bytes that Rows x Columns x "
+                            f"Frames x Samples x BitsAllocated ({rows}x{cols}x{ds.get('NumberOfFrames') or 1}x"
+                            f"{ds.get('SamplesPerPixel') or 1}x{ds.BitsAllocated}) need")
+            if on_damaged == "reject":
+                raise RejectedImage("decode", damaged_reason(damage))
+            ds.PixelData = ds.PixelData + b"\0" * (need - have)  # flag: the missing part is shown as zeros
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             arr = pixel_array(ds, index=0)  # first frame only, YBR converted to RGB
     except Exception as exc:
         raise RejectedImage("decode", f"cannot decode DICOM pixel data ({tsyntax.name}): {exc}") from None
+    damage += _dicom_codec_damage(str(w.message) for w in caught)
+    if damage and on_damaged == "reject":
+        raise RejectedImage("decode", damaged_reason(damage))
 
     out_dtype = np.uint8 if bits <= 8 else np.uint16
     orig_dtype = "uint8" if bits <= 8 else "uint16" if bits <= 16 else str(arr.dtype)
@@ -307,7 +401,23 @@ def _decode_dicom(data: bytes, max_pixels: int, min_side: int) -> DecodedImage:
         pixels = _stretch(arr, out_dtype)
     else:
         pixels = _display_values(arr, ds, out_dtype, invert=photometric == "MONOCHROME1")
-    return DecodedImage(np.ascontiguousarray(pixels), "DICOM", orig_dtype, photometric, int(rows), int(cols))
+    factor = reduction_factor(int(cols), int(rows), reduce_to)
+    return DecodedImage(np.ascontiguousarray(_area_reduce(pixels, factor)), "DICOM", orig_dtype, photometric,
+                        int(rows), int(cols), tuple(damage), None, factor)
+
+
+_RLE_LENGTH = re.compile(r"RLE segment .*?(\d+) vs\. (\d+) bytes expected")
+
+
+def _dicom_codec_damage(messages) -> list[str]:
+    """pydicom's RLE decoder only warns when a segment decodes to the wrong length (damaged data); a byte of
+    padding is common and harmless, more is damage."""
+    found = []
+    for message in messages:
+        m = _RLE_LENGTH.search(message)
+        if m and abs(int(m.group(1)) - int(m.group(2))) > 1:
+            found.append(f"DICOM RLE segment decodes to {m.group(1)} bytes, {m.group(2)} expected")
+    return found
 
 
 def _display_values(arr: np.ndarray, ds, dtype, *, invert: bool) -> np.ndarray:

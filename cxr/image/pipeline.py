@@ -10,10 +10,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from cxr.image.damage import ON_DAMAGED
 from cxr.image.decode import DecodedImage, decode_image
+from cxr.image.depth import to_equalization_input
 from cxr.image.enhance import RESIZE_MODES, adjust_brightness, clahe, equalize_hist, resize_square, to_uint8
 
 METHODS = ("clahe", "he", "none")
+DECODE_REDUCTIONS = ("off", "auto")
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,10 @@ class PreprocessParams:
     resize_mode: str = "stretch"
     min_side: int = 64
     max_pixels: int = 100_000_000
+    # Defaults below are what params recorded before these keys existed meant: full decode, damage rejected.
+    decode_reduction: str = "off"  # auto: decode at 1/2, 1/4 or 1/8 while the short side stays >= 2 * size
+    on_damaged: str = "reject"  # reject | flag (keep the image, its decoder warnings in decode_warnings)
+    time_limit_s: float = 10.0  # per file, in the worker: a slower decode becomes an errors row (0 = none)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -37,6 +44,10 @@ class PreprocessParams:
             raise ValueError(f"size must be between 8 and 4096 pixels, got {self.size}")
         if self.clip_limit <= 0 or self.tile_grid < 1:
             raise ValueError("clip_limit must be > 0 and tile_grid >= 1")
+        if self.decode_reduction not in DECODE_REDUCTIONS:
+            raise ValueError(f"unknown decode_reduction {self.decode_reduction!r}; expected one of {DECODE_REDUCTIONS}")
+        if self.on_damaged not in ON_DAMAGED:
+            raise ValueError(f"unknown on_damaged {self.on_damaged!r}; expected one of {ON_DAMAGED}")
 
     @classmethod
     def from_config(cls, pre: Mapping[str, Any]) -> "PreprocessParams":
@@ -44,7 +55,9 @@ class PreprocessParams:
         return cls(size=int(pre["size"]), method=str(pre["method"]), clip_limit=float(pre["clip_limit"]),
                    tile_grid=int(pre["tile_grid"]), brightness_alpha=float(bright.get("alpha", 1.0)),
                    brightness_beta=float(bright.get("beta", 0.0)), resize_mode=str(pre.get("resize_mode", "stretch")),
-                   min_side=int(pre["min_side"]), max_pixels=int(pre["max_pixels"]))
+                   min_side=int(pre["min_side"]), max_pixels=int(pre["max_pixels"]),
+                   decode_reduction=str(pre.get("decode_reduction", "off")),
+                   on_damaged=str(pre.get("on_damaged", "reject")), time_limit_s=float(pre.get("time_limit_s", 10.0)))
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> "PreprocessParams":
@@ -54,6 +67,11 @@ class PreprocessParams:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def reduce_to(self) -> int:
+        """Short side a reduced decode must keep (twice the output), or 0 for a full decode."""
+        return 2 * self.size if self.decode_reduction == "auto" else 0
 
 
 def equalize(gray: np.ndarray, params: PreprocessParams) -> np.ndarray:
@@ -76,7 +94,18 @@ def preprocess_pixels(gray: np.ndarray, params: PreprocessParams) -> np.ndarray:
     return preprocess_stages(gray, params)["resized"]
 
 
+def equalization_input(decoded: DecodedImage) -> np.ndarray:
+    """The decoded pixels as equalisation takes them: 16-bit rasters through the window of their real depth."""
+    return to_equalization_input(decoded.pixels, decoded.source_format, decoded.significant_bits)
+
+
+def decode_with(data: bytes, params: PreprocessParams) -> DecodedImage:
+    """decode_image as these params ask (size limits, reduced decode, damage policy): one place for every caller."""
+    return decode_image(data, max_pixels=params.max_pixels, min_side=params.min_side,
+                        reduce_to=params.reduce_to, on_damaged=params.on_damaged)
+
+
 def preprocess_bytes(data: bytes, params: PreprocessParams) -> tuple[DecodedImage, np.ndarray]:
     """Decode, equalize, brighten, resize; raises RejectedImage with a reason for any unusable file."""
-    decoded = decode_image(data, max_pixels=params.max_pixels, min_side=params.min_side)
-    return decoded, preprocess_pixels(decoded.pixels, params)
+    decoded = decode_with(data, params)
+    return decoded, preprocess_pixels(equalization_input(decoded), params)

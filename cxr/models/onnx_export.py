@@ -3,12 +3,18 @@
 Why: ONNX Runtime runs the same network on the executors without TensorFlow (a smaller executor
 environment, a faster start per Python worker, and faster CPU inference). The export runs on the driver:
 
-- Keras models (model.keras) go through tf2onnx.convert.from_function at opset 17;
+- Keras models (model.keras) are written layer by layer at opset 17 (keras_sequential_to_onnx: the layers
+  cxr.models.keras_models builds); any other Keras model goes through tf2onnx.convert.from_function, which
+  holds dozens of copies of the weights while it converts (+2.9 GB for the study CNN at 224 px);
 - cxr.nn scratch models (model.json + model.npz) are written operator by operator with onnx.helper. cxr.nn
   is NHWC like Keras while ONNX's Conv and MaxPool are NCHW: the graph transposes in before the first
   convolution and back before Flatten, so Flatten and the Dense kernels see Keras' (H, W, C) feature order.
 
-Both graphs take float32 (N, H, W, 1) images in [0, 1] named "image" and return (N, 3) probabilities named
+- seed ensembles (store.ENSEMBLE_FILE) export each member as above (each checked) and then merge the members'
+  graphs into one, every name prefixed per member, the shared input fed to all and an ONNX Mean of their
+  outputs: the executors run one graph and need nothing ensemble-specific.
+
+All graphs take float32 (N, H, W, 1) images in [0, 1] named "image" and return (N, 3) probabilities named
 "proba". A scratch model's area resize to its own input size stays outside the graph, in numpy
 (Predictor._resize), exactly as the scratch predictor does it.
 
@@ -39,6 +45,8 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "proba"
 MAX_CHECK_IMAGES = 512    # the check runs on at most this many of the given images (bounds export time)
 RANDOM_CHECK_IMAGES = 16  # without images: a seeded uniform [0, 1) batch of this size
+CHECK_BATCH = 16          # images per call in the check: Keras' eager activations for 64 images at 224 px
+                          # took +1.3 GB of driver RSS, more than training itself at batch 32
 
 
 class OnnxExportError(ValueError):
@@ -54,9 +62,15 @@ def export_onnx(model_dir: str | Path, val_images: np.ndarray | None = None, ato
     Raises OnnxExportError if ONNX Runtime's probabilities differ by more than atol."""
     d = Path(model_dir)
     t0 = time.perf_counter()
-    source = store.load_predictor(d, engine="keras")
+    source = store.load_predictor(d, engine="keras", batch_size=CHECK_BATCH)
     x = check_images(source, val_images, max_images)
-    if source.kind == "keras":
+    if source.kind == "ensemble":
+        members = store.ensemble_members(d)
+        for m in members:
+            if not (m / store.ONNX_FILE).is_file():
+                export_onnx(m, val_images, atol=atol, max_images=max_images, images_from=images_from)
+        proto = ensemble_to_onnx([m / store.ONNX_FILE for m in members])
+    elif source.kind == "keras":
         proto = keras_to_onnx(source.model, source.model.input_shape[1:])
     else:
         proto = scratch_to_onnx(source.model)
@@ -114,7 +128,7 @@ def _versions(kind: str) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("onnx", "onnxruntime", *(("tf2onnx", "tensorflow-cpu") if kind == "keras" else ())):
+    for pkg in ("onnx", "onnxruntime", *(("tf2onnx", "tensorflow-cpu") if kind in ("keras", "ensemble") else ())):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -133,7 +147,13 @@ def _rename_output(proto, name: str):
 
 
 def keras_to_onnx(model, input_shape: Sequence[int], opset: int = OPSET):
-    """tf2onnx from a tf.function of the model at inference (dropout and augmentation layers inactive)."""
+    """The model's layers written directly (keras_sequential_to_onnx: one copy of the weights in memory) or,
+    for anything it does not write, tf2onnx from a tf.function of the model at inference (dropout and
+    augmentation layers inactive)."""
+    try:
+        return keras_sequential_to_onnx(model, opset)
+    except OnnxExportError:
+        pass
     import tensorflow as tf
     import tf2onnx
 
@@ -143,103 +163,244 @@ def keras_to_onnx(model, input_shape: Sequence[int], opset: int = OPSET):
     return _rename_output(proto, OUTPUT_NAME)
 
 
-def scratch_to_onnx(net, opset: int = OPSET):
-    """A cxr.nn Network as an ONNX graph, layer by layer (float32; float64 networks are checked like any other).
-
-    Layout is tracked: the input is NHWC, Conv/MaxPool need NCHW, Flatten needs NHWC again (its feature
-    order is Keras' row-major (H, W, C))."""
+def ensemble_to_onnx(member_files: Sequence[str | Path], opset: int = OPSET):
+    """One graph from the members' model.onnx files: each member's names prefixed m<i>_ (its input excepted,
+    which all share), then Mean over the members' outputs. Members must share the input shape."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
-    from cxr.nn import layers as L
+    graphs = [onnx.load(str(f)) for f in member_files]
+    if not graphs:
+        raise OnnxExportError("an ensemble needs at least one member")
+    nodes, inits, outputs = [], [], []
+    for i, proto in enumerate(graphs):
+        g = proto.graph
+        if [v.name for v in g.input if v.name not in {t.name for t in g.initializer}] != [INPUT_NAME] or \
+                [o.name for o in g.output] != [OUTPUT_NAME]:
+            raise OnnxExportError(f"member {member_files[i]}: expected one input {INPUT_NAME!r} and one output "
+                                  f"{OUTPUT_NAME!r}")
+        if {n.domain for n in g.node} - {"", "ai.onnx"} or len(g.sparse_initializer) or len(proto.functions):
+            raise OnnxExportError(f"member {member_files[i]} uses custom domains or functions: cannot merge it")
+        prefix = f"m{i}_"
+        rename = (lambda name, p=prefix: name if name in ("", INPUT_NAME) else p + name)
+        for t in g.initializer:
+            t.name = rename(t.name)
+            inits.append(t)
+        for node in g.node:
+            node.name = rename(node.name) if node.name else ""
+            node.input[:] = [rename(n) for n in node.input]
+            node.output[:] = [rename(n) for n in node.output]
+            for attr in node.attribute:  # subgraphs (If/Loop) would need renaming inside: refuse them
+                if attr.g.node or len(attr.graphs):
+                    raise OnnxExportError(f"member {member_files[i]} has control flow: cannot merge it")
+            nodes.append(node)
+        outputs.append(prefix + OUTPUT_NAME)
+    nodes.append(helper.make_node("Mean", outputs, [OUTPUT_NAME], name="ensemble_mean"))
+    first = graphs[0].graph
+    inp = [v for v in first.input if v.name == INPUT_NAME]
+    graph = helper.make_graph(nodes, "cxr_ensemble", inp, list(first.output), initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="cxr.models.onnx_export", ir_version=IR_VERSION)
+    onnx.checker.check_model(proto)
+    return proto
 
-    nodes, inits = [], []
-    state = {"name": INPUT_NAME, "layout": "nhwc", "n": 0}
 
-    def fresh(prefix: str) -> str:
-        state["n"] += 1
-        return f"{prefix}_{state['n']}"
+class _Graph:
+    """An ONNX graph written layer by layer from the NHWC input "image", tracking the layout of the current
+    tensor: Conv/MaxPool/GlobalAveragePool need NCHW, Flatten needs NHWC again (its feature order is Keras'
+    row-major (H, W, C)), Dense needs a flat tensor."""
 
-    def const(name: str, value: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(value, dtype=np.float32), name))
+    def __init__(self):
+        self.nodes, self.inits = [], []
+        self.name, self.layout, self.n = INPUT_NAME, "nhwc", 0
+
+    def const(self, value: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        name = f"W{len(self.inits)}"
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value, dtype=np.float32), name))
         return name
 
-    def op(kind: str, inputs: list[str], **attrs) -> str:
-        out = fresh(kind.lower())
-        nodes.append(helper.make_node(kind, inputs, [out], name=out, **attrs))
-        state["name"] = out
+    def op(self, kind: str, inputs: list[str], **attrs) -> str:
+        from onnx import helper
+
+        self.n += 1
+        out = f"{kind.lower()}_{self.n}"
+        self.nodes.append(helper.make_node(kind, inputs, [out], name=out, **attrs))
+        self.name = out
         return out
 
-    def to(layout: str) -> None:
-        if state["layout"] == layout:
+    def to(self, layout: str) -> None:
+        if self.layout == layout:
             return
-        if (state["layout"], layout) == ("nhwc", "nchw"):
-            op("Transpose", [state["name"]], perm=[0, 3, 1, 2])
-        elif (state["layout"], layout) == ("nchw", "nhwc"):
-            op("Transpose", [state["name"]], perm=[0, 2, 3, 1])
+        if (self.layout, layout) == ("nhwc", "nchw"):
+            self.op("Transpose", [self.name], perm=[0, 3, 1, 2])
+        elif (self.layout, layout) == ("nchw", "nhwc"):
+            self.op("Transpose", [self.name], perm=[0, 2, 3, 1])
         else:
-            raise OnnxExportError(f"cannot bring a {state['layout']} tensor to {layout}")
-        state["layout"] = layout
+            raise OnnxExportError(f"cannot bring a {self.layout} tensor to {layout}")
+        self.layout = layout
 
-    def conv(layer, kernel: np.ndarray, group: int) -> None:
-        to("nchw")
-        kh, kw = layer.kernel_size
-        if layer.padding == "same":  # TF's 'same': the odd pixel goes at the end
-            (t, b), (lft, r) = L._same_pads(kh), L._same_pads(kw)
+    def conv(self, kernel_oihw: np.ndarray, bias: np.ndarray | None, pads: list[int], group: int = 1) -> None:
+        self.to("nchw")
+        kh, kw = kernel_oihw.shape[2:]
+        inputs = [self.name, self.const(kernel_oihw)] + ([self.const(bias)] if bias is not None else [])
+        self.op("Conv", inputs, kernel_shape=[int(kh), int(kw)], strides=[1, 1], pads=pads, group=int(group))
+
+    def maxpool(self, size, strides) -> None:
+        self.to("nchw")
+        self.op("MaxPool", [self.name], kernel_shape=[int(v) for v in size], strides=[int(v) for v in strides])
+
+    def flatten(self) -> None:
+        self.to("nhwc")
+        self.op("Flatten", [self.name], axis=1)
+        self.layout = "flat"
+
+    def dense(self, kernel: np.ndarray, bias: np.ndarray | None) -> None:
+        if self.layout != "flat":
+            raise OnnxExportError("Dense on a non-flat tensor: the network has no Flatten before it")
+        w = self.const(kernel)                                                      # (in, out): A @ W
+        if bias is not None:
+            self.op("Gemm", [self.name, w, self.const(bias)])
         else:
-            t = b = lft = r = 0
-        i = len(nodes)
-        inputs = [state["name"], const(f"W{i}", kernel)]
-        if layer.use_bias:
-            inputs.append(const(f"B{i}", layer.params["bias"]))
-        op("Conv", inputs, kernel_shape=[kh, kw], strides=[1, 1], pads=[t, lft, b, r], group=group)
+            self.op("MatMul", [self.name, w])
 
+    def softmax(self) -> None:
+        if self.layout == "nchw":
+            self.to("nhwc")
+        self.op("Softmax", [self.name], axis=-1)
+
+    def model(self, input_shape, output_shape, graph_name: str, opset: int = OPSET):
+        import onnx
+        from onnx import TensorProto, helper
+
+        if self.layout == "nchw":
+            self.to("nhwc")
+        self.nodes.append(helper.make_node("Identity", [self.name], [OUTPUT_NAME], name="output"))
+        h, w, c = [int(v) for v in input_shape]
+        graph = helper.make_graph(
+            self.nodes, graph_name, [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", h, w, c])],
+            [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", *[int(v) for v in output_shape]])],
+            initializer=self.inits)
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                                  producer_name="cxr.models.onnx_export", ir_version=IR_VERSION)
+        onnx.checker.check_model(proto, full_check=True)
+        return proto
+
+
+def _pads(padding: str, kh: int, kw: int) -> list[int]:
+    """ONNX pads [top, left, bottom, right] for Keras' 'valid' or stride-1 'same' (odd pixel at the end)."""
+    from cxr.nn import layers as L
+
+    if padding == "same":
+        (t, b), (lft, r) = L._same_pads(kh), L._same_pads(kw)
+        return [t, lft, b, r]
+    return [0, 0, 0, 0]
+
+
+# identity at inference: left out of the graph
+KERAS_PASSTHROUGH = ("InputLayer", "Dropout", "RandomTranslation", "RandomRotation", "RandomZoom")
+
+
+def keras_sequential_to_onnx(model, opset: int = OPSET):
+    """The Keras models of cxr.models.keras_models written operator by operator (as scratch_to_onnx does),
+    without tf2onnx: tf2onnx held ~60 copies of the weights while converting (+2.9 GB of driver RSS for the
+    study CNN at 224 px, 11 M parameters), this holds one. Raises OnnxExportError on anything else (a layer,
+    an activation, strides or dilations it does not write): keras_to_onnx then falls back to tf2onnx."""
+    import keras
+
+    if not isinstance(model, keras.Sequential):
+        raise OnnxExportError("not a keras.Sequential model")
+    g = _Graph()
+
+    def activation(layer) -> None:
+        name = getattr(getattr(layer, "activation", None), "__name__", "linear")
+        if name == "relu":
+            g.op("Relu", [g.name])
+        elif name == "softmax":
+            g.softmax()
+        elif name != "linear":
+            raise OnnxExportError(f"{layer.name}: no ONNX export for activation {name!r}")
+
+    def plain(layer) -> None:
+        if tuple(getattr(layer, "strides", (1, 1))) != (1, 1) or \
+                tuple(getattr(layer, "dilation_rate", (1, 1))) != (1, 1):
+            raise OnnxExportError(f"{layer.name}: only stride 1, dilation 1 convolutions are written directly")
+        if getattr(layer, "data_format", "channels_last") != "channels_last":
+            raise OnnxExportError(f"{layer.name}: channels_first")
+
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind in KERAS_PASSTHROUGH:
+            continue
+        if kind == "Conv2D":
+            plain(layer)
+            if layer.groups != 1:
+                raise OnnxExportError(f"{layer.name}: grouped convolution")
+            k = layer.kernel.numpy()                                                 # (kh, kw, in, out)
+            g.conv(k.transpose(3, 2, 0, 1), layer.bias.numpy() if layer.use_bias else None,
+                   _pads(layer.padding, *k.shape[:2]))
+            activation(layer)
+        elif kind == "SeparableConv2D":
+            plain(layer)
+            dk = layer.depthwise_kernel.numpy()                                      # (kh, kw, C, M)
+            kh, kw, c, m = dk.shape
+            g.conv(dk.transpose(2, 3, 0, 1).reshape(c * m, 1, kh, kw), None, _pads(layer.padding, kh, kw), group=c)
+            pk = layer.pointwise_kernel.numpy()                                      # (1, 1, C*M, out)
+            g.conv(pk.transpose(3, 2, 0, 1), layer.bias.numpy() if layer.use_bias else None, [0, 0, 0, 0])
+            activation(layer)
+        elif kind == "MaxPooling2D":
+            if layer.padding != "valid" or getattr(layer, "data_format", "channels_last") != "channels_last":
+                raise OnnxExportError(f"{layer.name}: only 'valid' channels-last pooling is written directly")
+            g.maxpool(layer.pool_size, layer.strides or layer.pool_size)
+        elif kind == "GlobalAveragePooling2D":
+            if getattr(layer, "keepdims", False) or layer.data_format != "channels_last":
+                raise OnnxExportError(f"{layer.name}: keepdims or channels_first")
+            g.to("nchw")
+            g.op("GlobalAveragePool", [g.name])
+            g.op("Flatten", [g.name], axis=1)
+            g.layout = "flat"
+        elif kind == "Flatten":
+            g.flatten()
+        elif kind == "Dense":
+            g.dense(layer.kernel.numpy(), layer.bias.numpy() if layer.use_bias else None)
+            activation(layer)
+        else:
+            raise OnnxExportError(f"no direct ONNX export for Keras layer {kind}")
+    return g.model(model.input_shape[1:], model.output_shape[1:], model.name or "keras", opset)
+
+
+def scratch_to_onnx(net, opset: int = OPSET):
+    """A cxr.nn Network as an ONNX graph, layer by layer (float32; float64 networks are checked like any other).
+    Layout is tracked as in _Graph."""
+    from cxr.nn import layers as L
+
+    g = _Graph()
     for layer in net.layers:
         if isinstance(layer, L.Conv2D):
-            conv(layer, layer.params["kernel"].transpose(3, 2, 0, 1), 1)         # (kh,kw,in,out)->(out,in,kh,kw)
+            kh, kw = layer.kernel_size
+            g.conv(layer.params["kernel"].transpose(3, 2, 0, 1),                    # (kh,kw,in,out)->(out,in,kh,kw)
+                   layer.params["bias"] if layer.use_bias else None, _pads(layer.padding, kh, kw))
         elif isinstance(layer, L.DepthwiseConv2D):
             k = layer.params["kernel"]                                             # (kh, kw, C, M)
             kh, kw, c, m = k.shape                                                 # out channel c*M + m, as TF
-            conv(layer, k.transpose(2, 3, 0, 1).reshape(c * m, 1, kh, kw), c)
+            g.conv(k.transpose(2, 3, 0, 1).reshape(c * m, 1, kh, kw), layer.params["bias"] if layer.use_bias
+                   else None, _pads(layer.padding, kh, kw), group=c)
         elif isinstance(layer, L.MaxPool2D):
-            to("nchw")
-            op("MaxPool", [state["name"]], kernel_shape=list(layer.pool_size), strides=list(layer.pool_size))
+            g.maxpool(layer.pool_size, layer.pool_size)
         elif isinstance(layer, L.Flatten):
-            to("nhwc")
-            op("Flatten", [state["name"]], axis=1)
-            state["layout"] = "flat"
+            g.flatten()
         elif isinstance(layer, L.Dense):
-            if state["layout"] != "flat":
-                raise OnnxExportError("Dense on a non-flat tensor: the network has no Flatten before it")
-            i = len(nodes)
-            w = const(f"W{i}", layer.params["kernel"])                             # (in, out): A @ W
-            if layer.use_bias:
-                op("Gemm", [state["name"], w, const(f"B{i}", layer.params["bias"])])
-            else:
-                op("MatMul", [state["name"], w])
+            g.dense(layer.params["kernel"], layer.params["bias"] if layer.use_bias else None)
         elif isinstance(layer, L.ReLU):
-            op("Relu", [state["name"]])
+            g.op("Relu", [g.name])
         elif isinstance(layer, L.Softmax):
-            if state["layout"] == "nchw":
-                to("nhwc")
-            op("Softmax", [state["name"]], axis=-1)
+            g.softmax()
         else:
             raise OnnxExportError(f"no ONNX export for cxr.nn layer {type(layer).__name__}")
-    if state["layout"] == "nchw":
-        to("nhwc")
     if not net._fused():  # predict_proba applies a softmax when the network does not end with one
-        op("Softmax", [state["name"]], axis=-1)
-    nodes.append(helper.make_node("Identity", [state["name"]], [OUTPUT_NAME], name="output"))
-
-    h, w, c = net.input_shape
-    out_shape = ["N", *[int(s) for s in net.output_shape]]
-    graph = helper.make_graph(
-        nodes, "cxr_nn", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", h, w, c])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, out_shape)], initializer=inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                              producer_name="cxr.models.onnx_export", ir_version=IR_VERSION)
-    onnx.checker.check_model(proto, full_check=True)
-    return proto
+        g.softmax()
+    return g.model(net.input_shape, net.output_shape, "cxr_nn", opset)
 
 
 def measure_throughput(predictor: store.Predictor, x: np.ndarray, min_seconds: float = 3.0) -> dict:
@@ -280,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data:
         from cxr.data.loader import load_split
 
-        images = load_split(args.data, args.split).x
+        images = load_split(args.data, args.split, limit=MAX_CHECK_IMAGES).x  # all the check uses
     failed = 0
     for d in dirs:
         try:

@@ -6,6 +6,10 @@ how it was trained and on what data, including the preprocess params that scorin
 images. Nothing is ever unpickled: Keras models load with safe_mode=True (a Lambda layer or any other
 arbitrary code is refused), cxr.nn reads .npz with allow_pickle=False, and ONNX files hold operators only.
 
+A seed ensemble (train.ensemble: K) is one model folder too: ensemble.json names its members, each a model
+folder of its own under members/, and model.onnx is one graph averaging the members' probabilities. Every job
+reads it as one model (EnsemblePredictor: the mean of the members' probabilities) with one model id.
+
 Two engines run a model: "keras" (its own framework: Keras or cxr.nn) and "onnx" (model.onnx in ONNX
 Runtime, no TensorFlow needed). Spark workers import this module: TensorFlow is imported only when a Keras
 model is actually loaded with the keras engine.
@@ -27,6 +31,8 @@ METRICS_FILE = "metrics.json"
 KERAS_FILE = "model.keras"
 SCRATCH_FILES = ("model.json", "model.npz")
 ONNX_FILE = "model.onnx"
+ENSEMBLE_FILE = "ensemble.json"   # {"members": [relative folder, ...], "combine": "mean"}
+MEMBERS_DIR = "members"
 SCHEMA = "cxr.model/1"
 ENGINES = ("onnx", "keras")   # keras = the model's own framework (Keras or cxr.nn)
 
@@ -60,21 +66,56 @@ def read_metadata(model_dir: str | Path) -> dict:
 
 def model_kind(model_dir: str | Path) -> str:
     d = Path(model_dir)
+    if (d / ENSEMBLE_FILE).is_file():
+        return "ensemble"
     if (d / KERAS_FILE).is_file():
         return "keras"
     if all((d / f).is_file() for f in SCRATCH_FILES):
         return "scratch"
-    raise FileNotFoundError(f"{d} holds neither {KERAS_FILE} nor {' + '.join(SCRATCH_FILES)}")
+    raise FileNotFoundError(f"{d} holds neither {KERAS_FILE} nor {' + '.join(SCRATCH_FILES)} nor {ENSEMBLE_FILE}")
+
+
+def ensemble_members(model_dir: str | Path) -> list[Path]:
+    """The member folders of an ensemble, in order ([] for a single model). Members must lie inside it."""
+    d = Path(model_dir)
+    if not (d / ENSEMBLE_FILE).is_file():
+        return []
+    spec = json.loads((d / ENSEMBLE_FILE).read_text())
+    members = [d / m for m in spec.get("members") or []]
+    root = d.resolve()
+    for m in members:
+        if root not in m.resolve().parents:
+            raise UnsafeModelError(f"{d}/{ENSEMBLE_FILE} names a member outside the model folder: {m}")
+        if model_kind(m) == "ensemble":
+            raise ValueError(f"{m}: an ensemble member cannot be an ensemble itself")
+    if not members:
+        raise ValueError(f"{d}/{ENSEMBLE_FILE} names no members")
+    return members
 
 
 def weight_files(model_dir: str | Path) -> list[str]:
-    """Names of the files that identify a model: its weights (model.keras, or model.json + model.npz) and
-    model.onnx when present. A change to any of them is a different model."""
+    """Names (relative to the folder) of the files that identify a model: its weights (model.keras, or
+    model.json + model.npz; for an ensemble ensemble.json and every member's files) and model.onnx when
+    present. A change to any of them is a different model."""
     d = Path(model_dir)
-    files = [KERAS_FILE] if model_kind(d) == "keras" else list(SCRATCH_FILES)
+    kind = model_kind(d)
+    if kind == "ensemble":
+        files = [ENSEMBLE_FILE] + [f"{m.relative_to(d).as_posix()}/{f}" for m in ensemble_members(d)
+                                   for f in weight_files(m)]
+    else:
+        files = [KERAS_FILE] if kind == "keras" else list(SCRATCH_FILES)
     if (d / ONNX_FILE).is_file():
         files.append(ONNX_FILE)
     return files
+
+
+def save_ensemble(model_dir: str | Path, members: list[str | Path], metadata: Mapping[str, Any]) -> Path:
+    """Write ensemble.json (members relative to model_dir, which must hold them) and metrics.json."""
+    d = Path(model_dir)
+    rel = [Path(m).resolve().relative_to(d.resolve()).as_posix() for m in members]
+    (d / ENSEMBLE_FILE).write_text(json.dumps({"members": rel, "combine": "mean of probabilities"}, indent=1) + "\n")
+    write_metadata(d, {**metadata, "kind": "ensemble", "files": [ENSEMBLE_FILE, METRICS_FILE]})
+    return d
 
 
 def check_engine(engine: str) -> str:
@@ -222,6 +263,27 @@ class ScratchPredictor(Predictor):
         return np.asarray(self.model.predict_proba(x, batch_size=self.batch_size), dtype=np.float32)
 
 
+class EnsemblePredictor(Predictor):
+    """The mean of the members' probabilities, each member run in its own framework (Keras or cxr.nn); the
+    members resize their inputs themselves. `.members` are their predictors, `.model` their Keras models
+    (for Grad-CAM, which averages the members' heatmaps: cxr.explain)."""
+
+    kind = "ensemble"
+
+    def __init__(self, model_dir: Path, metadata: dict, batch_size: int = 64):
+        super().__init__(model_dir, metadata, batch_size)
+        self.members = [load_predictor(m, batch_size=batch_size, engine="keras") for m in ensemble_members(model_dir)]
+        self.fixed_batch = any(m.fixed_batch for m in self.members)
+        self.model = [m.model for m in self.members]
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        x = self._check(x)
+        total = np.zeros((x.shape[0], len(CLASSES)), np.float32)
+        for m in self.members:
+            total += m.predict_proba(x)
+        return total / np.float32(len(self.members))
+
+
 class OnnxPredictor(Predictor):
     """model.onnx in ONNX Runtime on the CPU: the same contract as the other predictors, without TensorFlow.
     Scratch models' input resize stays outside the graph (Predictor._resize), as in ScratchPredictor."""
@@ -293,7 +355,7 @@ def load_predictor(model_dir: str | Path, batch_size: int = 64, engine: str = "k
         if not (d / ONNX_FILE).is_file():
             raise FileNotFoundError(missing_onnx_message(d))
         return OnnxPredictor(d, metadata, batch_size=batch_size, threads=onnx_threads)
-    cls = KerasPredictor if kind == "keras" else ScratchPredictor
+    cls = {"keras": KerasPredictor, "scratch": ScratchPredictor, "ensemble": EnsemblePredictor}[kind]
     return cls(d, metadata, batch_size=batch_size)
 
 
@@ -318,7 +380,9 @@ def cached_predictor(model_dir: str | Path, batch_size: int = 64, tf_threads: in
            int(onnx_threads) if engine == "onnx" else None)
     with _CACHE_LOCK:
         if key not in _CACHE:
-            if engine == "keras" and kind == "keras" and tf_threads:
+            uses_tf = kind == "keras" or (kind == "ensemble" and any(model_kind(m) == "keras"
+                                                                     for m in ensemble_members(d)))
+            if engine == "keras" and uses_tf and tf_threads:
                 limit_tf_threads(tf_threads)
             _CACHE[key] = load_predictor(d, batch_size=batch_size, engine=engine, onnx_threads=onnx_threads)
             while len(_CACHE) > CACHE_MODELS:

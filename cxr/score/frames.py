@@ -7,6 +7,7 @@ is loaded once per Python worker (cxr.models.store.cached_predictor).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,15 @@ from cxr.models import store
 
 PROB_COLUMNS = tuple(f"p_{c.lower()}" for c in CLASSES)
 RESULT_COLUMNS = ("path", "sha256", "folder_label", "status", "stage", "reason", "label", *PROB_COLUMNS,
-                  "size", "mtime_ms")
+                  "size", "mtime_ms", "decode_warnings")
 HASH_COLUMNS = ("path", "sha256", "size", "mtime_ms")
 
 # What must match between the preprocessing a model was trained on and the one it is fed.
-MATCHING_PARAMS = ("size", "method", "clip_limit", "tile_grid", "brightness_alpha", "brightness_beta", "resize_mode")
+MATCHING_PARAMS = ("size", "method", "clip_limit", "tile_grid", "brightness_alpha", "brightness_beta", "resize_mode",
+                   "decode_reduction")
+# What a run decides for itself, whatever the model's training data had: damaged files, the per-file time limit.
+RUN_PARAMS = ("on_damaged", "time_limit_s")
+_PARAM_DEFAULTS = PreprocessParams().to_dict()   # params recorded before a key existed meant its default
 ENGINES = ("onnx", "keras")
 
 
@@ -68,8 +73,18 @@ def model_id(model_dir: str | Path) -> str:
 
 
 def params_mismatch(model_params: Mapping[str, Any], data_params: Mapping[str, Any]) -> dict[str, tuple]:
-    return {k: (model_params.get(k), data_params.get(k)) for k in MATCHING_PARAMS
-            if model_params.get(k) != data_params.get(k)}
+    def value(params, k):
+        return params.get(k, _PARAM_DEFAULTS.get(k) if k == "decode_reduction" else None)
+
+    return {k: (value(model_params, k), value(data_params, k)) for k in MATCHING_PARAMS
+            if value(model_params, k) != value(data_params, k)}
+
+
+def scoring_params(model_params: Mapping[str, Any], config: Mapping[str, Any]) -> PreprocessParams:
+    """The model's image steps (decode reduction included), with this run's damage policy and time limit."""
+    pre = config.get("preprocess", {})
+    run = {k: type(_PARAM_DEFAULTS[k])(pre[k]) for k in RUN_PARAMS if pre.get(k) is not None}
+    return dataclasses.replace(PreprocessParams.from_dict(model_params), **run)
 
 
 def predict_fixed_batches(predictor, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -142,7 +157,7 @@ def score_raw_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, al
         else:
             done = process_file(path, content, root, params, aliases)
             row.update(sha256=done["sha256"], folder_label=done["label"], status=done["status"],
-                       stage=done["stage"], reason=done["reason"])
+                       stage=done["stage"], reason=done["reason"], decode_warnings=done["decode_warnings"])
             if done["status"] == "ok":
                 images.append(np.frombuffer(done["image"], np.uint8).reshape(done["height"], done["width"]))
         rows.append(row)
@@ -152,10 +167,11 @@ def score_raw_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, al
 def score_preprocessed_frame(frame: pd.DataFrame, engine: Engine) -> pd.DataFrame:
     """Rows of a preprocess job's images table -> predictions (no image steps: they were done there)."""
     rows, images = [], []
-    for path, sha, label, image, h, w in zip(frame["path"], frame["sha256"], frame["label"], frame["image"],
-                                             frame["height"], frame["width"]):
+    warnings = frame["decode_warnings"] if "decode_warnings" in frame else [None] * len(frame)  # older tables
+    for path, sha, label, image, h, w, warned in zip(frame["path"], frame["sha256"], frame["label"], frame["image"],
+                                                     frame["height"], frame["width"], warnings):
         row = dict.fromkeys(RESULT_COLUMNS)
-        row.update(path=path, sha256=sha, folder_label=label, status="ok")
+        row.update(path=path, sha256=sha, folder_label=label, status="ok", decode_warnings=warned)
         images.append(np.frombuffer(image, np.uint8).reshape(int(h), int(w)))
         rows.append(row)
     return _with_predictions(rows, images, engine)

@@ -23,7 +23,8 @@ from pyspark.sql import functions as F
 from cxr import CLASSES
 from cxr.data.loader import SplitLeakError, to_unit_float
 from cxr.metrics import confusion_matrix, summarize
-from cxr.models.store import ONNX_FILE, inference_settings, list_models, missing_onnx_message, read_metadata
+from cxr.models.store import (ONNX_FILE, ensemble_members, inference_settings, list_models, missing_onnx_message,
+                              read_metadata)
 from cxr.spark import fs
 from cxr.spark.session import master_url, default_parallelism
 
@@ -173,6 +174,9 @@ def run(spark: SparkSession, data_dir: str, models_dir: str, config: Mapping[str
             raise FileNotFoundError(f"no model {', '.join(sorted(missing))} in {models_dir}")
     if not dirs:
         raise FileNotFoundError(f"no models (folders with metrics.json and weights) in {models_dir}")
+    # a seed ensemble's members are evaluated beside it (same rows, same pass), so the report shows each
+    members = {m: d.name for d in dirs for m in ensemble_members(d)}
+    dirs = [*dirs, *members]
     metas = {d.name: read_metadata(d) for d in dirs}
     inference = inference_settings(config)
     if inference["engine"] == "onnx":  # fail on the driver, in one clear line, not in a task on an executor
@@ -227,6 +231,8 @@ def run(spark: SparkSession, data_dir: str, models_dir: str, config: Mapping[str
                 raise RuntimeError(f"{d.name}: partition confusion matrices do not add up to the rows' predictions")
         summary = summarize(y, proba, cm)
         summary["partitions"] = n_parts
+        if d in members:
+            summary["member_of"] = members[d]
         summary["predictions"] = {"sha256": sha, "y": y.tolist(), "proba": np.round(proba, 6).tolist()}
         results[d.name] = summary
         log.info("%s on %s: n=%d accuracy %.4f macro-F1 %s", d.name, split, summary["n"], summary["accuracy"] or 0,

@@ -1,55 +1,47 @@
-"""Reading image archives with Spark's binaryFile source and preprocessing them on the executors.
+"""Listing image archives and turning listed files into preprocessed rows on the executors.
 
-Shared by the preprocess job and the score job, so that both read, filter and prepare files the same way.
+Shared by the preprocess job and the score job, so that both list, filter and prepare files the same way.
+Image bytes never pass through the JVM: a task gets a list of paths (thin rows), its Python worker opens the
+files itself (cxr.image.source.read_bytes) and hands back finished rows, which Spark writes once.
 """
 from __future__ import annotations
 
 import contextlib
+import heapq
 import re
 import uuid
+from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 from typing import Iterator, Mapping, Sequence
 
+import numpy as np
+import pandas as pd
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from cxr.image.batch import process_frame
+from cxr.image.batch import process_file
 from cxr.image.pipeline import PreprocessParams
-from cxr.image.source import UNREAD_KINDS, VANISHED
+from cxr.image.source import UNREAD_KINDS, VANISHED, read_bytes
+from cxr.splits import assign_split
 from cxr.spark import fs
 
-PREPROCESSED_SCHEMA = T.StructType([
-    T.StructField("path", T.StringType()),
-    T.StructField("rel_path", T.StringType()),
-    T.StructField("label", T.StringType()),
-    T.StructField("sha256", T.StringType()),
-    T.StructField("status", T.StringType()),
-    T.StructField("stage", T.StringType()),
-    T.StructField("reason", T.StringType()),
-    T.StructField("image", T.BinaryType()),
-    T.StructField("height", T.IntegerType()),
-    T.StructField("width", T.IntegerType()),
-    T.StructField("orig_height", T.IntegerType()),
-    T.StructField("orig_width", T.IntegerType()),
-    T.StructField("orig_dtype", T.StringType()),
-    T.StructField("source_format", T.StringType()),
-    T.StructField("color_mode", T.StringType()),
-])
+# Spark types of the row columns that are not strings (every other column of an images or errors row is one)
+_TYPES = {"image": T.BinaryType(), "height": T.IntegerType(), "width": T.IntegerType(),
+          "orig_height": T.IntegerType(), "orig_width": T.IntegerType(), "length": T.LongType(),
+          "mtime_ms": T.LongType(), "task": T.LongType()}
+_INTS = ("height", "width", "orig_height", "orig_width")
+CHANGED = ("rejected when first read, decoded when read again for its reason: the file changed while the job "
+           "ran (or the first attempt ran out of memory); not written, run the job again")
 
 
-def _case_insensitive(ext: str) -> str:
-    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in ext)
-
-
-def extension_glob(extensions: Sequence[str]) -> str:
-    """A Hadoop glob matching file names ending in any extension, in any letter case (*.{[pP][nN][gG],...})."""
-    return "*.{" + ",".join(_case_insensitive(e.lstrip(".")) for e in extensions) + "}"
+def row_schema(columns: Sequence[str]) -> T.StructType:
+    """The Spark schema of rows with these columns (images, errors or duplicates tables)."""
+    return T.StructType([T.StructField(c, _TYPES.get(c, T.StringType())) for c in columns])
 
 
 def _reader(spark: SparkSession):
-    # ignoreMissingFiles: a file deleted between the listing and the read is skipped instead of failing the
-    # job; preprocess then reports it as an errors row (vanished_files)
+    # ignoreMissingFiles: a file deleted while the scan runs is skipped instead of failing the job
     return (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
             .option("ignoreMissingFiles", "true"))
 
@@ -80,8 +72,9 @@ def _as_path_column(uri: str) -> str:
 @contextlib.contextmanager
 def list_files(spark: SparkSession, root: str, extensions: Sequence[str], exclude_dirs: Sequence[str],
                max_bytes: int) -> Iterator[DataFrame]:
-    """Every file under root (names, sizes and modification times: no content read) with what the job will do
-    with it: `read`, `empty`, `too_large`, `vanished`, `ignored_extension` or `ignored_dir`. One listing of
+    """Spark's own listing (binaryFile, no content read): the reference that the jobs' driver-side listing
+    (cxr.score.incremental.list_archive, no Spark job) is tested against. Every file under root with what a job
+    does with it: `read`, `empty`, `too_large`, `vanished`, `ignored_extension` or `ignored_dir`. One listing of
     the archive, held (cached) until the `with` block ends.
 
     Spark's file scan silently skips 0-byte files, so they are found from the same file index (inputFiles)
@@ -122,13 +115,6 @@ def listing_counts(listing: DataFrame) -> tuple[int, dict[str, int], dict[str, i
     return sum(n for kind, n in kinds.items() if not kind.startswith("ignored")), kinds, ignored
 
 
-def unread_files(listing: DataFrame, max_file_mb: float) -> DataFrame:
-    """Error rows (path, sha256, stage, reason) for the listed files that are never read: empty or too large."""
-    return (listing.where(F.col("kind").isin(*UNREAD_KINDS))
-            .select("path", F.lit(None).cast("string").alias("sha256"), F.lit("read").alias("stage"),
-                    unread_reason(max_file_mb).alias("reason")))
-
-
 def unread_reason(max_file_mb: float) -> Column:
     """Why a listed file of an UNREAD_KINDS kind is an errors row without being read."""
     return (F.when(F.col("kind") == "empty", F.lit("file is empty (0 bytes)"))
@@ -137,29 +123,167 @@ def unread_reason(max_file_mb: float) -> Column:
                                        "(preprocess.max_file_mb): not read", F.col("length"))))
 
 
-def read_contents(spark: SparkSession, root: str, extensions: Sequence[str], exclude_dirs: Sequence[str],
-                  max_bytes: int) -> DataFrame:
-    """(path, content) of the files to read. The extension glob and the length filter are pushed into the
-    file source, so that other files and oversized ones are never loaded into memory."""
-    df = (_reader(spark).option("pathGlobFilter", extension_glob(extensions)).load(root)
-          .where(F.col("length") <= max_bytes))
-    return df.where(~_in_excluded_dir(root, exclude_dirs)).select("path", "content")
+def listing_counts(listing: pd.DataFrame) -> tuple[int, dict[str, int], dict[str, int]]:
+    """(input files, {kind: n}, {ignored kind + extension: n}) of a listing (cxr.score.incremental.list_archive);
+    input counts every file not ignored."""
+    kinds = {str(k): int(n) for k, n in listing["kind"].value_counts().items()}
+    ignored_rows = listing[listing["kind"].str.startswith("ignored")]
+    ext = ignored_rows["path"].str.extract(r"(\.[^./]+)$", expand=False).str.lower().fillna("(none)")
+    ignored = {f"{k}{e}": int(n) for (k, e), n in
+               ignored_rows.assign(ext=ext).groupby(["kind", "ext"]).size().items()}
+    return sum(n for kind, n in kinds.items() if not kind.startswith("ignored")), kinds, ignored
 
 
-def preprocess_images(files: DataFrame, root: str, params: PreprocessParams, aliases: Mapping[str, str]) -> DataFrame:
-    """Decode + equalize + brighten + resize on the executors, one Arrow batch at a time."""
+def unread_rows(listing: pd.DataFrame, max_file_mb: float) -> pd.DataFrame:
+    """Errors rows (path, sha256, label, stage, reason) of the listed files that are never read: empty, too
+    large, or gone while being listed."""
+    rows = listing[listing["kind"].isin(UNREAD_KINDS)]
+    reasons = [("file is empty (0 bytes)" if kind == "empty" else VANISHED if kind == "vanished" else
+                f"file is {int(n)} bytes, over the {max_file_mb} MB limit (preprocess.max_file_mb): not read")
+               for kind, n in zip(rows["kind"], rows["length"].fillna(0))]
+    return pd.DataFrame({"path": rows["path"].to_numpy(), "sha256": None, "label": None, "stage": "read",
+                         "reason": reasons}, columns=["path", "sha256", "label", "stage", "reason"])
 
+
+# ----------------------------------------------------------------------------- tasks: lists of paths
+def _bytes(value, default: int) -> int:
+    """Spark's byte strings ('64MB', '4194304b', '128m', 134217728) -> bytes."""
+    if value is None or str(value).strip() == "":
+        return default
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)i?b?\s*", str(value).lower())
+    if not match:
+        return default
+    return int(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " ")
+
+
+def split_bytes(spark: SparkSession, total_bytes: int, n_files: int, cores: int) -> tuple[int, int]:
+    """(bytes per task, cost of opening a file in bytes), by Spark's own rule for its file sources
+    (FilePartition.maxSplitBytes): spark.sql.files.maxPartitionBytes, each file weighing its length plus
+    spark.sql.files.openCostInBytes, and at least spark.sql.files.minPartitionNum (default: the cores) tasks."""
+    def conf(key):
+        try:
+            return spark.conf.get(key, None)
+        except Exception:
+            return None
+
+    max_partition = _bytes(conf("spark.sql.files.maxPartitionBytes"), 128 * 1024 ** 2)
+    open_cost = _bytes(conf("spark.sql.files.openCostInBytes"), 4 * 1024 ** 2)
+    min_tasks = int(conf("spark.sql.files.minPartitionNum") or cores)
+    per_core = (total_bytes + n_files * open_cost) // max(1, min_tasks)
+    return min(max_partition, max(open_cost, per_core)), open_cost
+
+
+def pack_tasks(lengths: Sequence[int], max_bytes: int, open_cost: int, cores: int = 1) -> np.ndarray:
+    """Task number of each file, files taken in the given order (by path: deterministic). As many tasks as
+    max_bytes needs (each file weighing length + open_cost), rounded up to a multiple of the cores; each file
+    goes to the task with the least weight so far. Consecutive files thus go to different tasks: every task
+    gets the same mix of folders (classes, sources, image sizes), so that the cores finish together instead
+    of one waiting for the task that drew the folder of large images."""
+    weights = np.asarray(lengths, np.float64) + open_cost
+    if not len(weights):
+        return np.empty(0, np.int64)
+    n_tasks = max(1, int(np.ceil(weights.sum() / max(1, max_bytes))))
+    n_tasks = min(len(weights), -(-n_tasks // cores) * cores)
+    heap = [(0.0, t) for t in range(n_tasks)]
+    tasks = np.empty(len(weights), np.int64)
+    for i, w in enumerate(weights):
+        load, t = heapq.heappop(heap)
+        tasks[i] = t
+        heapq.heappush(heap, (load + float(w), t))
+    return tasks
+
+
+def file_tasks(spark: SparkSession, files: pd.DataFrame, tasks: np.ndarray) -> DataFrame:
+    """(task, path, length) with exactly one Spark partition per task, rows in path order: a range of task
+    numbers (one per partition) joined with the broadcast file list (thin), so no row is shuffled and a rerun
+    puts the same files in the same task (and output file)."""
+    n_tasks = int(tasks.max()) + 1 if len(tasks) else 0
+    listed = spark.createDataFrame(
+        pd.DataFrame({"task": tasks, "path": files["path"].to_numpy(), "length": files["length"].astype("int64")}),
+        row_schema(["task", "path", "length"]))
+    return (spark.range(0, max(n_tasks, 1), 1, max(n_tasks, 1)).withColumnRenamed("id", "task")
+            .join(F.broadcast(listed), "task").sortWithinPartitions("path"))
+
+
+# ----------------------------------------------------------------------------- the worker side
+@dataclass(frozen=True)
+class ImageRows:
+    """Everything a Python worker needs to turn listed files into rows: read, preprocess (the one per-file
+    function, cxr.image.batch.process_file), then patient id and split, which need only the row itself."""
+    root: str
+    params: PreprocessParams
+    aliases: Mapping[str, str]
+    columns: tuple[str, ...]
+    ratios: Mapping[str, float]
+    seed: int
+    max_bytes: int | None = None
+    patients: Mapping[str, str] = field(default_factory=dict)   # manifest key -> patient id
+    patient_key: str | None = None                               # "sha256" or "rel_path"
+
+    def _read(self, path: str) -> tuple[bytes | None, str | None]:
+        try:
+            return read_bytes(path, self.max_bytes), None
+        except FileNotFoundError:
+            return None, VANISHED
+        except (OSError, ValueError) as exc:
+            return None, f"could not read the file: {type(exc).__name__}: {exc}"
+
+    def _group(self, row: dict) -> None:
+        """patient_id from the manifest, split from the group key (patient, else content hash)."""
+        pid = self.patients.get(row[self.patient_key]) if self.patient_key else None
+        row["patient_id"] = pid
+        key = f"patient:{pid}" if pid is not None else f"sha256:{row['sha256']}"
+        row["split"] = assign_split(key, self.ratios, self.seed)
+
+    def images(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The image rows of the frame's files; files that cannot be read or are rejected give no row (the
+        job finds them afterwards as listed-but-not-written and asks errors() why)."""
+        rows = []
+        for path in frame["path"]:
+            content, _ = self._read(path)
+            if content is None:
+                continue
+            row = process_file(path, content, self.root, self.params, self.aliases)
+            if row["status"] == "ok":
+                self._group(row)
+                rows.append(row)
+        out = pd.DataFrame([{c: r.get(c) for c in self.columns} for r in rows], columns=list(self.columns))
+        for col in _INTS:
+            if col in out:
+                out[col] = out[col].astype("Int32")
+        return out
+
+    def errors(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """One errors row (path, sha256, label, stage, reason) per file of the frame."""
+        rows = []
+        for path in frame["path"]:
+            content, problem = self._read(path)
+            if problem:
+                rows.append((path, None, None, "read", problem))
+                continue
+            row = process_file(path, content, self.root, self.params, self.aliases)
+            if row["status"] == "ok":
+                rows.append((path, row["sha256"], row["label"], "read", CHANGED))
+            else:
+                rows.append((path, row["sha256"], row["label"], row["stage"], row["reason"]))
+        return pd.DataFrame(rows, columns=["path", "sha256", "label", "stage", "reason"])
+
+
+def preprocess_files(files: DataFrame, rows: ImageRows) -> DataFrame:
+    """Image rows of the listed files, made in the Python workers (one Arrow batch of paths at a time)."""
     def run(batches):
         for frame in batches:
-            yield process_frame(frame, root, params, aliases)
+            out = rows.images(frame)
+            if len(out):
+                yield out
 
-    return files.mapInPandas(run, schema=PREPROCESSED_SCHEMA)
+    return files.mapInPandas(run, schema=row_schema(rows.columns))
 
 
-def vanished_files(listing: DataFrame, read: DataFrame) -> DataFrame:
-    """Error rows for files listed to be read that produced no row: deleted (or made unreadable) between the
-    listing and the read."""
-    return (listing.where(F.col("kind") == "read").select("path")
-            .join(read.select("path"), "path", "left_anti")
-            .select("path", F.lit(None).cast("string").alias("sha256"), F.lit("read").alias("stage"),
-                    F.lit(VANISHED).alias("reason")))
+def rejected_files(files: DataFrame, rows: ImageRows) -> DataFrame:
+    """Errors rows of listed files that produced no image row: read again, the reason asked for again."""
+    def run(batches):
+        for frame in batches:
+            yield rows.errors(frame)
+
+    return files.mapInPandas(run, schema=row_schema(["path", "sha256", "label", "stage", "reason"]))

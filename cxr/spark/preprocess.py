@@ -2,34 +2,44 @@
 
 Every input file ends in exactly one of images, errors or duplicates, and the manifest's counts prove it:
 input == written + rejected + duplicates.
+
+Pixels are written once. One listing (on the driver, no Spark job), then one stage in which each task's
+Python worker reads its files, preprocesses them, adds patient id and split (both follow from the row alone)
+and Spark writes the rows straight into OUT/images. Everything after that reads thin columns only (path,
+sha256, split, label, patient id): the counts, the duplicates (exact copies: the first path is kept, the
+Parquet files holding the others are rewritten, the only second write of pixels, and only where copies
+exist) and the rejected files, whose reasons come from reading just those files again.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import math
 import time
+import uuid
 from typing import Any, Mapping
+from urllib.parse import unquote, urlsplit
 
 import pandas as pd
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 from cxr.image.pipeline import PreprocessParams
 from cxr.labels import alias_table
 from cxr.provenance import package_versions
+from cxr.score.incremental import list_archive
 from cxr.spark import fs
-from cxr.spark.session import master_url
-from cxr.spark.images import (list_files, listing_counts, preprocess_images, read_contents, unread_files,
-                              vanished_files)
-from cxr.splits import assign_split, validate_ratios
+from cxr.spark.session import default_parallelism, master_url
+from cxr.spark.images import (ImageRows, file_tasks, listing_counts, pack_tasks, preprocess_files, rejected_files,
+                              row_schema, split_bytes, unread_rows)
+from cxr.splits import validate_ratios
 
 log = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ["path", "sha256", "label", "split", "patient_id", "image", "height", "width", "orig_height",
-                 "orig_width", "orig_dtype", "source_format", "color_mode"]
+                 "orig_width", "orig_dtype", "source_format", "color_mode", "decode_warnings"]
 ERROR_COLUMNS = ["path", "sha256", "label", "stage", "reason"]
+DUPLICATE_COLUMNS = ["path", "sha256", "label", "duplicate_of"]
 
 
 class OutputExistsError(RuntimeError):
@@ -63,26 +73,117 @@ def read_patient_manifest(path: str) -> tuple[pd.DataFrame, str]:
     raise ValueError(f"manifest {path} needs a sha256 or relative_path column to match files")
 
 
-def _split_udf(ratios: Mapping[str, float], seed: int):
-    @F.pandas_udf(T.StringType())
-    def split_of(keys: pd.Series) -> pd.Series:
-        return keys.map(lambda key: assign_split(key, ratios, seed))
-
-    return split_of
-
-
-def _with_groups(spark: SparkSession, images: DataFrame, manifest_path: str | None) -> tuple[DataFrame, dict]:
-    """Group key = patient id from the manifest, or the content hash when the file has none."""
+def _patients(manifest_path: str | None) -> tuple[dict[str, str], str | None, dict[str, Any]]:
+    """(manifest key -> patient id, which row column the key matches, info for the manifest)."""
     info: dict[str, Any] = {"manifest": manifest_path}
-    if manifest_path:
-        table, key = read_patient_manifest(manifest_path)
-        patients = spark.createDataFrame(table).withColumnRenamed("key", "_key")
-        images = images.join(F.broadcast(patients), images[key] == patients["_key"], "left").drop("_key")
-        info["matched_by"] = key
-    else:
-        images = images.withColumn("patient_id", F.lit(None).cast("string"))
-    group = F.coalesce(F.concat(F.lit("patient:"), F.col("patient_id")), F.concat(F.lit("sha256:"), F.col("sha256")))
-    return images.withColumn("group_key", group), info
+    if not manifest_path:
+        return {}, None, info
+    table, key = read_patient_manifest(manifest_path)
+    info["matched_by"] = key
+    return dict(zip(table["key"], table["patient_id"])), key, info
+
+
+def _arrow_target(uri: str):
+    """(pyarrow file system, path) of a URI, as cxr.spark.fs resolves it."""
+    t = fs._target(uri)
+    return t.fs, t.path
+
+
+def _empty_table(spark: SparkSession, columns, uri: str) -> None:
+    """A readable, schema'd table with no rows (one Parquet file without row groups), written from the driver
+    with pyarrow: no Spark job for nothing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    types = {"binary": pa.binary(), "int": pa.int32(), "bigint": pa.int64()}
+    schema = pa.schema([(f.name, types.get(f.dataType.simpleString(), pa.string())) for f in row_schema(columns)])
+    filesystem, path = _arrow_target(uri)
+    filesystem.create_dir(path, recursive=True)
+    pq.write_table(schema.empty_table(), f"{path}/part-00000-empty.zstd.parquet", filesystem=filesystem,
+                   compression="zstd")
+
+
+def _rows_on_disk(uri: str) -> int:
+    """Rows of a Parquet table, from its files' footers (no Spark job): the counts the manifest verifies."""
+    import pyarrow.dataset as ds
+
+    filesystem, path = _arrow_target(uri)
+    return ds.dataset(path, filesystem=filesystem, format="parquet").count_rows()
+
+
+@contextlib.contextmanager
+def _plain_execution(spark: SparkSession):
+    """Adaptive execution off for the one-stage write: with nothing to re-plan (a broadcast of a few KB of
+    paths, no shuffle) it only adds planning work, and it would run the stage from its own thread pool,
+    named after that pool instead of the Parquet write in the UI and the REST API."""
+    key = "spark.sql.adaptive.enabled"
+    before = spark.conf.get(key, None)
+    spark.conf.set(key, "false")
+    try:
+        yield
+    finally:
+        if before is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, before)
+
+
+def _read(spark: SparkSession, uri: str, columns) -> DataFrame:
+    """A table this job wrote, with its known schema (no schema inference job)."""
+    return spark.read.schema(row_schema(columns)).parquet(uri)
+
+
+def _local_uri(uri: str) -> str:
+    """A file URI as Spark's _metadata.file_path gives it (file:///a%20b) -> the form fs and readers take."""
+    parts = urlsplit(uri)
+    if parts.scheme in ("", "file"):
+        return f"file:{unquote(parts.path)}"
+    return uri
+
+
+def _written_stats(spark: SparkSession, images_uri: str) -> tuple[list[dict], int, int, int]:
+    """From the written image rows' thin columns, per content hash the first path's (split, label, patient):
+    ([{split, label, count}], rows written, distinct contents, kept rows with a patient id). One query, two
+    shuffles of thin rows."""
+    thin = _read(spark, images_uri, IMAGE_COLUMNS).select("path", "sha256", "split", "label", "patient_id")
+    per_content = thin.groupBy("sha256").agg(
+        F.count("*").alias("n"), F.min_by(F.struct("split", "label", "patient_id"), "path").alias("kept"))
+    rows = (per_content.groupBy(F.col("kept.split").alias("split"), F.col("kept.label").alias("label"))
+            .agg(F.count("*").alias("count"), F.sum("n").alias("rows"), F.count("kept.patient_id").alias("with_pid"))
+            .collect())
+    by_split_label = sorted(({"split": r["split"], "label": r["label"], "count": int(r["count"])} for r in rows),
+                            key=lambda d: (d["split"] or "", d["label"] or ""))
+    return (by_split_label, sum(int(r["rows"]) for r in rows), sum(int(r["count"]) for r in rows),
+            sum(int(r["with_pid"]) for r in rows))
+
+
+def _remove_duplicates(spark: SparkSession, out: str) -> tuple[pd.DataFrame, list[str]]:
+    """Exact copies among the written rows: every row after its content's first path goes to OUT/duplicates,
+    and only the Parquet files holding such rows are rewritten without them (same name, rows in path order).
+    Returns (duplicates, rewritten files)."""
+    images = f"{out}/images"
+    thin = _read(spark, images, IMAGE_COLUMNS).select("path", "sha256", "label",
+                                                       F.col("_metadata.file_path").alias("file"))
+    firsts = (thin.groupBy("sha256").agg(F.count("*").alias("n"), F.min("path").alias("duplicate_of"))
+              .where(F.col("n") > 1).drop("n"))
+    dups = (thin.join(firsts, "sha256").where(F.col("path") != F.col("duplicate_of"))
+            .select("path", "sha256", "label", "duplicate_of", "file").toPandas().sort_values("path", ignore_index=True))
+    rewritten = []
+    scratch = f"{out}/_rewrite-{uuid.uuid4().hex[:8]}"
+    for i, (file_uri, group) in enumerate(dups.groupby("file", sort=True)):
+        target = _local_uri(file_uri)
+        kept = _read(spark, target, IMAGE_COLUMNS).where(~F.col("path").isin(list(group["path"])))
+        tmp = f"{scratch}/{i}"
+        kept.coalesce(1).sortWithinPartitions("path").write.parquet(tmp)
+        parts = sorted(n for n in fs.list_names(spark, tmp) if n.endswith(".parquet"))
+        folder, name = target.rsplit("/", 1)
+        for gone in (target, f"{folder}/.{name}.crc"):   # Hadoop's local checksum file would not match anymore
+            fs.delete(spark, gone)
+        if parts:
+            fs.rename(spark, f"{tmp}/{parts[0]}", target)
+        rewritten.append(target)
+    fs.delete(spark, scratch)
+    return dups.drop(columns=["file"]), rewritten
 
 
 def run(spark: SparkSession, input_dir: str, output_dir: str, config: Mapping[str, Any],
@@ -105,54 +206,65 @@ def run(spark: SparkSession, input_dir: str, output_dir: str, config: Mapping[st
     root = fs.qualified(spark, input_dir)
     out = fs.qualified(spark, output_dir)
 
-    with list_files(spark, root, extensions, exclude_dirs, max_bytes) as listing:
-        n_input, kinds, ignored = listing_counts(listing)
-        clock.lap("list", "%d files to read, %d empty, %d too large, %d ignored %s", kinds.get("read", 0),
-                  kinds.get("empty", 0), kinds.get("too_large", 0), sum(ignored.values()), ignored or "")
-        if n_input == 0:
-            log.warning("no image files under %s (extensions: %s)", input_dir, ", ".join(extensions))
+    # 1. one listing, on the driver: names, sizes, times (the same files Spark's own listing finds)
+    listing = list_archive(root, extensions, exclude_dirs, max_bytes)
+    n_input, kinds, ignored = listing_counts(listing)
+    to_read = listing[listing["kind"] == "read"].reset_index(drop=True)
+    unread = unread_rows(listing, pre["max_file_mb"])
+    cores = default_parallelism(spark)
+    task_bytes, open_cost = split_bytes(spark, int(to_read["length"].sum()), len(to_read), cores)
+    tasks = pack_tasks(to_read["length"].to_numpy(), task_bytes, open_cost, cores)
+    n_tasks = int(tasks.max()) + 1 if len(tasks) else 0
+    clock.lap("list", "%d files to read in %d tasks, %d empty, %d too large, %d ignored %s", len(to_read), n_tasks,
+              kinds.get("empty", 0), kinds.get("too_large", 0), sum(ignored.values()), ignored or "")
+    if n_input == 0:
+        log.warning("no image files under %s (extensions: %s)", input_dir, ", ".join(extensions))
 
-        staging = f"{out}/_staging/processed"
-        processed = preprocess_images(read_contents(spark, root, extensions, exclude_dirs, max_bytes), root, params, aliases)
-        processed.write.mode("overwrite").parquet(staging)
-        processed = spark.read.parquet(staging)
-        status = {r["status"]: r["count"] for r in processed.groupBy("status").count().collect()}
-        clock.lap("decode", "%d decoded, %d rejected", status.get("ok", 0), status.get("error", 0))
+    # 2. one stage: read + preprocess in the Python workers -> OUT/images
+    patients, patient_key, group_info = _patients(manifest)
+    rows = ImageRows(root, params, aliases, tuple(IMAGE_COLUMNS), ratios, seed, max_bytes, patients, patient_key)
+    images_uri = f"{out}/images"
+    if len(to_read):
+        files = read_contents(spark, to_read, tasks)
+        # no Parquet dictionary for the pixels: every image is unique, so the writer would hash each 50 KB
+        # value into a dictionary only to fall back to plain encoding (measured in the JVM's CPU profile)
+        with _plain_execution(spark):
+            preprocess_files(files, rows).write.option("parquet.enable.dictionary#image", "false").parquet(images_uri)
+    else:
+        _empty_table(spark, IMAGE_COLUMNS, images_uri)
+    by_split_label, n_rows, n_unique, with_pid = _written_stats(spark, images_uri)
+    clock.lap("decode", "%d of %d files decoded and written", n_rows, len(to_read))
 
-        no_label = F.lit(None).cast("string")
-        errors = (processed.where(F.col("status") == "error").select(*ERROR_COLUMNS)
-                  .unionByName(unread_files(listing, pre["max_file_mb"]).withColumn("label", no_label))
-                  .unionByName(vanished_files(listing, processed).withColumn("label", no_label)))
-
-        ranked = processed.where(F.col("status") == "ok").withColumn(
-            "_rank", F.row_number().over(Window.partitionBy("sha256").orderBy("path")))
-        first_of = ranked.where(F.col("_rank") == 1).select("sha256", F.col("path").alias("duplicate_of"))
-        duplicates = (ranked.where(F.col("_rank") > 1).select("path", "sha256", "label")
-                      .join(first_of, "sha256").select("path", "sha256", "label", "duplicate_of"))
-        unique = ranked.where(F.col("_rank") == 1).drop("_rank")
-        grouped, group_info = _with_groups(spark, unique, manifest)
-        images = grouped.withColumn("split", _split_udf(ratios, seed)(F.col("group_key"))).select(*IMAGE_COLUMNS)
-
-        n_unique = unique.count()
-        files = max(1, math.ceil(n_unique / int(pre.get("rows_per_file", 1000))))
-        images.repartition(files, "sha256").sortWithinPartitions("path").write.parquet(f"{out}/images")
+    # 3. thin columns only: the rejected files, then duplicates (rewriting just the files that hold them)
+    n_failed = len(to_read) - n_rows
+    errors = None
+    if n_failed:
+        listed = spark.createDataFrame(to_read[["path"]], row_schema(["path"]))
+        written = _read(spark, images_uri, IMAGE_COLUMNS).select("path")
+        errors = rejected_files(listed.join(written, "path", "left_anti"), rows)
+    if len(unread):
+        more = spark.createDataFrame(unread, row_schema(ERROR_COLUMNS))
+        errors = more if errors is None else errors.unionByName(more)
+    if errors is None:
+        _empty_table(spark, ERROR_COLUMNS, f"{out}/errors")
+    else:
         errors.coalesce(1).sortWithinPartitions("path").write.parquet(f"{out}/errors")
-        duplicates.coalesce(1).sortWithinPartitions("path").write.parquet(f"{out}/duplicates")
-        clock.lap("write", "wrote %d images", n_unique)
+    # after the errors: a file whose row is dropped as a copy must not look like a rejected one
+    rewritten: list[str] = []
+    if n_rows > n_unique:
+        dups, rewritten = _remove_duplicates(spark, out)
+        spark.createDataFrame(dups, row_schema(DUPLICATE_COLUMNS)).coalesce(1).write.parquet(f"{out}/duplicates")
+    else:
+        dups = pd.DataFrame(columns=DUPLICATE_COLUMNS)
+        _empty_table(spark, DUPLICATE_COLUMNS, f"{out}/duplicates")
+    clock.lap("write", "%d images, %d duplicates (%d files rewritten), %d rejected", n_unique, len(dups),
+              len(rewritten), n_failed + len(unread))
 
-        written_df = spark.read.parquet(f"{out}/images")
-        counts = {
-            "input": n_input,
-            "written": written_df.count(),
-            "rejected": spark.read.parquet(f"{out}/errors").count(),
-            "duplicates": spark.read.parquet(f"{out}/duplicates").count(),
-            "ignored": ignored,
-        }
-        by_split_label = [r.asDict() for r in
-                          written_df.groupBy("split", "label").count().orderBy("split", "label").collect()]
-        if group_info.get("manifest"):
-            group_info["images_with_patient_id"] = written_df.where(F.col("patient_id").isNotNull()).count()
-    fs.delete(spark, f"{out}/_staging")
+    # the counts the manifest proves are read back from what is on disk (Parquet footers, no Spark job)
+    counts = {"input": n_input, "written": _rows_on_disk(images_uri), "rejected": _rows_on_disk(f"{out}/errors"),
+              "duplicates": _rows_on_disk(f"{out}/duplicates"), "ignored": ignored}
+    if group_info.get("manifest"):
+        group_info["images_with_patient_id"] = with_pid
     balanced = counts["input"] == counts["written"] + counts["rejected"] + counts["duplicates"]
     clock.lap("verify", "input %d = written %d + rejected %d + duplicates %d: %s", counts["input"], counts["written"],
               counts["rejected"], counts["duplicates"], "ok" if balanced else "MISMATCH")
@@ -165,6 +277,8 @@ def run(spark: SparkSession, input_dir: str, output_dir: str, config: Mapping[st
         "accounted": balanced,
         "by_split_and_label": by_split_label,
         "groups": group_info,
+        "io": {"tasks": n_tasks, "bytes_per_task": task_bytes, "bytes_read": int(to_read["length"].sum()),
+               "files_rewritten_for_duplicates": len(rewritten), "files_read_again_for_reasons": int(n_failed)},
         "params": {**params.to_dict(), "split": {**ratios, "seed": seed}, "extensions": extensions,
                    "exclude_dirs": exclude_dirs, "max_file_mb": pre["max_file_mb"], "labels": pre["labels"]},
         "versions": package_versions(),
@@ -175,3 +289,9 @@ def run(spark: SparkSession, input_dir: str, output_dir: str, config: Mapping[st
     if not balanced:
         raise RuntimeError(f"files unaccounted for: {counts}; see {output_dir}/manifest.json")
     return result
+
+
+def read_contents(spark: SparkSession, to_read: pd.DataFrame, tasks) -> DataFrame:
+    """The listed files to read as (task, path, length), one Spark partition per task. (A module-level name
+    so that tests can act between the listing and the read.)"""
+    return file_tasks(spark, to_read, tasks)

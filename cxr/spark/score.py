@@ -32,13 +32,12 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from cxr.image.pipeline import PreprocessParams
 from cxr.image.source import local_path
 from cxr.labels import alias_table
 from cxr.models import store
 from cxr.provenance import package_versions
 from cxr.score.frames import (HASH_COLUMNS, PROB_COLUMNS, RESULT_COLUMNS, Engine, hash_frame, model_id,
-                              params_mismatch, score_preprocessed_frame, score_raw_frame)
+                              params_mismatch, score_preprocessed_frame, score_raw_frame, scoring_params)
 from cxr.score.incremental import classify, latest_state, list_archive
 from cxr.score.lease import Lease, LocalLeaseFiles
 from cxr.spark import fs
@@ -98,13 +97,17 @@ def _tasks(spark: SparkSession, n_rows: int, per_task: int) -> int:
 
 def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, config: Mapping[str, Any],
         batch_size: int | None = None, full: bool = False, run_id: str | None = None,
-        explain: int | str | None = None, engine: str | None = None, retry_errors: bool = False) -> dict[str, Any]:
+        explain: int | str | None = None, engine: str | None = None, retry_errors: bool = False,
+        registry: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`registry`: where model_dir came from when it was resolved from a models:/ or runs:/ URI (uri, name,
+    version), recorded in the run record and in every prediction row."""
     score_conf = config.get("score", {})
     clock = Stopwatch(log)
     started = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     run_id = run_id or f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     run_date = started.date().isoformat()
 
+    registry = dict(registry or {})
     model_path = str(Path(model_dir).resolve())
     meta = store.read_metadata(model_path)
     runner = Engine.from_config(model_path, config, engine, batch_size)
@@ -114,7 +117,7 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
         raise ValueError(f"{model_dir}/metrics.json records no preprocess params: cannot prepare images for it")
     if runner.name == "onnx" and not (Path(model_path) / store.ONNX_FILE).is_file():
         raise FileNotFoundError(store.missing_onnx_message(model_dir))   # before any Spark work
-    params = PreprocessParams.from_dict(model_params)
+    params = scoring_params(model_params, config)   # the model's image steps, this run's on_damaged
     if explain:  # Grad-CAM overlays after the run (cxr/spark/explain.py); refuse unexplainable models now
         from cxr.spark.explain import check_explain_args, explain_run
         explain = check_explain_args(model_path, explain)
@@ -141,8 +144,11 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
         if fs.exists(spark, results):
             rows = spark.read.parquet(results)
             (rows.where(F.col("status") == "ok")
-             .select("path", "sha256", F.lit(mid).alias("model_id"), F.lit(name).alias("model_name"), "label",
-                     *PROB_COLUMNS, "folder_label", stamp.alias("scored_at"))  # run_date, run_id: partition columns
+             .select("path", "sha256", F.lit(mid).alias("model_id"), F.lit(name).alias("model_name"),
+                     F.lit(registry.get("name")).cast("string").alias("registered_model"),
+                     F.lit(registry.get("version")).cast("int").alias("registered_version"), "label",
+                     *PROB_COLUMNS, "folder_label", "decode_warnings",
+                     stamp.alias("scored_at"))  # run_date, run_id: partition columns
              .sortWithinPartitions("path").write.parquet(f"{staging}/predictions"))
         errors = _error_rows(spark, staging)
         if errors is not None:
@@ -170,7 +176,9 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
         record = {
             "job": "score", "run_id": run_id, "run_date": run_date, "started": started.isoformat(),
             "input": input_uri, "mode": mode, "output": output_dir, "full": full, "retry_errors": retry_errors,
-            "model": {"dir": model_dir, "name": name, "model_id": mid, "kind": store.model_kind(model_path)},
+            "model": {"dir": model_dir, "name": name, "model_id": mid, "kind": store.model_kind(model_path),
+                      "uri": registry.get("uri"), "registered_model": registry.get("name"),
+                      "registered_version": registry.get("version")},
             "engine": {"name": runner.name, "onnx_threads": runner.onnx_threads, "tf_threads": runner.tf_threads},
             "counts": counts, "accounted": accounted, "bytes_read": bytes_read, "batch_size": runner.batch_size,
             "params": params.to_dict(), "explain": explained, "lease_taken_over": lease.took_over,
@@ -290,7 +298,8 @@ def _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, ru
     n_new = n_input if scored is None else new.count()
     clock.lap("list", "preprocessed input: %d images, %d not yet scored by this model", n_input, n_new)
     if n_new:
-        todo = images.select("path", "sha256", "label", "image", "height", "width")
+        todo = images.select("path", "sha256", "label", "image", "height", "width",
+                             *(["decode_warnings"] if "decode_warnings" in images.columns else []))
         if scored is not None:
             todo = todo.join(new, ["path", "sha256"], "left_semi")
         (todo.mapInPandas(lambda frames: (score_preprocessed_frame(f, runner) for f in frames), schema=RESULT_SCHEMA)

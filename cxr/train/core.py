@@ -1,8 +1,10 @@
-"""Training on the driver: the study's Keras models (the CNN once per optimizer) and cxr.nn's scratch models.
+"""Training on the driver: the study's Keras models (the CNN once per optimizer) and cxr.nn's scratch models,
+each a single model or a seed ensemble (train.ensemble).
 
-No Spark here: the train/val splits are streamed from Parquet into NumPy (cxr.data.loader), which fits in
-driver memory for this study's data sizes. Every model directory gets metrics.json recording exactly what
-produced it (seed, data counts, preprocess manifest hash and params, class weights, per-epoch history).
+No Spark here: the train/val splits are streamed from Parquet every epoch through a bounded shuffle buffer
+(cxr.data.stream), so driver memory does not grow with the number of images. Every model directory gets
+metrics.json recording exactly what produced it (seed, data counts, preprocess manifest hash and params,
+class weights, shuffle, per-epoch history).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from cxr import CLASSES
-from cxr.data.loader import SplitData, check_disjoint, load_metadata, load_split, read_manifest
+from cxr.data.loader import check_disjoint, load_metadata, read_manifest
 from cxr.models import store
 from cxr.models.keras_models import FAMILIES, OPTIMIZERS
 from cxr.models.onnx_export import export_onnx
@@ -103,88 +105,22 @@ def _as_list(value) -> list[str]:
     return [str(v) for v in value]
 
 
-def _history_dict(raw: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
-    keys = ("loss", "accuracy", "val_loss", "val_accuracy")
-    return {k: [float(v) for v in raw[k]] for k in keys if k in raw}
-
-
-def _train_keras(spec: dict, train: SplitData, val: SplitData, conf: Mapping, weights: dict | None,
-                 epochs: int, seed: int) -> tuple[Any, dict, list[float], dict]:
-    import keras
-
-    from cxr.models.keras_models import architecture, augmentation, build, optimizer, optimizer_config
-
-    family = spec["family"]
-    arch = architecture(family, (conf.get("keras") or {}).get(family))
-    aug = augmentation(conf.get("augment"))
-    model = build(family, train.x.shape[1:], arch, augment={**aug, "seed": seed})
-    opt = optimizer(spec["optimizer"], (conf.get("optimizer_config") or {}).get(spec["optimizer"]))
-    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    times: list[float] = []
-
-    class EpochTimer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self._t = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            times.append(round(time.perf_counter() - self._t, 3))
-
-    cw = {i: weights[c] for i, c in enumerate(CLASSES)} if weights else None
-    history = model.fit(train.x, train.y.astype(np.int64), batch_size=int(conf["batch_size"]), epochs=epochs,
-                        validation_data=(val.x, val.y.astype(np.int64)) if len(val) else None,
-                        class_weight=cw, shuffle=True, verbose=int(conf.get("verbose", 2)),
-                        callbacks=[EpochTimer()])
-    details = {"architecture": {"family": family, **arch, "params": int(model.count_params())},
-               "optimizer": {"name": spec["optimizer"], "config": optimizer_config(opt)},
-               "augment": {**aug, "seed": seed} if aug["enabled"] else {"enabled": False}}
-    return model, _history_dict(history.history), times, details
-
-
-def _train_scratch(spec: dict, train: SplitData, val: SplitData, conf: Mapping, weights: dict | None,
-                   epochs: int, seed: int) -> tuple[Any, dict, list[float], dict]:
-    """cxr.nn's network, trained by its own Network.train (class weights applied as Keras does)."""
-    from cxr.nn import models as nn_models
-    from cxr.nn import optimizers as nn_opt
-
-    sconf = conf.get("scratch") or {}
-    family = spec["family"].split("-", 1)[1]
-    arch = dict((sconf.get(family) or {}))
-    x, xv = train.x, val.x
-    size = sconf.get("input_size")
-    if size and int(size) != x.shape[1]:
-        x, xv = store.resize_batch(x, (int(size), int(size))), store.resize_batch(xv, (int(size), int(size)))
-    builder = nn_models.cnn if family == "cnn" else nn_models.dnn
-    net = builder(x.shape[1:], len(CLASSES), seed=seed, **arch)
-    opt = nn_opt.get(spec["optimizer"], **((conf.get("optimizer_config") or {}).get(spec["optimizer"]) or {}))
-
-    def progress(epoch, metrics):
-        log.info("%s epoch %d/%d %s", spec["name"], epoch + 1, epochs,
-                 " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-
-    history = net.train(x, train.y.astype(np.int64), epochs=epochs, batch_size=int(conf["batch_size"]),
-                        optimizer=opt, validation_data=(xv, val.y.astype(np.int64)) if len(xv) else None,
-                        shuffle=True, seed=seed, callback=progress,
-                        class_weight={i: weights[c] for i, c in enumerate(CLASSES)} if weights else None)
-    details = {"architecture": {"family": spec["family"], **arch, "input_size": int(x.shape[1]),
-                                "params": int(net.count_params())},
-               "optimizer": {"name": spec["optimizer"], "config": opt.get_config()},
-               "model_size": [int(x.shape[1]), int(x.shape[2])]}
-    return net, _history_dict(history.history), [round(t, 3) for t in history.times], details
-
-
-def _split_summary(data: SplitData) -> dict:
+def _split_summary(data) -> dict:
     return {"images": len(data), "patients": data.n_patients(), "classes": data.class_counts()}
 
 
-def train_and_save(spec: dict, train: SplitData, val: SplitData, conf: Mapping[str, Any], cw: dict, epochs: int,
-                   seed: int, target: Path, data_record: Mapping[str, Any], manifest: Mapping[str, Any],
-                   calibrate_on: str | None = None) -> dict:
-    """Train one planned model from seeded state, save it with its metrics.json to target (replacing it) and,
-    when there is a validation set, fit its temperature there. Shared by train and cross-validation."""
+def _fit_and_save(spec: dict, train, val, conf: Mapping[str, Any], cw: dict, epochs: int, seed: int, target: Path,
+                  data_record: Mapping[str, Any], manifest: Mapping[str, Any]) -> dict:
+    """Train one model from seeded state, save it with its metrics.json to target and export its model.onnx
+    (checked against it); returns the metadata written."""
     seeds = set_seeds(seed, bool(conf.get("deterministic", True)))
-    log.info("training %s (%s, optimizer %s, %d epochs)", spec["name"], spec["family"], spec["optimizer"], epochs)
+    log.info("training %s (%s, optimizer %s, %d epochs, seed %d)", spec["name"], spec["family"], spec["optimizer"],
+             epochs, seed)
     t_model = time.perf_counter()
-    trainer = _train_scratch if spec["family"] in SCRATCH_FAMILIES else _train_keras
+    if spec["family"] in SCRATCH_FAMILIES:
+        from cxr.train.scratch_fit import train_scratch as trainer
+    else:
+        from cxr.train.keras_fit import train_keras as trainer
     model, history, times, details = trainer(spec, train, val, conf, cw["weights"], epochs, seed)
     train_s = round(time.perf_counter() - t_model, 3)
     data_size = list(data_record["image_size"])
@@ -198,11 +134,12 @@ def train_and_save(spec: dict, train: SplitData, val: SplitData, conf: Mapping[s
                   "model_size": model_size, "resize": "area" if model_size != data_size else None},
         "architecture": details["architecture"],
         "optimizer": details["optimizer"],
-        "training": {"epochs": epochs, "batch_size": int(conf["batch_size"]), "shuffle": True,
+        "training": {"epochs": epochs, "batch_size": int(conf["batch_size"]), "shuffle": shuffle_record(train),
                      "loss": "sparse categorical cross-entropy (class-weighted when weights are on)",
                      "class_weight": cw, "seeds": seeds, "augment": details.get("augment", {"enabled": False})},
         "history": history,
         "epoch_times_s": times,
+        "epoch_cpu_s": details.get("epoch_cpu_s"),
         "timings_s": {"load_data": data_record.get("load_s"), "train": train_s},
         "data": dict(data_record),
         "preprocess": manifest.get("params", {}),
@@ -219,26 +156,74 @@ def train_and_save(spec: dict, train: SplitData, val: SplitData, conf: Mapping[s
     else:
         store.save_keras(model, target, metadata)
     metadata["timings_s"]["save"] = round(time.perf_counter() - t_save, 3)
-    # model.onnx for the executors' ONNX Runtime engine, checked against the saved model on the val images
-    # (on train images where there is no val split, as in cross-validation); a mismatch fails the training.
-    t_onnx = time.perf_counter()
-    check_on, check_name = (val, "val split") if len(val) else (train, "train split (no val split)")
-    export_onnx(target, check_on.x, images_from=check_name)
-    metadata["timings_s"]["onnx_export"] = round(time.perf_counter() - t_onnx, 3)
-    store.write_metadata(target, {**store.read_metadata(target), "timings_s": metadata["timings_s"]})
-    if len(val) and calibrate_on:  # temperature scaling on val; recorded, applied by score only when trustworthy
-        from cxr.calibration import calibrate_model
-
-        calibrate_model(target, calibrate_on, val=val)
-    last = {k: v[-1] for k, v in history.items() if v}
-    log.info("saved %s in %.1fs: %s", target, train_s, " ".join(f"{k}={v:.4f}" for k, v in last.items()))
     del model
     if spec["family"] not in SCRATCH_FAMILIES:
         import keras
 
         keras.backend.clear_session()
-    return {"name": spec["name"], "dir": str(target), "train_s": train_s, "final": last}
+    _export(target, train, val, metadata["timings_s"])
+    return store.read_metadata(target)
 
+
+def _export(target: Path, train, val, timings: dict) -> None:
+    """model.onnx for the executors' ONNX Runtime engine, checked against the saved model on the first val
+    images (train images where there is no val split, as in cross-validation); a mismatch fails the training."""
+    from cxr.data.stream import as_unit_float
+    from cxr.models.onnx_export import MAX_CHECK_IMAGES
+
+    t_onnx = time.perf_counter()
+    check_on, check_name = (val, "val split") if len(val) else (train, "train split (no val split)")
+    export_onnx(target, as_unit_float(check_on.head(MAX_CHECK_IMAGES)), images_from=check_name)
+    timings["onnx_export"] = round(time.perf_counter() - t_onnx, 3)
+    store.write_metadata(target, {**store.read_metadata(target), "timings_s": timings})
+
+
+def shuffle_record(train) -> dict:
+    """How the minibatch order was drawn, for metrics.json (see cxr.data.stream)."""
+    buffer = getattr(train, "buffer", None)
+    whole = buffer is None or buffer >= len(train)
+    return {"enabled": True, "source": "parquet stream" if buffer is not None else "in-memory array",
+            "buffer_images": buffer, "rows": len(train),
+            "order": "a permutation of the split per epoch (seeded by seed and epoch)" if whole else
+                     f"row groups interleaved {getattr(train, 'cycle', None)} at a time through a "
+                     f"{buffer}-image shuffle buffer (seeded by seed and epoch)"}
+
+
+def train_and_save(spec: dict, train, val, conf: Mapping[str, Any], cw: dict, epochs: int,
+                   seed: int, target: Path, data_record: Mapping[str, Any], manifest: Mapping[str, Any],
+                   calibrate_on: str | None = None) -> dict:
+    """Train one planned model (train.ensemble > 1: that many members, seeds seed, seed+1, ..., saved as one
+    ensemble model) into target (replacing it) and, when there is a validation set, fit its temperature
+    there. train/val are training sources (cxr.data.stream.ParquetSplit or SplitData). Shared by train and
+    cross-validation."""
+    from cxr.train import ensemble
+
+    target = Path(target)
+    if target.exists():
+        shutil.rmtree(target)
+    k = ensemble.size(conf)
+    t0 = time.perf_counter()
+    if k == 1:
+        meta = _fit_and_save(spec, train, val, conf, cw, epochs, seed, target, data_record, manifest)
+    else:
+        members = []
+        for s in ensemble.member_seeds(seed, k):
+            name = ensemble.member_name(spec["name"], s)
+            members.append(_fit_and_save({**spec, "name": name}, train, val, conf, cw, epochs, s,
+                                         target / store.MEMBERS_DIR / name, data_record, manifest))
+        ensemble.save(target, spec, members)
+        timings = store.read_metadata(target)["timings_s"]
+        _export(target, train, val, timings)
+        meta = store.read_metadata(target)
+    train_s = round(time.perf_counter() - t0, 3) if k > 1 else meta["timings_s"]["train"]
+    if len(val) and calibrate_on:  # temperature scaling on val; recorded, applied by score only when trustworthy
+        from cxr.calibration import calibrate_model
+
+        calibrate_model(target, calibrate_on, val=val)
+    last = {key: v[-1] for key, v in meta["history"].items() if v}
+    log.info("saved %s in %.1fs: %s", target, train_s, " ".join(f"{key}={v:.4f}" for key, v in last.items()))
+    return {"name": spec["name"], "dir": str(target), "train_s": train_s, "final": last,
+            **({"members": [m["name"] for m in meta["ensemble"]["members"]]} if k > 1 else {})}
 
 def run(data_dir: str, out_dir: str, config: Mapping[str, Any], models: Sequence[str] | str | None = None,
         optimizers: Sequence[str] | str | None = None, epochs: int | None = None, overwrite: bool = False) -> dict:
@@ -259,27 +244,31 @@ def run(data_dir: str, out_dir: str, config: Mapping[str, Any], models: Sequence
     meta = load_metadata(data_dir)
     disjoint = check_disjoint(meta, "test", ("train", "val"))
     check_disjoint(meta, "val", ("train",))
-    rows = int(conf.get("loader_batch_rows", 64))
-    train = load_split(data_dir, "train", batch_rows=rows)
-    val = load_split(data_dir, "val", batch_rows=rows)
+    from cxr.data.stream import open_training_split
+
+    train = open_training_split(data_dir, "train", conf)
+    val = open_training_split(data_dir, "val", conf)
     load_s = round(time.perf_counter() - t0, 3)
     if len(train) == 0:
         raise ValueError(f"no labeled training images in {data_dir}")
-    log.info("loaded train %s and val %s images of %dx%d in %.1fs (%.1f MB array)", len(train), len(val),
-             train.x.shape[1], train.x.shape[2], load_s, (train.x.nbytes + val.x.nbytes) / 1e6)
+    h, w = train.image_size
+    log.info("streaming train %s and val %s images of %dx%d (metadata read in %.1fs; shuffle buffer %d images, "
+             "%.1f MB)", len(train), len(val), h, w, load_s, train.buffer, min(train.buffer, len(train)) * h * w / 1e6)
     cw = class_weights(train.y, conf.get("class_weight", "balanced"))
     log.info("class weights (%s): %s; train counts %s", cw["mode"], cw["weights"], cw["train_counts"])
     data_record = {
         "dir": str(data_dir),
         "manifest_sha256": manifest_sha,
-        "image_size": [int(train.x.shape[1]), int(train.x.shape[2])],
+        "image_size": [int(h), int(w)],
         "train": _split_summary(train),
         "val": _split_summary(val),
         "test": {"images": disjoint["images"], "patients": disjoint["patients"]},
         "unlabeled_rows": int(meta["label"].isna().sum()),
         "split_disjointness": disjoint,
         "load_s": load_s,
-        "loader": train.stats,
+        "loader": {"mode": "stream", "shuffle_buffer": train.buffer, "shuffle_cycle": train.cycle,
+                   "batch_rows": train.batch_rows, "row_groups": len(train.index.plan),
+                   "buffer_bytes": int(min(train.buffer, len(train)) * h * w)},
     }
     results = [train_and_save(spec, train, val, conf, cw, epochs, seed, out / spec["name"], data_record, manifest,
                               calibrate_on=data_dir) for spec in todo]

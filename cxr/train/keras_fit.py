@@ -1,0 +1,75 @@
+"""The Keras models' fit, fed by a tf.data pipeline over a training source (cxr.data.stream.ParquetSplit, or
+in-memory cxr.data.loader.SplitData): Keras never sees more than a prefetched minibatch, so the driver's
+memory is the source's shuffle buffer, not the split."""
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+from cxr import CLASSES
+from cxr.data.stream import as_unit_float
+
+
+def tf_dataset(source, batch_size: int, shuffle: bool = False, seed: int = 0):
+    """A tf.data.Dataset of (float32 (b, H, W, 1) in [0, 1], int64 labels) minibatches. Each iteration (one
+    per epoch: Keras starts a new iterator every epoch) reads the source again, epoch number e shuffled with
+    (seed, e) as the source defines; the cardinality is known, so Keras shows steps and needs no first pass."""
+    import tensorflow as tf
+
+    h, w = source.image_size
+    started = {"epochs": 0}
+
+    def generate():
+        epoch = started["epochs"]
+        started["epochs"] += 1
+        for images, labels in source.batches(batch_size, epoch=epoch, shuffle=shuffle, seed=seed):
+            yield as_unit_float(images), labels.astype(np.int64)
+
+    spec = (tf.TensorSpec((None, h, w, 1), tf.float32), tf.TensorSpec((None,), tf.int64))
+    ds = tf.data.Dataset.from_generator(generate, output_signature=spec)
+    n_batches = -(-len(source) // int(batch_size))
+    ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
+    return ds.prefetch(1)  # one minibatch ahead: reading overlaps the step, memory stays one batch
+
+
+def train_keras(spec: dict, train, val, conf: Mapping, weights: dict | None, epochs: int,
+                seed: int) -> tuple[Any, dict, list[float], dict]:
+    """Build, compile and fit one Keras model on the train source (val for the curves)."""
+    import keras
+
+    from cxr.models.keras_models import architecture, augmentation, build, optimizer, optimizer_config
+    from cxr.train.history import history_dict
+
+    family = spec["family"]
+    arch = architecture(family, (conf.get("keras") or {}).get(family))
+    aug = augmentation(conf.get("augment"))
+    model = build(family, (*train.image_size, 1), arch, augment={**aug, "seed": seed})
+    opt = optimizer(spec["optimizer"], (conf.get("optimizer_config") or {}).get(spec["optimizer"]))
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    times: list[float] = []
+    cpu: list[float] = []
+
+    class EpochTimer(keras.callbacks.Callback):
+        """Wall and CPU seconds (all threads of this process) per epoch: on a shared machine the CPU time says
+        what an epoch costs, the wall time also what the neighbours took."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t, self._c = time.perf_counter(), time.process_time()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(round(time.perf_counter() - self._t, 3))
+            cpu.append(round(time.process_time() - self._c, 3))
+
+    bs = int(conf["batch_size"])
+    cw = {i: weights[c] for i, c in enumerate(CLASSES)} if weights else None
+    history = model.fit(tf_dataset(train, bs, shuffle=True, seed=seed), epochs=epochs,
+                        validation_data=tf_dataset(val, bs) if len(val) else None,
+                        class_weight=cw, shuffle=False,  # the dataset shuffles (cxr.data.stream)
+                        verbose=int(conf.get("verbose", 2)),
+                        callbacks=[EpochTimer()])
+    details = {"architecture": {"family": family, **arch, "params": int(model.count_params())},
+               "optimizer": {"name": spec["optimizer"], "config": optimizer_config(opt)},
+               "augment": {**aug, "seed": seed} if aug["enabled"] else {"enabled": False}, "epoch_cpu_s": cpu}
+    return model, history_dict(history.history), times, details
