@@ -70,7 +70,7 @@ def pre_out(spark, archive, store, tmp_path_factory):
 def trained(spark, pre_out, store, tmp_path_factory):
     models = tmp_path_factory.mktemp("tracking_models") / "models"
     code = job("train")(["--conf", store["conf"], "--data", str(pre_out), "--out", str(models), "--models", "cnn",
-                         "--optimizers", "adam", "--epochs", "2", "--tracking-uri", store["uri"],
+                         "--optimizers", "adam", "--epochs", "2", "--ensemble", "2", "--tracking-uri", store["uri"],
                          "--register", NAME, "--alias", "champion"])
     assert code == 0
     return models
@@ -91,6 +91,7 @@ def test_train_logs_params_metrics_per_epoch_and_the_model(trained, pre_out, cli
     assert child.data.params["optimizer"] == "adam" and child.data.params["epochs"] == "2"
     assert child.data.params["preprocess.size"] == str(SIZE) and child.data.params["manifest_sha256"] == manifest_sha
     assert child.data.params["seed"] == str(meta["training"]["seeds"]["seed"])
+    assert child.data.params["ensemble"] == "2"    # a seed ensemble, logged and registered as one model
     loss = client.get_metric_history(child.info.run_id, "loss")
     assert [m.step for m in sorted(loss, key=lambda m: m.step)] == [0, 1]
     np.testing.assert_allclose([m.value for m in sorted(loss, key=lambda m: m.step)], meta["history"]["loss"])

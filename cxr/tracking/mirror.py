@@ -109,7 +109,7 @@ def _model_params(meta: Mapping[str, Any]) -> dict[str, str]:
                          "epochs": training.get("epochs"), "batch_size": training.get("batch_size"),
                          "seed": (training.get("seeds") or {}).get("seed"),
                          "augment": (training.get("augment") or {}).get("enabled"),
-                         "ensemble": len((meta.get("ensemble") or {}).get("members") or []) or 1,
+                         "ensemble": len((training.get("ensemble") or {}).get("seeds") or []) or 1,
                          "input": meta.get("input"),
                          "manifest_sha256": (meta.get("data") or {}).get("manifest_sha256")}),
             **as_params(meta.get("architecture") or {}, "architecture"),
