@@ -17,6 +17,15 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def load_job(name: str):
+    """jobs/NAME.py's main(argv): the very entry point spark-submit runs, called in-process on the test session
+    (run_job leaves a session it did not start running)."""
+    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
 def shared_data(name: str) -> Path:
     """A folder of ../shared/data, or skip the test saying why (only where ../shared is absent)."""
     path = SHARED_DATA / name

@@ -149,20 +149,15 @@ def test_crossval_trains_ensembles_per_fold(spark, pre_out, train_config, tmp_pa
 def test_train_job_with_a_profile_and_the_ensemble_flag(spark, pre_out, tmp_path):
     """jobs/train.py end to end with a profile as conf/recommended.yaml would be (ensemble, augmentation,
     epochs) and --ensemble on top: one ensemble model folder, evaluated and reported with its members."""
-    import importlib.util
-
-    from tests.conftest import ROOT
+    from tests.conftest import load_job
 
     profile = tmp_path / "recommended.yaml"
     profile.write_text("train:\n  ensemble: 3\n  epochs: 1\n  batch_size: 16\n  verbose: 0\n  models: [cnn]\n"
                        "  optimizers: [adam]\n  augment: {enabled: true}\n"
                        "  keras:\n    cnn: {filters: [4, 8], kernel_size: 3, dense: 16, dropout: 0.25}\n"
                        "evaluate:\n  partitions: 2\n")
-    spec = importlib.util.spec_from_file_location("train_job", ROOT / "jobs" / "train.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
     out = tmp_path / "models"
-    assert job.main(["--data", str(pre_out), "--out", str(out), "--conf", str(profile), "--ensemble", "2",
+    assert load_job("train")(["--data", str(pre_out), "--out", str(out), "--conf", str(profile), "--ensemble", "2",
                      "--no-tracking"]) == 0
     d = out / "cnn-adam"
     meta = store.read_metadata(d)
@@ -176,17 +171,9 @@ def test_train_job_with_a_profile_and_the_ensemble_flag(spark, pre_out, tmp_path
 def test_the_recommended_profile_runs_end_to_end(spark, tmp_path):
     """`--conf recommended` as the README's quick start runs it (one epoch instead of ten): preprocess at its size
     and resize mode, a 3-seed ensemble trained, evaluated and reported, then the raw archive scored with it."""
-    import importlib.util
-
     from cxr.config import load_config
     from cxr.synth import generate_archive
-    from tests.conftest import ROOT
-
-    def job(name):
-        spec = importlib.util.spec_from_file_location(f"{name}_job", ROOT / "jobs" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.main
+    from tests.conftest import load_job as job
 
     profile = load_config("recommended")
     archive, pre, models, pred = (tmp_path / n for n in ("archive", "pre", "models", "pred"))

@@ -3,7 +3,6 @@ store in a temp dir: train logs params, per-epoch metrics and the model; score b
 by folder; the logged model runs in mlflow.pyfunc.spark_udf; --no-tracking writes nothing."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -15,18 +14,10 @@ import yaml
 
 from cxr.score.frames import PROB_COLUMNS, model_id
 from cxr.spark import preprocess
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_job as job
 
 SIZE = 32
 NAME = "cxr-test"
-
-
-def job(name: str):
-    """jobs/NAME.py as a module: the very entry point spark-submit runs."""
-    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +156,12 @@ def test_a_missing_alias_or_model_exits_2_with_one_line(trained, archive, store,
 
 def test_no_tracking_writes_nothing_to_the_store(trained, pre_out, archive, store, tmp_path):
     uri = f"sqlite:///{tmp_path}/untouched.db"
+    default_store = Path.cwd() / "mlflow.db"      # MLflow's default store (make demo may have made one here)
+
+    def stat(path):
+        return (path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else None
+
+    before = stat(default_store)
     assert _score(store, archive, trained / "cnn-adam", tmp_path / "pred", "--no-tracking",
                   "--tracking-uri", uri) == 0
     assert job("train")(["--conf", store["conf"], "--data", str(pre_out), "--out", str(tmp_path / "models"),
@@ -172,7 +169,7 @@ def test_no_tracking_writes_nothing_to_the_store(trained, pre_out, archive, stor
                          "--tracking-uri", uri]) == 0
     assert (tmp_path / "pred" / "predictions").is_dir() and (tmp_path / "models" / "dnn" / "model.onnx").is_file()
     assert not (tmp_path / "untouched.db").exists() and not (tmp_path / "mlruns").exists()
-    assert not (Path.cwd() / "mlflow.db").exists()
+    assert stat(default_store) == before
 
 
 def test_logged_model_in_pyfunc_spark_udf_equals_the_score_job(spark, trained, pre_out, archive, store, tmp_path):
