@@ -15,9 +15,13 @@ from cxr.image.deadline import TimeLimitExceeded, time_limit
 from cxr.image.pipeline import PreprocessParams, preprocess_bytes
 from cxr.image.rejection import RejectedImage
 from cxr.labels import infer_label
+from cxr.scope.dicom_header import DICOM_COLUMNS
+from cxr.scope.rules import STAGE as SCOPE_STAGE
 
 COLUMNS = ("path", "rel_path", "label", "sha256", "status", "stage", "reason", "image", "height", "width",
-           "orig_height", "orig_width", "orig_dtype", "source_format", "color_mode", "decode_warnings")
+           "orig_height", "orig_width", "orig_dtype", "source_format", "color_mode", "decode_warnings",
+           *DICOM_COLUMNS)
+OUT_OF_SCOPE = "out_of_scope"   # status of a file the scope gate keeps from the model (not an error)
 
 
 def relative_to(path: str, root: str) -> str:
@@ -26,13 +30,21 @@ def relative_to(path: str, root: str) -> str:
 
 
 def process_file(path: str, content: bytes | None, root: str, params: PreprocessParams,
-                 aliases: Mapping[str, str]) -> dict:
+                 aliases: Mapping[str, str], gate=None) -> dict:
+    """gate (cxr.scope.rules.ScopeGate): read a DICOM's header into the row and keep an out-of-scope file
+    (lateral, CT, no pixels, ...) from being decoded: status out_of_scope, stage "scope", the reason."""
     rel = relative_to(path, root)
     row = dict.fromkeys(COLUMNS)
     row.update(path=path, rel_path=rel, label=infer_label(rel, aliases), status="error")
     try:
         data = bytes(content) if content is not None else b""
         row["sha256"] = hashlib.sha256(data).hexdigest()
+        if gate is not None:
+            columns, out_of_scope = gate.check(data)
+            row.update(columns)
+            if out_of_scope:
+                row.update(status=OUT_OF_SCOPE, stage=SCOPE_STAGE, reason=out_of_scope)
+                return row
         started = time.perf_counter()
         with time_limit(params.time_limit_s):
             decoded, image = preprocess_bytes(data, params)
@@ -57,8 +69,9 @@ def process_file(path: str, content: bytes | None, root: str, params: Preprocess
     return row
 
 
-def process_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, aliases: Mapping[str, str]) -> pd.DataFrame:
-    rows = [process_file(p, c, root, params, aliases) for p, c in zip(frame["path"], frame["content"])]
+def process_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, aliases: Mapping[str, str],
+                  gate=None) -> pd.DataFrame:
+    rows = [process_file(p, c, root, params, aliases, gate) for p, c in zip(frame["path"], frame["content"])]
     out = pd.DataFrame(rows, columns=list(COLUMNS))
     for col in ("height", "width", "orig_height", "orig_width"):
         out[col] = out[col].astype("Int32")

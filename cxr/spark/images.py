@@ -23,13 +23,20 @@ from pyspark.sql import types as T
 from cxr.image.batch import process_file
 from cxr.image.pipeline import PreprocessParams
 from cxr.image.source import UNREAD_KINDS, VANISHED, read_bytes
+from cxr.scope.dicom_header import COLUMN_KINDS, DICOM_COLUMNS, PATIENT_KEY, with_column_types
+from cxr.scope.rules import ScopeGate
 from cxr.splits import assign_split
 from cxr.spark import fs
 
 # Spark types of the row columns that are not strings (every other column of an images or errors row is one)
 _TYPES = {"image": T.BinaryType(), "height": T.IntegerType(), "width": T.IntegerType(),
           "orig_height": T.IntegerType(), "orig_width": T.IntegerType(), "length": T.LongType(),
-          "mtime_ms": T.LongType(), "task": T.LongType()}
+          "mtime_ms": T.LongType(), "task": T.LongType(), "ood_distance": T.FloatType(),
+          "in_distribution": T.BooleanType(),
+          **{c: {"int": T.IntegerType(), "date": T.DateType(), "spacing0": T.DoubleType(),
+                 "spacing1": T.DoubleType()}.get(k, T.StringType()) for c, k in COLUMN_KINDS.items()}}
+# errors and out_of_scope rows: which file, why, and its DICOM identity (null for other formats)
+ERROR_COLUMNS = ["path", "sha256", "label", "stage", "reason", *DICOM_COLUMNS]
 _INTS = ("height", "width", "orig_height", "orig_width")
 CHANGED = ("rejected when first read, decoded when read again for its reason: the file changed while the job "
            "ran (or the first attempt ran out of memory); not written, run the job again")
@@ -135,14 +142,14 @@ def listing_counts(listing: pd.DataFrame) -> tuple[int, dict[str, int], dict[str
 
 
 def unread_rows(listing: pd.DataFrame, max_file_mb: float) -> pd.DataFrame:
-    """Errors rows (path, sha256, label, stage, reason) of the listed files that are never read: empty, too
+    """Errors rows (ERROR_COLUMNS) of the listed files that are never read: empty, too
     large, or gone while being listed."""
     rows = listing[listing["kind"].isin(UNREAD_KINDS)]
     reasons = [("file is empty (0 bytes)" if kind == "empty" else VANISHED if kind == "vanished" else
                 f"file is {int(n)} bytes, over the {max_file_mb} MB limit (preprocess.max_file_mb): not read")
                for kind, n in zip(rows["kind"], rows["length"].fillna(0))]
-    return pd.DataFrame({"path": rows["path"].to_numpy(), "sha256": None, "label": None, "stage": "read",
-                         "reason": reasons}, columns=["path", "sha256", "label", "stage", "reason"])
+    return with_column_types(pd.DataFrame({"path": rows["path"].to_numpy(), "sha256": None, "label": None,
+                                           "stage": "read", "reason": reasons}, columns=ERROR_COLUMNS))
 
 
 # ----------------------------------------------------------------------------- tasks: lists of paths
@@ -219,6 +226,10 @@ class ImageRows:
     max_bytes: int | None = None
     patients: Mapping[str, str] = field(default_factory=dict)   # manifest key -> patient id
     patient_key: str | None = None                               # "sha256" or "rel_path"
+    gate: ScopeGate | None = None                                # DICOM columns + scope rules
+
+    def _process(self, path: str, content: bytes) -> dict:
+        return process_file(path, content, self.root, self.params, self.aliases, self.gate)
 
     def _read(self, path: str) -> tuple[bytes | None, str | None]:
         try:
@@ -229,8 +240,11 @@ class ImageRows:
             return None, f"could not read the file: {type(exc).__name__}: {exc}"
 
     def _group(self, row: dict) -> None:
-        """patient_id from the manifest, split from the group key (patient, else content hash)."""
+        """patient_id from the manifest, else the DICOM's keyed PatientID; split from the group key (patient,
+        else content hash)."""
         pid = self.patients.get(row[self.patient_key]) if self.patient_key else None
+        if pid is None and row.get(PATIENT_KEY):
+            pid = f"dicom:{row[PATIENT_KEY]}"
         row["patient_id"] = pid
         key = f"patient:{pid}" if pid is not None else f"sha256:{row['sha256']}"
         row["split"] = assign_split(key, self.ratios, self.seed)
@@ -243,7 +257,7 @@ class ImageRows:
             content, _ = self._read(path)
             if content is None:
                 continue
-            row = process_file(path, content, self.root, self.params, self.aliases)
+            row = self._process(path, content)
             if row["status"] == "ok":
                 self._group(row)
                 rows.append(row)
@@ -251,22 +265,22 @@ class ImageRows:
         for col in _INTS:
             if col in out:
                 out[col] = out[col].astype("Int32")
-        return out
+        return with_column_types(out)
 
     def errors(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """One errors row (path, sha256, label, stage, reason) per file of the frame."""
+        """One ERROR_COLUMNS row per file of the frame (stage "scope": out of scope, not an error)."""
         rows = []
         for path in frame["path"]:
             content, problem = self._read(path)
             if problem:
-                rows.append((path, None, None, "read", problem))
+                rows.append({"path": path, "stage": "read", "reason": problem})
                 continue
-            row = process_file(path, content, self.root, self.params, self.aliases)
+            row = self._process(path, content)
             if row["status"] == "ok":
-                rows.append((path, row["sha256"], row["label"], "read", CHANGED))
-            else:
-                rows.append((path, row["sha256"], row["label"], row["stage"], row["reason"]))
-        return pd.DataFrame(rows, columns=["path", "sha256", "label", "stage", "reason"])
+                row.update(stage="read", reason=CHANGED)
+            rows.append(row)
+        return with_column_types(pd.DataFrame([{c: r.get(c) for c in ERROR_COLUMNS} for r in rows],
+                                              columns=ERROR_COLUMNS))
 
 
 def preprocess_files(files: DataFrame, rows: ImageRows) -> DataFrame:
@@ -286,4 +300,4 @@ def rejected_files(files: DataFrame, rows: ImageRows) -> DataFrame:
         for frame in batches:
             yield rows.errors(frame)
 
-    return files.mapInPandas(run, schema=row_schema(["path", "sha256", "label", "stage", "reason"]))
+    return files.mapInPandas(run, schema=row_schema(ERROR_COLUMNS))

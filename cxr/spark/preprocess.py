@@ -1,7 +1,10 @@
-"""The preprocess job: an X-ray archive -> OUT/images, OUT/errors, OUT/duplicates (Parquet) + OUT/manifest.json.
+"""The preprocess job: an X-ray archive -> OUT/images, OUT/errors, OUT/out_of_scope, OUT/duplicates (Parquet) +
+OUT/manifest.json.
 
-Every input file ends in exactly one of images, errors or duplicates, and the manifest's counts prove it:
-input == written + rejected + duplicates.
+Every input file ends in exactly one of images, errors, out_of_scope or duplicates, and the manifest's counts prove
+it: input == written + rejected + out_of_scope + duplicates. Out of scope are DICOM files the scope rules keep from
+the model (laterals, CT, other body parts, no pixels: cxr.scope.rules), so that neither training, evaluation nor
+cross-validation ever sees them.
 
 Pixels are written once. One listing (on the driver, no Spark job), then one stage in which each task's
 Python worker reads its files, preprocesses them, adds patient id and split (both follow from the row alone)
@@ -30,15 +33,16 @@ from cxr.provenance import package_versions
 from cxr.score.incremental import list_archive
 from cxr.spark import fs
 from cxr.spark.session import default_parallelism, master_url
-from cxr.spark.images import (ImageRows, file_tasks, listing_counts, pack_tasks, preprocess_files, rejected_files,
+from cxr.scope.dicom_header import DICOM_COLUMNS
+from cxr.scope.rules import STAGE as SCOPE_STAGE, ScopeGate
+from cxr.spark.images import (ERROR_COLUMNS, ImageRows, file_tasks, listing_counts, pack_tasks, preprocess_files, rejected_files,
                               row_schema, split_bytes, unread_rows)
 from cxr.splits import validate_ratios
 
 log = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ["path", "sha256", "label", "split", "patient_id", "image", "height", "width", "orig_height",
-                 "orig_width", "orig_dtype", "source_format", "color_mode", "decode_warnings"]
-ERROR_COLUMNS = ["path", "sha256", "label", "stage", "reason"]
+                 "orig_width", "orig_dtype", "source_format", "color_mode", "decode_warnings", *DICOM_COLUMNS]
 DUPLICATE_COLUMNS = ["path", "sha256", "label", "duplicate_of"]
 
 
@@ -95,7 +99,8 @@ def _empty_table(spark: SparkSession, columns, uri: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    types = {"binary": pa.binary(), "int": pa.int32(), "bigint": pa.int64()}
+    types = {"binary": pa.binary(), "int": pa.int32(), "bigint": pa.int64(), "date": pa.date32(),
+             "double": pa.float64(), "float": pa.float32(), "boolean": pa.bool_()}
     schema = pa.schema([(f.name, types.get(f.dataType.simpleString(), pa.string())) for f in row_schema(columns)])
     filesystem, path = _arrow_target(uri)
     filesystem.create_dir(path, recursive=True)
@@ -222,7 +227,9 @@ def run(spark: SparkSession, input_dir: str, output_dir: str, config: Mapping[st
 
     # 2. one stage: read + preprocess in the Python workers -> OUT/images
     patients, patient_key, group_info = _patients(manifest)
-    rows = ImageRows(root, params, aliases, tuple(IMAGE_COLUMNS), ratios, seed, max_bytes, patients, patient_key)
+    gate = ScopeGate.from_config(config)
+    rows = ImageRows(root, params, aliases, tuple(IMAGE_COLUMNS), ratios, seed, max_bytes, patients, patient_key,
+                     gate)
     images_uri = f"{out}/images"
     if len(to_read):
         files = read_contents(spark, to_read, tasks)
@@ -247,8 +254,13 @@ def run(spark: SparkSession, input_dir: str, output_dir: str, config: Mapping[st
         errors = more if errors is None else errors.unionByName(more)
     if errors is None:
         _empty_table(spark, ERROR_COLUMNS, f"{out}/errors")
-    else:
-        errors.coalesce(1).sortWithinPartitions("path").write.parquet(f"{out}/errors")
+        _empty_table(spark, ERROR_COLUMNS, f"{out}/out_of_scope")
+    else:   # one pass over the rejected files, two tables: errors, and the files the scope rules kept out
+        errors.coalesce(1).sortWithinPartitions("path").write.parquet(f"{out}/_rejected")
+        rejected = _read(spark, f"{out}/_rejected", ERROR_COLUMNS)
+        for table, keep in (("errors", F.col("stage") != SCOPE_STAGE), ("out_of_scope", F.col("stage") == SCOPE_STAGE)):
+            rejected.where(keep).coalesce(1).write.parquet(f"{out}/{table}")
+        fs.delete(spark, f"{out}/_rejected")
     # after the errors: a file whose row is dropped as a copy must not look like a rejected one
     rewritten: list[str] = []
     if n_rows > n_unique:
@@ -257,17 +269,20 @@ def run(spark: SparkSession, input_dir: str, output_dir: str, config: Mapping[st
     else:
         dups = pd.DataFrame(columns=DUPLICATE_COLUMNS)
         _empty_table(spark, DUPLICATE_COLUMNS, f"{out}/duplicates")
-    clock.lap("write", "%d images, %d duplicates (%d files rewritten), %d rejected", n_unique, len(dups),
-              len(rewritten), n_failed + len(unread))
+    clock.lap("write", "%d images, %d duplicates (%d files rewritten), %d rejected or out of scope", n_unique,
+              len(dups), len(rewritten), n_failed + len(unread))
 
     # the counts the manifest proves are read back from what is on disk (Parquet footers, no Spark job)
     counts = {"input": n_input, "written": _rows_on_disk(images_uri), "rejected": _rows_on_disk(f"{out}/errors"),
-              "duplicates": _rows_on_disk(f"{out}/duplicates"), "ignored": ignored}
+              "out_of_scope": _rows_on_disk(f"{out}/out_of_scope"), "duplicates": _rows_on_disk(f"{out}/duplicates"),
+              "ignored": ignored}
     if group_info.get("manifest"):
         group_info["images_with_patient_id"] = with_pid
-    balanced = counts["input"] == counts["written"] + counts["rejected"] + counts["duplicates"]
-    clock.lap("verify", "input %d = written %d + rejected %d + duplicates %d: %s", counts["input"], counts["written"],
-              counts["rejected"], counts["duplicates"], "ok" if balanced else "MISMATCH")
+    balanced = counts["input"] == (counts["written"] + counts["rejected"] + counts["out_of_scope"]
+                                   + counts["duplicates"])
+    clock.lap("verify", "input %d = written %d + rejected %d + out of scope %d + duplicates %d: %s", counts["input"],
+              counts["written"], counts["rejected"], counts["out_of_scope"], counts["duplicates"],
+              "ok" if balanced else "MISMATCH")
 
     result = {
         "job": "preprocess",
@@ -281,6 +296,8 @@ def run(spark: SparkSession, input_dir: str, output_dir: str, config: Mapping[st
                "files_rewritten_for_duplicates": len(rewritten), "files_read_again_for_reasons": int(n_failed)},
         "params": {**params.to_dict(), "split": {**ratios, "seed": seed}, "extensions": extensions,
                    "exclude_dirs": exclude_dirs, "max_file_mb": pre["max_file_mb"], "labels": pre["labels"]},
+        "scope": gate.rules.to_dict(),
+        "patient_key": "HMAC-SHA256 of PatientID" if gate.reader.secret else "off (no secret: column null)",
         "versions": package_versions(),
         "spark": {"version": spark.version, "master": master_url(spark)},
         "timings_s": clock.timings,
