@@ -15,12 +15,16 @@ environment, a faster start per Python worker, and faster CPU inference). The ex
   outputs: the executors run one graph and need nothing ensemble-specific.
 
 All graphs take float32 (N, H, W, 1) images in [0, 1] named "image" and return (N, 3) probabilities named
-"proba". A scratch model's area resize to its own input size stays outside the graph, in numpy
+"proba" (output 0) and (N, D) "features": the penultimate activations, i.e. the input of the final Dense (for
+an ensemble the members' features concatenated along axis 1, member order). cxr.scope.ood later adds a third
+output, "ood_distance", when it fits the model's out-of-distribution reference (ood.npz; re-added here when
+the folder has one). A scratch model's area resize to its own input size stays outside the graph, in numpy
 (Predictor._resize), exactly as the scratch predictor does it.
 
 Before model.onnx is kept, the model and ONNX Runtime run on the given images (the val split in training)
-or a fixed seeded random batch; a max |difference| of probabilities above `atol` raises OnnxExportError and
-leaves no new model.onnx. metrics.json records the check under "onnx".
+or a fixed seeded random batch; a max |difference| of probabilities above `atol`, or of features above
+`features_rtol` x max(1, max |feature|), raises OnnxExportError and leaves no new model.onnx. metrics.json
+records the check under "onnx".
 
     python -m cxr.models.onnx_export MODEL_DIR [MODEL_DIR ...] [--data PRE_OUT]   (models trained before this)
 """
@@ -42,7 +46,11 @@ from cxr.models import store
 OPSET = 17
 IR_VERSION = 8            # the IR version that goes with opset 17: any ONNX Runtime since 1.13 reads it
 INPUT_NAME = "image"
-OUTPUT_NAME = "proba"
+OUTPUT_NAME = store.PROBA_OUTPUT          # "proba"
+FEATURES_NAME = store.FEATURES_OUTPUT     # "features"
+DISTANCE_NAME = store.DISTANCE_OUTPUT     # "ood_distance" (added by cxr.scope.ood)
+FEATURES_RTOL = 1e-4      # features may differ by this much x max(1, largest |feature|): they are unbounded
+                          # sums (a Dense over 86 k inputs at 224 px), unlike probabilities in [0, 1]
 MAX_CHECK_IMAGES = 512    # the check runs on at most this many of the given images (bounds export time)
 RANDOM_CHECK_IMAGES = 16  # without images: a seeded uniform [0, 1) batch of this size
 CHECK_BATCH = 16          # images per call in the check: Keras' eager activations for 64 images at 224 px
@@ -54,12 +62,15 @@ class OnnxExportError(ValueError):
 
 
 def export_onnx(model_dir: str | Path, val_images: np.ndarray | None = None, atol: float = 1e-5,
-                max_images: int = MAX_CHECK_IMAGES, images_from: str | None = None) -> Path:
+                max_images: int = MAX_CHECK_IMAGES, images_from: str | None = None,
+                features_rtol: float = FEATURES_RTOL) -> Path:
     """Write model_dir/model.onnx for the saved model in model_dir and record the check in metrics.json.
 
     val_images: float32 (N, H, W, 1) in [0, 1] at the data size, as fed to the model (None or empty: a seeded
     random batch), the first max_images of them used; images_from says what they are, for the record.
-    Raises OnnxExportError if ONNX Runtime's probabilities differ by more than atol."""
+    Raises OnnxExportError if ONNX Runtime's probabilities differ by more than atol, or its features by more
+    than features_rtol x max(1, max |feature|). A folder with an OOD reference (ood.npz) gets its
+    "ood_distance" output back (cxr.scope.ood.add_distance_to_onnx, checked too)."""
     d = Path(model_dir)
     t0 = time.perf_counter()
     source = store.load_predictor(d, engine="keras", batch_size=CHECK_BATCH)
@@ -67,8 +78,9 @@ def export_onnx(model_dir: str | Path, val_images: np.ndarray | None = None, ato
     if source.kind == "ensemble":
         members = store.ensemble_members(d)
         for m in members:
-            if not (m / store.ONNX_FILE).is_file():
-                export_onnx(m, val_images, atol=atol, max_images=max_images, images_from=images_from)
+            if FEATURES_NAME not in onnx_outputs(m / store.ONNX_FILE):  # missing, or exported before features
+                export_onnx(m, val_images, atol=atol, max_images=max_images, images_from=images_from,
+                            features_rtol=features_rtol)
         proto = ensemble_to_onnx([m / store.ONNX_FILE for m in members])
     elif source.kind == "keras":
         proto = keras_to_onnx(source.model, source.model.input_shape[1:])
@@ -84,26 +96,49 @@ def export_onnx(model_dir: str | Path, val_images: np.ndarray | None = None, ato
         with os.fdopen(fd, "wb") as fh:
             fh.write(proto.SerializeToString())
         exported = store.OnnxPredictor(d, source.metadata, batch_size=source.batch_size, threads=1, onnx_path=tmp)
-        diff = max_abs_diff(source.predict_proba(x), exported.predict_proba(x))
+        want_p, want_f = source._proba_and_features(x)   # the model's own framework: features_of's oracle
+        got_p, got_f = exported.run_outputs(x, [OUTPUT_NAME, FEATURES_NAME])
         del exported
+        diff = max_abs_diff(want_p, got_p)
         if not diff <= atol:  # also catches NaN
             raise OnnxExportError(f"{d}: ONNX Runtime's probabilities differ from the {source.kind} model's by "
                                   f"max |diff| = {diff:.3g} > atol {atol:g} on {len(x)} images: model.onnx not "
                                   "written (score/evaluate with --engine keras, or report the model's layers)")
+        f_diff = max_abs_diff(want_f, got_f)
+        f_scale = max(1.0, float(np.max(np.abs(want_f)))) if want_f.size else 1.0
+        if not f_diff <= features_rtol * f_scale:
+            raise OnnxExportError(f"{d}: ONNX Runtime's features differ from the {source.kind} model's by max "
+                                  f"|diff| = {f_diff:.3g} > {features_rtol:g} x {f_scale:.3g} on {len(x)} images: "
+                                  "model.onnx not written")
         os.replace(tmp, d / store.ONNX_FILE)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     meta = store.read_metadata(d)
     meta["onnx"] = {"file": store.ONNX_FILE, "opset": OPSET, "max_abs_diff": diff, "atol": atol,
+                    "features_max_abs_diff": f_diff, "features_tol": features_rtol * f_scale,
+                    "features_dims": int(want_f.shape[1]),
                     "checked_on": int(len(x)), "checked_with": (images_from or "images given") if _has(val_images) else
                     f"seeded uniform random batch (seed 0, {len(x)} images)", "source": source.kind,
-                    "input": INPUT_NAME, "output": OUTPUT_NAME, "versions": _versions(source.kind),
-                    "export_s": round(time.perf_counter() - t0, 3)}
+                    "input": INPUT_NAME, "output": OUTPUT_NAME, "outputs": [OUTPUT_NAME, FEATURES_NAME],
+                    "versions": _versions(source.kind), "export_s": round(time.perf_counter() - t0, 3)}
     files = [f for f in meta.get("files") or [] if f not in (store.ONNX_FILE, store.METRICS_FILE)]
     meta["files"] = [*files, store.ONNX_FILE, store.METRICS_FILE]
     store.write_metadata(d, meta)
+    if (d / store.OOD_FILE).is_file():  # a re-export keeps the model's OOD output (same reference, checked again)
+        from cxr.scope.ood import add_distance_to_onnx
+
+        add_distance_to_onnx(d, x, images_from=meta["onnx"]["checked_with"])
     return d / store.ONNX_FILE
+
+
+def onnx_outputs(path: str | Path) -> list[str]:
+    """Output names of an ONNX file ([] when it does not exist)."""
+    if not Path(path).is_file():
+        return []
+    import onnx
+
+    return [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
 
 
 def _has(images) -> bool:
@@ -136,20 +171,21 @@ def _versions(kind: str) -> dict:
     return out
 
 
-def _rename_output(proto, name: str):
-    """tf2onnx names the output after the function's return (output_0): give both kinds one name."""
-    old = proto.graph.output[0].name
+def _rename_output(proto, name: str, index: int = 0):
+    """tf2onnx names the outputs after the function's returns (output_0, ...): give every kind one name."""
+    old = proto.graph.output[index].name
     for node in proto.graph.node:
         node.output[:] = [name if o == old else o for o in node.output]
         node.input[:] = [name if i == old else i for i in node.input]
-    proto.graph.output[0].name = name
+    proto.graph.output[index].name = name
     return proto
 
 
 def keras_to_onnx(model, input_shape: Sequence[int], opset: int = OPSET):
     """The model's layers written directly (keras_sequential_to_onnx: one copy of the weights in memory) or,
     for anything it does not write, tf2onnx from a tf.function of the model at inference (dropout and
-    augmentation layers inactive)."""
+    augmentation layers inactive) returning the probabilities and the final Dense's input
+    (store.keras_outputs_model)."""
     try:
         return keras_sequential_to_onnx(model, opset)
     except OnnxExportError:
@@ -157,28 +193,66 @@ def keras_to_onnx(model, input_shape: Sequence[int], opset: int = OPSET):
     import tensorflow as tf
     import tf2onnx
 
+    both = store.keras_outputs_model(model)
     spec = (tf.TensorSpec((None, *[int(s) for s in input_shape]), tf.float32, name=INPUT_NAME),)
-    fn = tf.function(lambda image: model(image, training=False))
+    fn = tf.function(lambda image: tuple(both(image, training=False)))
     proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=opset)
-    return _rename_output(proto, OUTPUT_NAME)
+    if len(proto.graph.output) != 2:
+        raise OnnxExportError(f"tf2onnx returned {len(proto.graph.output)} outputs, expected probabilities and "
+                              "features")
+    _rename_output(proto, OUTPUT_NAME, 0)
+    return _rename_output(proto, FEATURES_NAME, 1)
+
+
+def keep_outputs(graph, names: Sequence[str]) -> None:
+    """Drop (in place) the graph's other outputs and every node and initializer only they needed."""
+    outputs = [o for o in graph.output if o.name in names]
+    if [o.name for o in outputs] != list(names):
+        raise OnnxExportError(f"graph {graph.name}: outputs {[o.name for o in graph.output]} lack some of "
+                              f"{list(names)}")
+    def inputs(node):  # a control-flow node's subgraphs may read outer names too
+        yield from (i for i in node.input if i)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                for inner in sub.node:
+                    yield from inputs(inner)
+
+    needed, kept = set(names), []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(inputs(node))
+    kept.reverse()
+    inits = [t for t in graph.initializer if t.name in needed]
+    del graph.node[:]
+    graph.node.extend(kept)
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    del graph.output[:]
+    graph.output.extend(outputs)
 
 
 def ensemble_to_onnx(member_files: Sequence[str | Path], opset: int = OPSET):
     """One graph from the members' model.onnx files: each member's names prefixed m<i>_ (its input excepted,
-    which all share), then Mean over the members' outputs. Members must share the input shape."""
+    which all share), then Mean over the members' probabilities ("proba") and Concat (axis 1, member order) of
+    their "features". A member's own "ood_distance" (if any) is left out. Members must share the input shape."""
     import onnx
-    from onnx import helper
+    from onnx import TensorProto, helper
 
     graphs = [onnx.load(str(f)) for f in member_files]
     if not graphs:
         raise OnnxExportError("an ensemble needs at least one member")
-    nodes, inits, outputs = [], [], []
+    nodes, inits, outputs, features, dims = [], [], [], [], []
     for i, proto in enumerate(graphs):
         g = proto.graph
+        names = [o.name for o in g.output]
         if [v.name for v in g.input if v.name not in {t.name for t in g.initializer}] != [INPUT_NAME] or \
-                [o.name for o in g.output] != [OUTPUT_NAME]:
-            raise OnnxExportError(f"member {member_files[i]}: expected one input {INPUT_NAME!r} and one output "
-                                  f"{OUTPUT_NAME!r}")
+                names[:2] != [OUTPUT_NAME, FEATURES_NAME] or set(names[2:]) - {DISTANCE_NAME}:
+            raise OnnxExportError(f"member {member_files[i]}: expected one input {INPUT_NAME!r} and outputs "
+                                  f"{OUTPUT_NAME!r}, {FEATURES_NAME!r}, got {names} (re-export the member)")
+        keep_outputs(g, [OUTPUT_NAME, FEATURES_NAME])
+        dim = g.output[1].type.tensor_type.shape.dim
+        dims.append(dim[1].dim_value if len(dim) == 2 and dim[1].HasField("dim_value") else None)
         if {n.domain for n in g.node} - {"", "ai.onnx"} or len(g.sparse_initializer) or len(proto.functions):
             raise OnnxExportError(f"member {member_files[i]} uses custom domains or functions: cannot merge it")
         prefix = f"m{i}_"
@@ -195,10 +269,14 @@ def ensemble_to_onnx(member_files: Sequence[str | Path], opset: int = OPSET):
                     raise OnnxExportError(f"member {member_files[i]} has control flow: cannot merge it")
             nodes.append(node)
         outputs.append(prefix + OUTPUT_NAME)
+        features.append(prefix + FEATURES_NAME)
+    nodes.append(helper.make_node("Concat", features, [FEATURES_NAME], name="ensemble_features", axis=1))
     nodes.append(helper.make_node("Mean", outputs, [OUTPUT_NAME], name="ensemble_mean"))
     first = graphs[0].graph
     inp = [v for v in first.input if v.name == INPUT_NAME]
-    graph = helper.make_graph(nodes, "cxr_ensemble", inp, list(first.output), initializer=inits)
+    total = sum(dims) if all(v is not None for v in dims) else "D"
+    out = [first.output[0], helper.make_tensor_value_info(FEATURES_NAME, TensorProto.FLOAT, ["N", total])]
+    graph = helper.make_graph(nodes, "cxr_ensemble", inp, out, initializer=inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="cxr.models.onnx_export", ir_version=IR_VERSION)
     onnx.checker.check_model(proto)
@@ -213,6 +291,7 @@ class _Graph:
     def __init__(self):
         self.nodes, self.inits = [], []
         self.name, self.layout, self.n = INPUT_NAME, "nhwc", 0
+        self.features, self.features_dim = None, None   # the latest Dense's input: the final one's at the end
 
     def const(self, value: np.ndarray) -> str:
         from onnx import numpy_helper
@@ -259,6 +338,7 @@ class _Graph:
     def dense(self, kernel: np.ndarray, bias: np.ndarray | None) -> None:
         if self.layout != "flat":
             raise OnnxExportError("Dense on a non-flat tensor: the network has no Flatten before it")
+        self.features, self.features_dim = self.name, int(kernel.shape[0])
         w = self.const(kernel)                                                      # (in, out): A @ W
         if bias is not None:
             self.op("Gemm", [self.name, w, self.const(bias)])
@@ -276,11 +356,15 @@ class _Graph:
 
         if self.layout == "nchw":
             self.to("nhwc")
+        if self.features is None:
+            raise OnnxExportError("no Dense layer: the graph has no penultimate features to return")
         self.nodes.append(helper.make_node("Identity", [self.name], [OUTPUT_NAME], name="output"))
+        self.nodes.append(helper.make_node("Identity", [self.features], [FEATURES_NAME], name="features"))
         h, w, c = [int(v) for v in input_shape]
         graph = helper.make_graph(
             self.nodes, graph_name, [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", h, w, c])],
-            [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", *[int(v) for v in output_shape]])],
+            [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", *[int(v) for v in output_shape]]),
+             helper.make_tensor_value_info(FEATURES_NAME, TensorProto.FLOAT, ["N", self.features_dim])],
             initializer=self.inits)
         proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                                   producer_name="cxr.models.onnx_export", ir_version=IR_VERSION)

@@ -10,6 +10,12 @@ A seed ensemble (train.ensemble: K) is one model folder too: ensemble.json names
 folder of its own under members/, and model.onnx is one graph averaging the members' probabilities. Every job
 reads it as one model (EnsemblePredictor: the mean of the members' probabilities) with one model id.
 
+Every model.onnx also returns "features" (the penultimate activations, the input of the final Dense; for an
+ensemble the members' concatenated) and, once cxr.scope.ood has fitted a reference (ood.npz), "ood_distance":
+the Mahalanobis distance of those features from the training data's. `predict_scored(x)` gives (probabilities,
+distances or None) with either engine; `ood_threshold` is the distance above which an image is out of
+distribution (metrics.json "ood").
+
 Two engines run a model: "keras" (its own framework: Keras or cxr.nn) and "onnx" (model.onnx in ONNX
 Runtime, no TensorFlow needed). Spark workers import this module: TensorFlow is imported only when a Keras
 model is actually loaded with the keras engine.
@@ -31,9 +37,13 @@ METRICS_FILE = "metrics.json"
 KERAS_FILE = "model.keras"
 SCRATCH_FILES = ("model.json", "model.npz")
 ONNX_FILE = "model.onnx"
+OOD_FILE = "ood.npz"            # cxr.scope.ood's reference (mean, factor, threshold): part of the model id
 ENSEMBLE_FILE = "ensemble.json"   # {"members": [relative folder, ...], "combine": "mean"}
 MEMBERS_DIR = "members"
 SCHEMA = "cxr.model/1"
+PROBA_OUTPUT = "proba"              # model.onnx outputs: probabilities (always first), ...
+FEATURES_OUTPUT = "features"        # ... the penultimate activations (N, D) ...
+DISTANCE_OUTPUT = "ood_distance"    # ... and, once an OOD reference is fitted, its distance (N,)
 ENGINES = ("onnx", "keras")   # keras = the model's own framework (Keras or cxr.nn)
 
 
@@ -95,8 +105,8 @@ def ensemble_members(model_dir: str | Path) -> list[Path]:
 
 def weight_files(model_dir: str | Path) -> list[str]:
     """Names (relative to the folder) of the files that identify a model: its weights (model.keras, or
-    model.json + model.npz; for an ensemble ensemble.json and every member's files) and model.onnx when
-    present. A change to any of them is a different model."""
+    model.json + model.npz; for an ensemble ensemble.json and every member's files), ood.npz (the
+    out-of-distribution reference) and model.onnx when present. A change to any of them is a different model."""
     d = Path(model_dir)
     kind = model_kind(d)
     if kind == "ensemble":
@@ -104,6 +114,8 @@ def weight_files(model_dir: str | Path) -> list[str]:
                                    for f in weight_files(m)]
     else:
         files = [KERAS_FILE] if kind == "keras" else list(SCRATCH_FILES)
+    if (d / OOD_FILE).is_file():
+        files.append(OOD_FILE)
     if (d / ONNX_FILE).is_file():
         files.append(ONNX_FILE)
     return files
@@ -186,7 +198,12 @@ def limit_tf_threads(threads: int = 1) -> None:
 
 class Predictor:
     """`.predict_proba(x)` on float32 (N, H, W, 1) in [0, 1] at the preprocess size -> (N, 3) probabilities
-    in cxr.CLASSES order; `.metadata` is the model's metrics.json (with the preprocess params)."""
+    in cxr.CLASSES order; `.metadata` is the model's metrics.json (with the preprocess params).
+
+    `.features(x)` -> (N, D) float32 penultimate activations (the input of the final Dense; an ensemble's
+    members' concatenated); `.predict_scored(x)` -> (probabilities, out-of-distribution distances (N,) float32,
+    or None for a model without an OOD reference); `.ood_threshold` the distance above which an image is out of
+    distribution (metrics.json "ood"), None without a reference."""
 
     kind = "?"
     fixed_batch = False   # True: every call must have the same batch size (a compiled graph retraces otherwise)
@@ -221,6 +238,123 @@ class Predictor:
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def features(self, x: np.ndarray) -> np.ndarray:
+        return self._proba_and_features(x)[1]
+
+    def _proba_and_features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities (N, 3), features (N, D)) from one forward pass, both float32."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ out-of-distribution distance
+    @property
+    def ood_reference(self):
+        """cxr.scope.ood.Reference from ood.npz (None when the model has none), loaded once."""
+        if not hasattr(self, "_ood_reference"):
+            from cxr.scope.ood import load_reference
+
+            self._ood_reference = load_reference(self.model_dir)
+        return self._ood_reference
+
+    def has_ood(self) -> bool:
+        return self.ood_reference is not None
+
+    @property
+    def ood_threshold(self) -> float | None:
+        threshold = (self.metadata.get("ood") or {}).get("threshold")
+        return float(threshold) if threshold is not None and self.has_ood() else None
+
+    def predict_scored(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities (N, 3) float32, ood distances (N,) float32 or None without a reference). In the model's
+        own framework: features and probabilities from one pass, the distance in NumPy (cxr.scope.ood)."""
+        if not self.has_ood():
+            return self.predict_proba(x), None
+        from cxr.scope.ood import distances
+
+        proba, feats = self._proba_and_features(x)
+        return proba, distances(feats, self.ood_reference).astype(np.float32)
+
+
+def keras_feature_layer(model):
+    """The model's final Dense (its input is the penultimate activations, the OOD features)."""
+    import keras
+
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    if not dense:
+        raise ValueError(f"Keras model {model.name}: no Dense layer, so no penultimate features")
+    return dense[-1]
+
+
+def keras_outputs_model(model):
+    """keras.Model(inputs, [probabilities, input of the final Dense]): both from one call (dropout and
+    augmentation inactive with training=False)."""
+    import keras
+
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    return keras.Model(inputs, [model.outputs[0], keras_feature_layer(model).input])
+
+
+def keras_outputs(model, x: np.ndarray, batch_size: int = 64, both=None) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, features) of a Keras model on x, batch by batch (both: a keras_outputs_model to reuse)."""
+    both = both if both is not None else keras_outputs_model(model)
+    probs, feats = [], []
+    for start in range(0, x.shape[0], int(batch_size)):
+        p, f = both(x[start:start + int(batch_size)], training=False)
+        probs.append(np.asarray(p, np.float32))
+        feats.append(np.asarray(f, np.float32))
+    if not probs:
+        return np.zeros((0, len(CLASSES)), np.float32), np.zeros((0, int(both.outputs[1].shape[-1])), np.float32)
+    return np.concatenate(probs), np.concatenate(feats)
+
+
+def scratch_feature_index(net) -> int:
+    """Index of a cxr.nn network's final Dense layer: net.forward(x, upto=index) are its features."""
+    from cxr.nn.layers import Dense
+
+    dense = [i for i, layer in enumerate(net.layers) if isinstance(layer, Dense)]
+    if not dense:
+        raise ValueError("cxr.nn network without a Dense layer: no penultimate features")
+    return dense[-1]
+
+
+def scratch_outputs(net, x: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, features) of a cxr.nn network, batch by batch: forward to the final Dense's input (the
+    features), then on through the remaining layers (and a softmax where the network lacks one), exactly as
+    Network.predict_proba computes it."""
+    from cxr.nn.layers import softmax
+
+    i = scratch_feature_index(net)
+    x = np.asarray(x)
+    net._ensure_built(x)
+    bs = len(x) if not batch_size else int(batch_size)
+    probs, feats = [], []
+    for start in range(0, len(x), bs):
+        h = net.forward(x[start:start + bs], upto=i)
+        out = h
+        for layer in net.layers[i:]:
+            out = layer.forward(out, training=False)
+        if not net._fused():
+            out = softmax(out)
+        probs.append(out.astype(np.float32, copy=False))
+        feats.append(np.asarray(h, np.float32))
+    if not probs:
+        return (np.zeros((0, len(CLASSES)), np.float32),
+                np.zeros((0, int(net.layers[i].input_shape[0])), np.float32))
+    return np.concatenate(probs), np.concatenate(feats)
+
+
+def features_of(model, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Penultimate activations (N, D) float32 of a predictor (either engine), a Keras model or a cxr.nn network
+    on float32 (N, H, W, 1) images as that model takes them: the oracle model.onnx's "features" is checked
+    against."""
+    if isinstance(model, Predictor):
+        return model.features(x)
+    from cxr.nn.network import Network
+
+    x = np.asarray(x, np.float32)
+    if isinstance(model, Network):
+        return scratch_outputs(model, x, batch_size)[1]
+    return keras_outputs(model, x, batch_size)[1]
+
 
 def resize_batch(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     import cv2
@@ -248,6 +382,11 @@ class KerasPredictor(Predictor):
             out[start:start + len(chunk)] = self.model(chunk, training=False).numpy()  # TF backend tensor
         return out
 
+    def _proba_and_features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if getattr(self, "_both", None) is None:
+            self._both = keras_outputs_model(self.model)
+        return keras_outputs(self.model, self._resize(self._check(x)), self.batch_size, self._both)
+
 
 class ScratchPredictor(Predictor):
     kind = "scratch"
@@ -261,6 +400,9 @@ class ScratchPredictor(Predictor):
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         x = self._resize(self._check(x))
         return np.asarray(self.model.predict_proba(x, batch_size=self.batch_size), dtype=np.float32)
+
+    def _proba_and_features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return scratch_outputs(self.model, self._resize(self._check(x)), self.batch_size)
 
 
 class EnsemblePredictor(Predictor):
@@ -283,6 +425,18 @@ class EnsemblePredictor(Predictor):
             total += m.predict_proba(x)
         return total / np.float32(len(self.members))
 
+    def _proba_and_features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The members' mean probability (as predict_proba) and their features concatenated in member order
+        (as the ensemble's model.onnx)."""
+        x = self._check(x)
+        total = np.zeros((x.shape[0], len(CLASSES)), np.float32)
+        feats = []
+        for m in self.members:
+            p, f = m._proba_and_features(x)
+            total += p
+            feats.append(f)
+        return total / np.float32(len(self.members)), np.concatenate(feats, axis=1)
+
 
 class OnnxPredictor(Predictor):
     """model.onnx in ONNX Runtime on the CPU: the same contract as the other predictors, without TensorFlow.
@@ -299,6 +453,7 @@ class OnnxPredictor(Predictor):
         self.session = onnx_session(self.onnx_path, threads)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(self._resize(self._check(x)))
@@ -307,6 +462,38 @@ class OnnxPredictor(Predictor):
             chunk = x[start:start + self.batch_size]
             out[start:start + len(chunk)] = self.session.run([self.output_name], {self.input_name: chunk})[0]
         return out
+
+    def run_outputs(self, x: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        """The named graph outputs on x, batch by batch, all from one session.run per batch."""
+        missing = [n for n in names if n not in self.output_names]
+        if missing:
+            raise ValueError(f"{self.onnx_path} has no output {', '.join(missing)} (outputs: "
+                             f"{', '.join(self.output_names)}): exported before it existed? Re-export it with "
+                             "`python -m cxr.models.onnx_export MODEL_DIR`")
+        x = np.ascontiguousarray(self._resize(self._check(x)))
+        parts: list[list[np.ndarray]] = [[] for _ in names]
+        for start in range(0, x.shape[0], self.batch_size):
+            outs = self.session.run(list(names), {self.input_name: x[start:start + self.batch_size]})
+            for part, out in zip(parts, outs):
+                part.append(out)
+        if not x.shape[0]:
+            return list(self.session.run(list(names), {self.input_name: x}))
+        return [np.concatenate(part) for part in parts]
+
+    def _proba_and_features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        proba, feats = self.run_outputs(x, [self.output_name, FEATURES_OUTPUT])
+        return proba, feats
+
+    def has_ood(self) -> bool:
+        return DISTANCE_OUTPUT in self.output_names
+
+    def predict_scored(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, model.onnx's "ood_distance") from one session.run per batch; (probabilities, None)
+        for a graph without that output (a model without an OOD reference, or exported before it existed)."""
+        if not self.has_ood():
+            return self.predict_proba(x), None
+        proba, dist = self.run_outputs(x, [self.output_name, DISTANCE_OUTPUT])
+        return proba, dist.astype(np.float32, copy=False)
 
 
 def onnx_session(path: str | Path, threads: int = 1):

@@ -5,6 +5,11 @@ No Spark here: the train/val splits are streamed from Parquet every epoch throug
 (cxr.data.stream), so driver memory does not grow with the number of images. Every model directory gets
 metrics.json recording exactly what produced it (seed, data counts, preprocess manifest hash and params,
 class weights, shuffle, per-epoch history).
+
+After a model (single, scratch or ensemble) is saved and exported, its out-of-distribution reference is fitted
+(cxr.scope.ood): features of the train split streamed through model.onnx, threshold at scope.ood_quantile of
+the val split's distances (the train split's in cross-validation folds), ood.npz written and "ood_distance"
+added to model.onnx. An ensemble gets one reference on its members' concatenated features; members get none.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SCRATCH_FAMILIES = ("scratch-cnn", "scratch-dnn")
 ALL_MODELS = (*FAMILIES, *SCRATCH_FAMILIES)
+DEFAULT_OOD_QUANTILE = 0.995   # scope.ood_quantile when the config has none
 
 
 class OutputExistsError(RuntimeError):
@@ -110,9 +116,11 @@ def _split_summary(data) -> dict:
 
 
 def _fit_and_save(spec: dict, train, val, conf: Mapping[str, Any], cw: dict, epochs: int, seed: int, target: Path,
-                  data_record: Mapping[str, Any], manifest: Mapping[str, Any]) -> dict:
-    """Train one model from seeded state, save it with its metrics.json to target and export its model.onnx
-    (checked against it); returns the metadata written."""
+                  data_record: Mapping[str, Any], manifest: Mapping[str, Any],
+                  ood_quantile: float | None = None) -> dict:
+    """Train one model from seeded state, save it with its metrics.json to target, export its model.onnx
+    (checked against it) and, unless ood_quantile is None (ensemble members), fit its OOD reference; returns the
+    metadata written."""
     seeds = set_seeds(seed, bool(conf.get("deterministic", True)))
     log.info("training %s (%s, optimizer %s, %d epochs, seed %d)", spec["name"], spec["family"], spec["optimizer"],
              epochs, seed)
@@ -161,13 +169,16 @@ def _fit_and_save(spec: dict, train, val, conf: Mapping[str, Any], cw: dict, epo
         import keras
 
         keras.backend.clear_session()
-    _export(target, train, val, metadata["timings_s"])
+    _export(target, train, val, metadata["timings_s"], ood_quantile)
     return store.read_metadata(target)
 
 
-def _export(target: Path, train, val, timings: dict) -> None:
+def _export(target: Path, train, val, timings: dict, ood_quantile: float | None = None) -> None:
     """model.onnx for the executors' ONNX Runtime engine, checked against the saved model on the first val
-    images (train images where there is no val split, as in cross-validation); a mismatch fails the training."""
+    images (train images where there is no val split, as in cross-validation); a mismatch fails the training.
+    Then (ood_quantile given) the OOD reference: the train split's features through model.onnx, the threshold at
+    that quantile of the val split's distances (train's without a val split), "ood_distance" added to the graph
+    (timings_s.ood)."""
     from cxr.data.stream import as_unit_float
     from cxr.models.onnx_export import MAX_CHECK_IMAGES
 
@@ -175,6 +186,14 @@ def _export(target: Path, train, val, timings: dict) -> None:
     check_on, check_name = (val, "val split") if len(val) else (train, "train split (no val split)")
     export_onnx(target, as_unit_float(check_on.head(MAX_CHECK_IMAGES)), images_from=check_name)
     timings["onnx_export"] = round(time.perf_counter() - t_onnx, 3)
+    if ood_quantile is not None:
+        from cxr.scope.ood import fit_model
+
+        t_ood = time.perf_counter()
+        rec = fit_model(target, train, val, float(ood_quantile))
+        timings["ood"] = round(time.perf_counter() - t_ood, 3)
+        log.info("OOD reference for %s: %d dims, threshold %.3f at q=%g of the %s distances (%.1fs)", target.name,
+                 rec["dims"], rec["threshold"], rec["quantile"], rec["threshold_on"], timings["ood"])
     store.write_metadata(target, {**store.read_metadata(target), "timings_s": timings})
 
 
@@ -191,20 +210,22 @@ def shuffle_record(train) -> dict:
 
 def train_and_save(spec: dict, train, val, conf: Mapping[str, Any], cw: dict, epochs: int,
                    seed: int, target: Path, data_record: Mapping[str, Any], manifest: Mapping[str, Any],
-                   calibrate_on: str | None = None) -> dict:
+                   calibrate_on: str | None = None, ood_quantile: float | None = None) -> dict:
     """Train one planned model (train.ensemble > 1: that many members, seeds seed, seed+1, ..., saved as one
-    ensemble model) into target (replacing it) and, when there is a validation set, fit its temperature
-    there. train/val are training sources (cxr.data.stream.ParquetSplit or SplitData). Shared by train and
-    cross-validation."""
+    ensemble model) into target (replacing it), fit its OOD reference (threshold at ood_quantile, default
+    scope.ood_quantile's 0.995, of the val distances; of the train distances without val) and, when there is a
+    validation set, fit its temperature there. train/val are training sources (cxr.data.stream.ParquetSplit or
+    SplitData). Shared by train and cross-validation."""
     from cxr.train import ensemble
 
+    quantile = float(DEFAULT_OOD_QUANTILE if ood_quantile is None else ood_quantile)
     target = Path(target)
     if target.exists():
         shutil.rmtree(target)
     k = ensemble.size(conf)
     t0 = time.perf_counter()
     if k == 1:
-        meta = _fit_and_save(spec, train, val, conf, cw, epochs, seed, target, data_record, manifest)
+        meta = _fit_and_save(spec, train, val, conf, cw, epochs, seed, target, data_record, manifest, quantile)
     else:
         members = []
         for s in ensemble.member_seeds(seed, k):
@@ -213,7 +234,7 @@ def train_and_save(spec: dict, train, val, conf: Mapping[str, Any], cw: dict, ep
                                          target / store.MEMBERS_DIR / name, data_record, manifest))
         ensemble.save(target, spec, members)
         timings = store.read_metadata(target)["timings_s"]
-        _export(target, train, val, timings)
+        _export(target, train, val, timings, quantile)  # one reference on the members' concatenated features
         meta = store.read_metadata(target)
     train_s = round(time.perf_counter() - t0, 3) if k > 1 else meta["timings_s"]["train"]
     if len(val) and calibrate_on:  # temperature scaling on val; recorded, applied by score only when trustworthy
@@ -270,7 +291,8 @@ def run(data_dir: str, out_dir: str, config: Mapping[str, Any], models: Sequence
                    "batch_rows": train.batch_rows, "row_groups": len(train.index.plan),
                    "buffer_bytes": int(min(train.buffer, len(train)) * h * w)},
     }
+    quantile = float((config.get("scope") or {}).get("ood_quantile", DEFAULT_OOD_QUANTILE))
     results = [train_and_save(spec, train, val, conf, cw, epochs, seed, out / spec["name"], data_record, manifest,
-                              calibrate_on=data_dir) for spec in todo]
+                              calibrate_on=data_dir, ood_quantile=quantile) for spec in todo]
     return {"models": results, "data": data_record, "class_weight": cw, "seed": seed, "epochs": epochs,
             "total_s": round(time.perf_counter() - t0, 3)}

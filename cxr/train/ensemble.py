@@ -5,7 +5,9 @@ mean of the three models' probabilities scored 0.983 (issue 15). A user who trai
 draws; the mean of K draws is steadier. The model folder holds the members (members/<name>-seed<s>/, each a
 complete model folder with its own metrics.json and model.onnx), ensemble.json naming them, metrics.json for
 the ensemble and one model.onnx averaging the members (cxr.models.onnx_export.ensemble_to_onnx): every job
-reads it as one model with one model id (cxr.models.store).
+reads it as one model with one model id (cxr.models.store). Its out-of-distribution reference (ood.npz and the
+graph's "ood_distance", cxr.scope.ood) is fitted once, on the ensemble graph's "features" (the members'
+concatenated), by cxr.train.core after the ensemble is exported; the members have none of their own.
 """
 from __future__ import annotations
 

@@ -1,0 +1,322 @@
+"""Out-of-distribution score: the Mahalanobis distance of an image's penultimate features from the training data's.
+
+Every model.onnx returns "features" (cxr.models.onnx_export: the input of the final Dense; an ensemble's members'
+concatenated). Training then fits a reference on the train split's features: their mean and the inverse of their
+Ledoit-Wolf shrunk covariance (sklearn.covariance.LedoitWolf, float64; shrinkage keeps it invertible when there
+are fewer images than dimensions, or dead ReLU units), factored as P = L L^T so that
+
+    distance(f) = ||(f - mean) @ L||_2 = sqrt((f - mean)^T P (f - mean)),
+
+and the threshold is the `quantile` (scope.ood_quantile, default 0.995) of the val split's distances (of the train
+split's where there is no val split, as in cross-validation folds: recorded in "threshold_on"). The reference is
+saved beside the model as ood.npz (plain arrays, loaded with allow_pickle=False; part of the model id), summarised
+in metrics.json under "ood", and built into model.onnx as a third output "ood_distance" (N,) float32:
+Sub(mean) -> MatMul(L) -> Mul(self) -> ReduceSum(axis 1) -> Sqrt, checked against the NumPy distance on the check
+images before it is kept.
+
+    python -m cxr.scope.ood fit MODEL_DIR [MODEL_DIR ...] --data PRE_OUT [--quantile Q]   (models trained before)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cxr.models import store
+
+OOD_FILE = store.OOD_FILE
+DISTANCE_NAME = store.DISTANCE_OUTPUT
+FEATURES_NAME = store.FEATURES_OUTPUT
+METHOD = "mahalanobis, Ledoit-Wolf shrinkage, penultimate layer"
+DEFAULT_QUANTILE = 0.995
+RTOL = 1e-4             # ONNX vs NumPy distance: max |diff| / max(distance, 1) (1 = one standard deviation)
+EIGEN_FLOOR = 1e-10     # covariance eigenvalues below this x the largest are raised to it (degenerate features)
+FEATURE_BATCH = 64      # images per ONNX Runtime call when computing a split's features
+MAX_CHECK_IMAGES = 512
+
+
+@dataclass(frozen=True)
+class Reference:
+    mean: np.ndarray        # (D,) float64
+    factor: np.ndarray      # L (D, D) float64: distance = ||(f - mean) @ L||_2
+    threshold: float        # `quantile` of the distances of the split named by threshold_on
+    quantile: float
+    n_train: int
+    n_val: int
+    dims: int
+    shrinkage: float        # Ledoit-Wolf's shrinkage coefficient (0: sample covariance, 1: scaled identity)
+    threshold_on: str = "val"   # "val", or "train (no val split)"
+
+    def summary(self) -> dict:
+        """metrics.json "ood"."""
+        return {"method": METHOD, "dims": int(self.dims), "n_train": int(self.n_train), "n_val": int(self.n_val),
+                "quantile": float(self.quantile), "threshold": float(self.threshold),
+                "shrinkage": float(self.shrinkage), "threshold_on": self.threshold_on, "file": OOD_FILE}
+
+
+def _as_matrix(features, name: str) -> np.ndarray:
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2:
+        raise ValueError(f"{name} features must be (N, D), got shape {f.shape}")
+    if not np.all(np.isfinite(f)):
+        raise ValueError(f"{name} features hold NaN or inf")
+    return f
+
+
+def fit_reference(train_features: np.ndarray, val_features: np.ndarray | None,
+                  quantile: float = DEFAULT_QUANTILE) -> Reference:
+    """Mean and Ledoit-Wolf precision factor of train_features (N, D); the threshold at `quantile` of
+    val_features' distances (of train_features' when val_features is None or empty)."""
+    from sklearn.covariance import LedoitWolf
+
+    if not 0.0 < float(quantile) <= 1.0:
+        raise ValueError(f"scope.ood_quantile must be in (0, 1], got {quantile}")
+    train = _as_matrix(train_features, "train")
+    if len(train) < 2:
+        raise ValueError(f"an OOD reference needs at least 2 training images, got {len(train)}")
+    lw = LedoitWolf(store_precision=False, assume_centered=False).fit(train)
+    cov = np.asarray(lw.covariance_, np.float64)
+    w, v = np.linalg.eigh((cov + cov.T) / 2)
+    w = np.maximum(w, max(float(w.max()), 1.0) * EIGEN_FLOOR)
+    factor = v / np.sqrt(w)              # L L^T = V diag(1/w) V^T = inverse of the shrunk covariance
+    val = None if val_features is None or len(val_features) == 0 else _as_matrix(val_features, "val")
+    if val is not None and val.shape[1] != train.shape[1]:
+        raise ValueError(f"val features have {val.shape[1]} dims, train {train.shape[1]}")
+    ref = Reference(mean=np.asarray(lw.location_, np.float64), factor=factor, threshold=0.0,
+                    quantile=float(quantile), n_train=len(train), n_val=0 if val is None else len(val),
+                    dims=train.shape[1], shrinkage=float(lw.shrinkage_),
+                    threshold_on="val" if val is not None else "train (no val split)")
+    threshold = float(np.quantile(distances(val if val is not None else train, ref), float(quantile)))
+    return replace(ref, threshold=threshold)
+
+
+def distances(features: np.ndarray, ref: Reference) -> np.ndarray:
+    """(N,) float64 Mahalanobis distances of features (N, D) from the reference."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[1] != ref.dims:
+        raise ValueError(f"features must be (N, {ref.dims}), got shape {f.shape}")
+    z = (f - ref.mean) @ ref.factor
+    return np.sqrt(np.einsum("ij,ij->i", z, z))
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    """max |got - want| / max(want, 1): relative for distances above one standard deviation, absolute below."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        raise ValueError(f"shapes differ: {got.shape} vs {want.shape}")
+    return float(np.max(np.abs(got - want) / np.maximum(want, 1.0))) if want.size else 0.0
+
+
+# --------------------------------------------------------------------------------------------- files
+def save_reference(model_dir: str | Path, ref: Reference) -> Path:
+    """model_dir/ood.npz (written atomically): plain numeric and string arrays, no pickle."""
+    d = Path(model_dir)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=OOD_FILE + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, mean=ref.mean, factor=ref.factor, threshold=np.float64(ref.threshold),
+                     quantile=np.float64(ref.quantile), n_train=np.int64(ref.n_train), n_val=np.int64(ref.n_val),
+                     dims=np.int64(ref.dims), shrinkage=np.float64(ref.shrinkage),
+                     threshold_on=np.str_(ref.threshold_on), method=np.str_(METHOD))
+        os.replace(tmp, d / OOD_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return d / OOD_FILE
+
+
+def load_reference(model_dir: str | Path) -> Reference | None:
+    """The reference in model_dir/ood.npz, None when there is none."""
+    path = Path(model_dir) / OOD_FILE
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        return Reference(mean=z["mean"].astype(np.float64), factor=z["factor"].astype(np.float64),
+                         threshold=float(z["threshold"]), quantile=float(z["quantile"]), n_train=int(z["n_train"]),
+                         n_val=int(z["n_val"]), dims=int(z["dims"]), shrinkage=float(z["shrinkage"]),
+                         threshold_on=str(z["threshold_on"]))
+
+
+# --------------------------------------------------------------------------------------------- the graph
+def _distance_nodes(graph, ref: Reference) -> None:
+    """Append (in place) Sub(mean) -> MatMul(L) -> Mul(self) -> ReduceSum(axis 1) -> Sqrt on "features", right
+    after the node that makes them (so an ensemble's Mean stays the last node), and the "ood_distance" output."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cxr.models.onnx_export import keep_outputs
+
+    names = [o.name for o in graph.output]
+    if FEATURES_NAME not in names:
+        raise ValueError(f"model.onnx has no {FEATURES_NAME!r} output (outputs: {names}): re-export it with "
+                         "`python -m cxr.models.onnx_export MODEL_DIR` first")
+    keep_outputs(graph, [n for n in names if n != DISTANCE_NAME])   # replace an older distance
+    graph.initializer.extend([numpy_helper.from_array(ref.mean.astype(np.float32), "ood_mean"),
+                              numpy_helper.from_array(ref.factor.astype(np.float32), "ood_factor"),
+                              numpy_helper.from_array(np.asarray([1], np.int64), "ood_axes")])
+    new = [helper.make_node("Sub", [FEATURES_NAME, "ood_mean"], ["ood_centered"], name="ood_sub"),
+           helper.make_node("MatMul", ["ood_centered", "ood_factor"], ["ood_whitened"], name="ood_matmul"),
+           helper.make_node("Mul", ["ood_whitened", "ood_whitened"], ["ood_squared"], name="ood_square"),
+           helper.make_node("ReduceSum", ["ood_squared", "ood_axes"], ["ood_sum"], name="ood_sum", keepdims=0),
+           helper.make_node("Sqrt", ["ood_sum"], [DISTANCE_NAME], name="ood_sqrt")]
+    at = next(i for i, node in enumerate(graph.node) if FEATURES_NAME in node.output) + 1
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes[:at] + new + nodes[at:])
+    graph.output.append(helper.make_tensor_value_info(DISTANCE_NAME, TensorProto.FLOAT, ["N"]))
+
+
+def add_distance_to_onnx(model_dir: str | Path, images: np.ndarray | None = None, ref: Reference | None = None,
+                         rtol: float = RTOL, images_from: str | None = None) -> Path:
+    """Rewrite model_dir/model.onnx with the "ood_distance" output of `ref` (default: the folder's ood.npz),
+    checked before it is kept: on `images` (float32 (N, H, W, 1) at the data size; None: a seeded random batch)
+    ONNX Runtime's distance must equal the NumPy distance of the graph's own features within `rtol`
+    (relative_error). Raises ValueError otherwise, leaving model.onnx as it was. Records metrics.json "ood"."""
+    import onnx
+
+    from cxr.models.onnx_export import check_images
+
+    d = Path(model_dir)
+    ref = ref if ref is not None else load_reference(d)
+    if ref is None:
+        raise FileNotFoundError(f"{d / OOD_FILE} is missing: fit the reference first (python -m cxr.scope.ood fit)")
+    proto = onnx.load(str(d / store.ONNX_FILE))
+    _distance_nodes(proto.graph, ref)
+    onnx.checker.check_model(proto)
+    meta = store.read_metadata(d)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=store.ONNX_FILE + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(proto.SerializeToString())
+        graph = store.OnnxPredictor(d, meta, batch_size=FEATURE_BATCH, threads=1, onnx_path=tmp)
+        x = check_images(graph, images, MAX_CHECK_IMAGES)
+        feats, got = graph.run_outputs(x, [FEATURES_NAME, DISTANCE_NAME])
+        del graph
+        want = distances(feats, ref)
+        err = relative_error(got, want)
+        if not err <= rtol:  # also catches NaN
+            raise ValueError(f"{d}: model.onnx's {DISTANCE_NAME} differs from the NumPy distance by {err:.3g} "
+                             f"(max |diff| / max(distance, 1)) > {rtol:g} on {len(x)} images: model.onnx not "
+                             "rewritten")
+        os.replace(tmp, d / store.ONNX_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    meta = store.read_metadata(d)
+    onnx_rec = meta.get("onnx") or {}
+    if onnx_rec:
+        onnx_rec["outputs"] = [o.name for o in proto.graph.output]
+    meta["ood"] = {**(meta.get("ood") or {}), **ref.summary(), "onnx_output": DISTANCE_NAME,
+                   "onnx_max_rel_diff": err, "onnx_rtol": rtol, "checked_on": int(len(x)),
+                   "checked_with": (images_from or "images given") if images is not None and len(images)
+                   else f"seeded uniform random batch (seed 0, {len(x)} images)"}
+    files = [f for f in meta.get("files") or [] if f not in (OOD_FILE, store.ONNX_FILE, store.METRICS_FILE)]
+    meta["files"] = [*files, OOD_FILE, store.ONNX_FILE, store.METRICS_FILE]
+    store.write_metadata(d, meta)
+    return d / store.ONNX_FILE
+
+
+# --------------------------------------------------------------------------------------------- fitting a model
+def source_features(predictor: store.OnnxPredictor, source, batch_size: int = FEATURE_BATCH) -> np.ndarray:
+    """(N, D) float32 features of a training source (cxr.data.stream.ParquetSplit or SplitData), streamed batch by
+    batch through the graph: memory is one batch of images plus the features."""
+    from cxr.data.stream import as_unit_float
+
+    parts = [predictor.run_outputs(as_unit_float(images), [FEATURES_NAME])[0]
+             for images, _ in source.batches(batch_size)]
+    if parts:
+        return np.concatenate(parts)
+    dim = next((o.shape[1] for o in predictor.session.get_outputs() if o.name == FEATURES_NAME), 0)
+    return np.zeros((0, dim if isinstance(dim, int) else 0), np.float32)
+
+
+def fit_model(model_dir: str | Path, train, val=None, quantile: float = DEFAULT_QUANTILE,
+              threads: int | None = None, batch_size: int = FEATURE_BATCH) -> dict:
+    """Fit model_dir's reference on its model.onnx features of `train` (threshold on `val`, or on `train` when val
+    is None or empty), write ood.npz, add "ood_distance" to model.onnx (checked on the first val images, else
+    train) and record metrics.json "ood". train/val: training sources (ParquetSplit or SplitData).
+    Returns metrics.json "ood"."""
+    from cxr.data.stream import as_unit_float
+
+    d = Path(model_dir)
+    t0 = time.perf_counter()
+    threads = int(threads or min(os.cpu_count() or 1, 4))
+    predictor = store.OnnxPredictor(d, store.read_metadata(d), batch_size=batch_size, threads=threads)
+    if FEATURES_NAME not in predictor.output_names:
+        raise ValueError(f"{d / store.ONNX_FILE} has no {FEATURES_NAME!r} output: re-export it with "
+                         f"`python -m cxr.models.onnx_export {d}` first")
+    has_val = val is not None and len(val) > 0
+    train_f = source_features(predictor, train, batch_size)
+    val_f = source_features(predictor, val, batch_size) if has_val else None
+    features_s = time.perf_counter() - t0
+    del predictor
+    ref = fit_reference(train_f, val_f, quantile)
+    save_reference(d, ref)
+    check_on, name = (val, "val split") if has_val else (train, "train split (no val split)")
+    add_distance_to_onnx(d, as_unit_float(check_on.head(MAX_CHECK_IMAGES)), ref, images_from=name)
+    meta = store.read_metadata(d)
+    meta["ood"].update({"features_s": round(features_s, 3), "fit_s": round(time.perf_counter() - t0, 3)})
+    store.write_metadata(d, meta)
+    return meta["ood"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cxr.scope.ood",
+                                     description="Out-of-distribution references for saved cxr models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fit = sub.add_parser("fit", help="fit a model's reference on a preprocess output's train (and val) split")
+    fit.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",
+                     help="a model folder (or a folder of models, as jobs/train.py --out writes)")
+    fit.add_argument("--data", required=True, help="the preprocess job's output (PRE_OUT) the model trained on")
+    fit.add_argument("--quantile", type=float, default=None,
+                     help=f"threshold quantile of the val distances (default: conf scope.ood_quantile, "
+                          f"{DEFAULT_QUANTILE})")
+    fit.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: up to 4 cores)")
+    args = parser.parse_args(argv)
+    quantile = args.quantile
+    if quantile is None:
+        try:
+            from cxr.config import load_config
+
+            quantile = float((load_config().get("scope") or {}).get("ood_quantile", DEFAULT_QUANTILE))
+        except Exception:  # noqa: BLE001 (no readable conf: the documented default)
+            quantile = DEFAULT_QUANTILE
+    dirs: list[Path] = []
+    for arg in args.model_dirs:
+        p = Path(arg)
+        try:
+            store.model_kind(p)
+            dirs.append(p)
+        except FileNotFoundError:
+            found = store.list_models(p) if p.is_dir() else []
+            if not found:
+                print(f"{p}: not a model folder, nor a folder of models", file=sys.stderr)
+                return 2
+            dirs.extend(found)
+    from cxr.data.stream import ParquetSplit
+
+    train = ParquetSplit.open(args.data, "train")
+    val = ParquetSplit.open(args.data, "val")
+    failed = 0
+    for d in dirs:
+        try:
+            rec = fit_model(d, train, val, quantile, threads=args.threads)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"FAILED {d}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{d}: {rec['dims']} dims, {rec['n_train']} train / {rec['n_val']} val images, threshold "
+              f"{rec['threshold']:.3f} (q {rec['quantile']}, on the {rec['threshold_on']}), shrinkage "
+              f"{rec['shrinkage']:.3f}, {rec['fit_s']:.1f}s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The out-of-distribution score (cxr.scope.ood): model.onnx's "features" equal the model's own penultimate
+activations, its "ood_distance" equals the NumPy Mahalanobis distance, training fits the Ledoit-Wolf reference
+for single, scratch and ensemble models, shifted images lie farther, and ood.npz is part of the model id."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from cxr.data.loader import load_split
+from cxr.models import store
+from cxr.models.onnx_export import export_onnx, keep_outputs
+from cxr.scope import ood
+from cxr.score.frames import model_id
+from tests.train_data import SIZE, pre_out, train_config  # noqa: F401 (fixtures)
+
+FEATURES_ATOL = 1e-4
+DISTANCE_RTOL = 1e-4
+KINDS = ("cnn-adam", "scratch-dnn", "ensemble")
+
+
+@pytest.fixture(scope="module")
+def models(pre_out, train_config, tmp_path_factory):
+    """A Keras CNN and a scratch DNN, 1 epoch each, and a 2-member CNN ensemble, trained as jobs/train.py does."""
+    from cxr.train import run
+
+    out = tmp_path_factory.mktemp("ood_models")
+    conf = json.loads(json.dumps(train_config))
+    conf["scope"] = {**(conf.get("scope") or {}), "ood_quantile": 0.99}
+    run(str(pre_out), str(out / "single"), conf, models="cnn,scratch-dnn", optimizers="adam", epochs=1)
+    conf["train"]["ensemble"] = 2
+    run(str(pre_out), str(out / "k2"), conf, models="cnn", optimizers="adam", epochs=1)
+    return {"cnn-adam": out / "single" / "cnn-adam", "scratch-dnn": out / "single" / "scratch-dnn",
+            "ensemble": out / "k2" / "cnn-adam"}
+
+
+@pytest.fixture(scope="module")
+def splits(pre_out):
+    return {s: load_split(str(pre_out), s).x for s in ("train", "val", "test")}
+
+
+def _own_features(d, x):
+    """features_of on the model's own framework objects: the Keras model / cxr.nn network (members' concatenated),
+    on x resized as the predictor would (scratch models may train on a smaller or larger copy)."""
+    own = [store.load_predictor(m) for m in store.ensemble_members(d) or [d]]
+    return np.concatenate([store.features_of(p.model, p._resize(x)) for p in own], axis=1)
+
+
+def _same_precision(a, b) -> bool:
+    """L L^T (the precision matrix) agrees: L itself is defined up to the signs of the eigenvectors."""
+    pa, pb = a.factor @ a.factor.T, b.factor @ b.factor.T
+    return bool(np.allclose(pa, pb, rtol=1e-4, atol=1e-5 * np.abs(pb).max()))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_onnx_features_and_distance_equal_the_framework(models, splits, kind):
+    d = models[kind]
+    x = np.concatenate([splits["val"], splits["test"]])
+    graph = store.load_predictor(d, engine="onnx")   # ONNX Runtime (a scratch model's resize outside the graph)
+    assert graph.output_names == ["proba", "features", "ood_distance"]
+    proba, feats, dist = graph.run_outputs(x, graph.output_names)
+    own = store.load_predictor(d)   # engine keras: Keras / cxr.nn
+    want_f = _own_features(d, x)
+    dims = 64 if kind == "ensemble" else 32   # train.keras.cnn dense 32, scratch dnn hidden 32; 2 members
+    assert feats.shape == want_f.shape == (len(x), dims) and dist.shape == (len(x),) and dist.dtype == np.float32
+    assert np.max(np.abs(feats - want_f)) <= FEATURES_ATOL
+    assert np.max(np.abs(feats - own.features(x))) <= FEATURES_ATOL
+    assert np.ptp(want_f, axis=0).max() > 1e-3                           # features depend on the image
+    assert np.max(np.abs(proba - own.predict_proba(x))) <= 1e-5          # probabilities as before
+    ref = ood.load_reference(d)
+    assert ref.dims == dims
+    assert ood.relative_error(dist, ood.distances(want_f, ref)) <= DISTANCE_RTOL   # end to end
+    assert ood.relative_error(dist, ood.distances(feats, ref)) <= DISTANCE_RTOL    # the distance nodes alone
+    for engine in ("onnx", "keras"):
+        p = store.load_predictor(d, engine=engine, batch_size=7)
+        got_p, got_d = p.predict_scored(x)
+        assert got_p.dtype == np.float32 and got_d.dtype == np.float32 and got_d.shape == (len(x),)
+        assert np.max(np.abs(got_p - p.predict_proba(x))) <= 1e-6
+        assert ood.relative_error(got_d, dist) <= DISTANCE_RTOL, engine
+        assert p.ood_threshold == pytest.approx(ref.threshold)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_fits_the_reference_on_train_and_thresholds_on_val(models, splits, kind):
+    d = models[kind]
+    meta = store.read_metadata(d)
+    rec = meta["ood"]
+    assert rec["method"] == "mahalanobis, Ledoit-Wolf shrinkage, penultimate layer"
+    assert rec["n_train"] == meta["data"]["train"]["images"] == len(splits["train"])
+    assert rec["n_val"] == meta["data"]["val"]["images"] == len(splits["val"])
+    assert rec["quantile"] == 0.99 and rec["threshold_on"] == "val" and 0 <= rec["shrinkage"] <= 1
+    assert rec["onnx_max_rel_diff"] <= DISTANCE_RTOL and rec["checked_with"] == "val split"
+    assert meta["timings_s"]["ood"] > 0 and store.OOD_FILE in meta["files"]
+    onnx_p = store.load_predictor(d, engine="onnx")
+    ref = ood.load_reference(d)
+    train_f = onnx_p.features(splits["train"])
+    direct = ood.fit_reference(train_f, onnx_p.features(splits["val"]), 0.99)
+    assert np.allclose(direct.mean, ref.mean, atol=1e-5) and _same_precision(direct, ref)
+    _, val_d = onnx_p.predict_scored(splits["val"])
+    assert rec["threshold"] == pytest.approx(np.quantile(val_d.astype(np.float64), 0.99), rel=1e-4)
+    if kind == "ensemble":
+        assert all(not (m / store.OOD_FILE).exists() for m in store.ensemble_members(d))  # one reference, on top
+        import onnx
+
+        graph = onnx.load(str(d / store.ONNX_FILE)).graph
+        assert graph.node[-1].op_type == "Mean"
+
+
+@pytest.mark.parametrize("n", [300, 12])  # more images than dimensions, and fewer (shrinkage keeps it invertible)
+def test_ledoit_wolf_mahalanobis_equals_a_direct_computation(n):
+    from sklearn.covariance import LedoitWolf
+
+    rng = np.random.default_rng(n)
+    dims = 20
+    mix = rng.normal(size=(dims, dims)) * np.linspace(0.1, 3, dims)
+    train = rng.normal(size=(n, dims)) @ mix + 5
+    val = rng.normal(size=(40, dims)) @ mix + 5
+    ref = ood.fit_reference(train, val, quantile=0.9)
+    lw = LedoitWolf().fit(train)
+    precision = np.linalg.inv(lw.covariance_)
+    c = val - train.mean(axis=0)
+    direct = np.sqrt(np.einsum("ij,jk,ik->i", c, precision, c))
+    assert np.allclose(ood.distances(val, ref), direct, rtol=1e-9)
+    assert ref.threshold == pytest.approx(np.quantile(direct, 0.9), rel=1e-9)
+    assert ref.shrinkage == pytest.approx(lw.shrinkage_) and (ref.n_train, ref.n_val, ref.dims) == (n, 40, dims)
+    no_val = ood.fit_reference(train, None, quantile=0.9)   # cross-validation folds: threshold on train
+    assert no_val.threshold_on == "train (no val split)" and no_val.n_val == 0
+    assert no_val.threshold == pytest.approx(np.quantile(ood.distances(train, ref), 0.9), rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shifted_images_lie_farther_than_val_images(models, splits, kind):
+    p = store.load_predictor(models[kind], engine="onnx")
+    val = splits["val"]
+    inverted = 1.0 - val
+    noise = np.random.default_rng(0).random(val.shape, dtype=np.float32)
+    d_val, d_inv, d_noise = (p.predict_scored(x)[1].mean() for x in (val, inverted, noise))
+    assert d_inv > d_val and d_noise > d_val, (d_val, d_inv, d_noise)
+    assert (p.predict_scored(noise)[1] > p.ood_threshold).mean() > 0.5
+
+
+def test_ood_npz_is_part_of_the_model_id(models, tmp_path):
+    d = shutil.copytree(models["scratch-dnn"], tmp_path / "m")
+    e = models["ensemble"]
+    assert store.weight_files(d) == ["model.json", "model.npz", "ood.npz", "model.onnx"]
+    assert store.weight_files(e)[-2:] == ["ood.npz", "model.onnx"]
+    before = model_id(d)
+    ref = ood.load_reference(d)
+    ood.save_reference(d, ref)                       # the same reference: the same id
+    assert model_id(d) == before
+    from dataclasses import replace
+
+    ood.save_reference(d, replace(ref, threshold=ref.threshold * 2))
+    assert model_id(d) != before
+    with np.load(d / store.OOD_FILE, allow_pickle=False) as z:   # plain arrays only
+        assert all(z[k].dtype != object for k in z.files)
+
+
+def test_models_without_a_reference_still_predict(models, splits, tmp_path):
+    x = splits["val"]
+    d = shutil.copytree(models["cnn-adam"], tmp_path / "no-ood", ignore=shutil.ignore_patterns(store.OOD_FILE))
+    meta = store.read_metadata(d)
+    del meta["ood"]
+    store.write_metadata(d, meta)
+    export_onnx(d, x)                                # a graph with proba and features, no distance
+    import onnx
+
+    assert [o.name for o in onnx.load(str(d / store.ONNX_FILE)).graph.output] == ["proba", "features"]
+    assert store.weight_files(d) == ["model.keras", "model.onnx"]
+    for engine in ("onnx", "keras"):
+        p = store.load_predictor(d, engine=engine)
+        proba, dist = p.predict_scored(x)
+        assert dist is None and p.ood_threshold is None and proba.shape == (len(x), 3)
+        assert np.max(np.abs(proba - p.predict_proba(x))) <= 1e-5
+    old = onnx.load(str(d / store.ONNX_FILE))       # a model.onnx from before features: "proba" only
+    keep_outputs(old.graph, ["proba"])
+    onnx.save(old, str(d / store.ONNX_FILE))
+    p = store.load_predictor(d, engine="onnx")
+    proba, dist = p.predict_scored(x)
+    assert dist is None and np.max(np.abs(proba - store.load_predictor(d).predict_proba(x))) <= 1e-5
+    with pytest.raises(ValueError, match="no output features"):
+        p.features(x)
+
+
+def test_cli_fits_models_trained_before_it(models, pre_out, tmp_path, capsys):
+    d = shutil.copytree(models["scratch-dnn"], tmp_path / "models" / "scratch-dnn",
+                        ignore=shutil.ignore_patterns(store.OOD_FILE))
+    meta = store.read_metadata(d)
+    del meta["ood"]
+    store.write_metadata(d, meta)
+    export_onnx(d)                                   # its model.onnx without ood_distance
+    assert ood.main(["fit", str(tmp_path / "models"), "--data", str(pre_out), "--quantile", "0.5"]) == 0
+    rec = store.read_metadata(d)["ood"]
+    assert rec["quantile"] == 0.5 and rec["n_train"] == meta["data"]["train"]["images"] and rec["n_val"] > 0
+    ref = ood.load_reference(d)
+    want = ood.load_reference(models["scratch-dnn"])     # the same model and data as training: same reference
+    assert np.allclose(ref.mean, want.mean, atol=1e-5) and _same_precision(ref, want)
+    assert store.load_predictor(d, engine="onnx").has_ood() and "threshold" in capsys.readouterr().out
+
+
+def test_a_distance_that_does_not_match_is_refused(models, splits, tmp_path, monkeypatch):
+    d = shutil.copytree(models["scratch-dnn"], tmp_path / "m")
+    before = (d / store.ONNX_FILE).read_bytes()
+    real = ood.distances
+    monkeypatch.setattr(ood, "distances", lambda f, ref: real(f, ref) * 1.01)
+    with pytest.raises(ValueError, match="differs from the NumPy distance"):
+        ood.add_distance_to_onnx(d, splits["val"])
+    assert (d / store.ONNX_FILE).read_bytes() == before
+    assert sorted(p.name for p in d.iterdir()) == sorted(p.name for p in models["scratch-dnn"].iterdir())
+
+
+def test_tf2onnx_fallback_has_features_too(splits, tmp_path):
+    """A Keras layer the direct writer lacks (BatchNormalization): tf2onnx exports both outputs."""
+    import keras
+
+    L = keras.layers
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((SIZE, SIZE, 1)), L.Conv2D(4, 3, activation="relu"),
+                              L.BatchNormalization(), L.Flatten(), L.Dense(8, activation="relu"),
+                              L.Dense(3, activation="softmax")])
+    d = store.save_keras(model, tmp_path / "bn", {"name": "bn", "input": {"data_size": [SIZE, SIZE]}})
+    x = splits["val"]
+    export_onnx(d, x)
+    got = store.load_predictor(d, engine="onnx").features(x)
+    assert got.shape == (len(x), 8) and np.max(np.abs(got - store.features_of(model, x))) <= FEATURES_ATOL
