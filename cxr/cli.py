@@ -30,6 +30,26 @@ def tracking_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"tracking.uri_flag": args.tracking_uri, "tracking.enabled": False if args.no_tracking else None}
 
 
+def add_scope_flags(parser: argparse.ArgumentParser, ood: bool = True) -> None:
+    """The scope rules of conf's `scope:` section, per run (README "Scope rules")."""
+    lists = "comma-separated; an empty item (e.g. 'PA,AP,') allows files without the tag"
+    parser.add_argument("--modalities", help=f"DICOM Modality values in scope (conf scope.modalities; {lists})")
+    parser.add_argument("--body-parts", help=f"BodyPartExamined values in scope (conf scope.body_parts; {lists})")
+    parser.add_argument("--views", help=f"ViewPosition values in scope (conf scope.views; {lists})")
+    if ood:
+        parser.add_argument("--ood", choices=["flag", "skip"],
+                            help="out-of-distribution images: keep their probabilities with in_distribution "
+                                 "false (flag), or make them out_of_scope rows (skip) (conf scope.ood)")
+
+
+def scope_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    def items(value):
+        return None if value is None else [v.strip() for v in value.split(",")]
+
+    return {"scope.modalities": items(args.modalities), "scope.body_parts": items(args.body_parts),
+            "scope.views": items(args.views), "scope.ood": getattr(args, "ood", None)}
+
+
 def start_tracking(config: Mapping[str, Any]):
     """The job's TrackingSettings, checked against the store before any work (None when tracking is off)."""
     from cxr.tracking.settings import TrackingSettings

@@ -4,7 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cxr.cli import base_parser, run_job  # noqa: E402
+from cxr.cli import add_scope_flags, base_parser, run_job, scope_overrides  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -21,11 +21,13 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-reduction", choices=["off", "auto"], help="decode at 1/2-1/8 scale when large")
     parser.add_argument("--on-damaged", choices=["reject", "flag"], help="files the codec reports damaged")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    add_scope_flags(parser, ood=False)
     args = parser.parse_args(argv)
     overrides = {"preprocess.size": args.size, "preprocess.method": args.method,
                  "preprocess.clip_limit": args.clip_limit, "preprocess.tile_grid": args.tile_grid,
                  "preprocess.resize_mode": args.resize_mode, "preprocess.split.seed": args.seed,
-                 "preprocess.decode_reduction": args.decode_reduction, "preprocess.on_damaged": args.on_damaged}
+                 "preprocess.decode_reduction": args.decode_reduction, "preprocess.on_damaged": args.on_damaged,
+                 **scope_overrides(args)}
 
     def body(spark, config):
         from cxr.spark.preprocess import run
@@ -34,8 +36,8 @@ def main(argv=None) -> int:
         c = result["counts"]
         seconds = sum(result["timings_s"].values())
         print(f"preprocess: {c['input']} files -> {c['written']} images, {c['rejected']} rejected, "
-              f"{c['duplicates']} duplicates in {seconds:.1f}s ({c['input'] / max(seconds, 1e-9):.1f} files/s); "
-              f"output {args.output}")
+              f"{c['out_of_scope']} out of scope, {c['duplicates']} duplicates in {seconds:.1f}s "
+              f"({c['input'] / max(seconds, 1e-9):.1f} files/s); output {args.output}")
 
     return run_job(args, overrides, body)
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cxr.cli import add_tracking_flags, base_parser, run_job, start_tracking, tracking_overrides  # noqa: E402
+from cxr.cli import (add_scope_flags, add_tracking_flags, base_parser, run_job, scope_overrides,  # noqa: E402
+                     start_tracking, tracking_overrides)
 
 
 def main(argv=None) -> int:
@@ -28,6 +29,7 @@ def main(argv=None) -> int:
                         "(or all) -> PRED_DIR/explain/run_id=R/, indexed in PRED_DIR/explanations/")
     parser.add_argument("--on-damaged", choices=["reject", "flag"],
                         help="files the codec reports damaged: errors rows, or predictions with decode_warnings")
+    add_scope_flags(parser)
     add_tracking_flags(parser)
     args = parser.parse_args(argv)
 
@@ -52,6 +54,7 @@ def main(argv=None) -> int:
             print(f"mlflow: run {log_score(tracking, r)}")
         c = r["counts"]
         print(f"score: run {r['run_id']}: {c['input']} files -> {c['scored']} scored, {c['rejected']} rejected, "
+              f"{c['out_of_scope']} out of scope, "
               f"{c['skipped_unchanged']} unchanged (not read), {c['skipped_already_scored']} already scored; "
               f"{r['images_per_s']} images/s; output {args.output}")
         if r.get("explain"):
@@ -60,7 +63,7 @@ def main(argv=None) -> int:
                   else f"explain: failed ({e['error']}); predictions are unaffected")
 
     return run_job(args, {"score.batch_size": args.batch_size, "preprocess.on_damaged": args.on_damaged,
-                          **tracking_overrides(args)}, body)
+                          **scope_overrides(args), **tracking_overrides(args)}, body)
 
 
 if __name__ == "__main__":

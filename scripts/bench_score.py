@@ -249,7 +249,7 @@ def single_process(mode: str, input_dir: str, model: str, size: int) -> dict:
                 if done["status"] == "ok":
                     images.append(np.frombuffer(done["image"], np.uint8).reshape(done["height"], done["width"]))
             if images:
-                scored += len(predict_fixed_batches(predictor, np.stack(images), BATCH))
+                scored += len(predict_fixed_batches(predictor, np.stack(images), BATCH)[0])
         return scored
 
     def preprocessed(limit=None):
@@ -261,7 +261,7 @@ def single_process(mode: str, input_dir: str, model: str, size: int) -> dict:
             col = batch.to_pydict()
             images = np.stack([np.frombuffer(b, np.uint8).reshape(h, w)
                                for b, h, w in zip(col["image"], col["height"], col["width"])])
-            scored += len(predict_fixed_batches(predictor, images, BATCH))
+            scored += len(predict_fixed_batches(predictor, images, BATCH)[0])
         return scored
 
     if mode == "raw":
@@ -565,7 +565,7 @@ def predict_batch_udf_vs_ours(bench: Bench) -> dict:
 
         def predict(images):
             arr = np.stack([np.frombuffer(b, np.uint8) for b in images]).reshape(-1, size, size)
-            return predict_fixed_batches(predictor, arr, BATCH)
+            return predict_fixed_batches(predictor, arr, BATCH)[0]
 
         return predict
 

@@ -202,3 +202,95 @@ def test_images_carry_dicom_identity_and_split_by_keyed_patient(preprocessed, mi
             tags["sop_instance_uid"], tags["study_instance_uid"], tags["accession_number"])
         key = reader.patient_key(files[rel]["phi"]["PatientID"])
         assert row["patient_key"] == key and row["patient_id"] == f"dicom:{key}"
+
+
+# --------------------------------------------------------------------------------------------- score job
+
+def _chests(n: int, seed: int) -> np.ndarray:
+    """(n, SIZE, SIZE, 1) float32 synthetic chests as the model sees them."""
+    import cv2
+
+    out = [cv2.resize(render_chest(("COVID", "NORMAL", "VIRAL")[i % 3], size=96, rng=seed + i), (SIZE, SIZE),
+                      interpolation=cv2.INTER_AREA) for i in range(n)]
+    return np.stack(out).astype(np.float32)[..., None]
+
+
+@pytest.fixture(scope="module")
+def ood_model(preprocessed, tmp_path_factory):
+    """A tiny CNN with an OOD reference fitted on synthetic chests (threshold: 99.5% of other chests)."""
+    from cxr.models import store
+    from cxr.scope.ood import add_distance_to_onnx, fit_reference, save_reference
+    from tests.scoring_models import tiny_keras_cnn
+
+    _, result = preprocessed
+    d = tiny_keras_cnn(tmp_path_factory.mktemp("scope_models") / "cnn", result["params"], SIZE)
+    predictor = store.load_predictor(d, engine="onnx")
+    ref = fit_reference(predictor.features(_chests(60, 100)), predictor.features(_chests(30, 500)), 0.995)
+    save_reference(d, ref)
+    add_distance_to_onnx(d, _chests(8, 900), ref)
+    return d
+
+
+def _rel(path: str) -> str:
+    return path.split("/pacs", 1)[1].split("/", 1)[1]
+
+
+def _score(spark, root, model, out, **overrides):
+    from cxr.spark.score import run
+
+    config = load_config(overrides={"preprocess.size": SIZE, "score.batch_size": 8, **overrides})
+    return run(spark, str(root), str(model), str(out), config)
+
+
+def test_score_writes_identity_ood_columns_and_keeps_out_of_scope_files_out(spark, mix, ood_model, tmp_path):
+    root, files = mix
+    out = tmp_path / "preds"
+    record = _score(spark, root, ood_model, out)
+    c = record["counts"]
+    n_ok = sum(info["status"] == "ok" for info in files.values())
+    assert record["accounted"] and c["input"] == len(MIX)
+    assert (c["scored"], c["rejected"], c["out_of_scope"]) == (n_ok, 0, len(MIX) - n_ok)
+    preds, scope = _table(out / "predictions"), _table(out / "out_of_scope")
+    assert set(DICOM_COLUMNS) <= set(preds.columns) and {"ood_distance", "in_distribution"} <= set(preds.columns)
+    for _, row in preds.iterrows():
+        tags = files[_rel(row["path"])]["tags"]
+        assert (row["sop_instance_uid"], row["series_instance_uid"], row["study_date"]) == (
+            tags["sop_instance_uid"], tags["series_instance_uid"], tags["study_date"])
+        assert row["patient_key"] is None          # no secret in this run: null, never a plain hash
+        assert row["ood_distance"] > 0 and row["in_distribution"] == (row["ood_distance"] <= record["ood"]["threshold"])
+    assert len(scope) == c["out_of_scope"]
+    for _, row in scope.iterrows():
+        assert files[_rel(row["path"])]["words"] in row["reason"] and row["stage"] == "scope"
+        assert row["sop_instance_uid"] == files[_rel(row["path"])]["tags"]["sop_instance_uid"]
+    # the state remembers them: the next night opens nothing, out-of-scope files included
+    again = _score(spark, root, ood_model, out)
+    assert again["counts"]["skipped_unchanged"] == len(MIX) and again["bytes_read"] == 0
+    state = _table(out / "state")
+    assert sorted(state["status"].value_counts().items()) == [("out_of_scope", len(MIX) - n_ok), ("scored", n_ok)]
+
+
+def test_ood_flag_keeps_probabilities_and_skip_makes_out_of_scope_rows(spark, ood_model, tmp_path):
+    import cv2
+
+    root = tmp_path / "pacs" / "archive"   # "/pacs/" keeps _rel working
+    (root / "NORMAL").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        chest = np.clip(np.round(render_chest("NORMAL", size=96, rng=700 + i) * 255), 0, 255).astype(np.uint8)
+        cv2.imwrite(str(root / "NORMAL" / f"chest{i}.png"), chest)
+        cv2.imwrite(str(root / "NORMAL" / f"noise{i}.png"), rng.integers(0, 256, (96, 96), dtype=np.uint8))
+    flagged = _score(spark, root, ood_model, tmp_path / "flag")
+    preds = _table(tmp_path / "flag" / "predictions")
+    noise = preds[preds["path"].str.contains("noise")]
+    assert flagged["counts"]["scored"] == 6 and len(noise) == 3
+    # a random tiny CNN's features are weak: at least one noise image must be out, all keep their probabilities
+    assert (~noise["in_distribution"]).any() and noise["p_covid"].notna().all()
+    assert noise["ood_distance"].mean() > preds.loc[~preds.index.isin(noise.index), "ood_distance"].mean()
+    assert preds["sop_instance_uid"].isna().all()   # not DICOM: the identity columns are null
+    skipped = _score(spark, root, ood_model, tmp_path / "skip", **{"scope.ood": "skip"})
+    c = skipped["counts"]
+    assert (c["scored"], c["out_of_scope"]) == (6 - int((~preds["in_distribution"]).sum()),
+                                                int((~preds["in_distribution"]).sum()))
+    scope = _table(tmp_path / "skip" / "out_of_scope")
+    assert set(scope["stage"]) == {"ood"} and scope["reason"].str.startswith("out of distribution").all()
+    assert set(scope["path"]) == set(preds.loc[~preds["in_distribution"], "path"])

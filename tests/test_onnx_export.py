@@ -56,7 +56,7 @@ def images(pre_out):
 
 
 def _without_onnx(model_dir: Path, dest: Path) -> Path:
-    shutil.copytree(model_dir, dest, ignore=shutil.ignore_patterns(store.ONNX_FILE))
+    shutil.copytree(model_dir, dest, ignore=shutil.ignore_patterns(store.ONNX_FILE, store.OOD_FILE))  # as before OOD
     return dest
 
 

@@ -22,10 +22,13 @@ from cxr.image.batch import process_file
 from cxr.image.pipeline import PreprocessParams
 from cxr.image.source import VANISHED, read_bytes
 from cxr.models import store
+from cxr.scope.dicom_header import DICOM_COLUMNS, with_column_types
+from cxr.scope.rules import OOD_STAGE, ScopeGate
 
 PROB_COLUMNS = tuple(f"p_{c.lower()}" for c in CLASSES)
+OOD_COLUMNS = ("ood_distance", "in_distribution")
 RESULT_COLUMNS = ("path", "sha256", "folder_label", "status", "stage", "reason", "label", *PROB_COLUMNS,
-                  "size", "mtime_ms", "decode_warnings")
+                  *OOD_COLUMNS, "size", "mtime_ms", "decode_warnings", *DICOM_COLUMNS)
 HASH_COLUMNS = ("path", "sha256", "size", "mtime_ms")
 
 # What must match between the preprocessing a model was trained on and the one it is fed.
@@ -87,37 +90,57 @@ def scoring_params(model_params: Mapping[str, Any], config: Mapping[str, Any]) -
     return dataclasses.replace(PreprocessParams.from_dict(model_params), **run)
 
 
-def predict_fixed_batches(predictor, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """(N, H, W) uint8 -> (N, 3) probabilities, calling the model on batch_size rows at a time. The last batch
-    is padded only for models that need one input shape (Keras): padding a 16-row Arrow batch to 32 would
-    double ONNX Runtime's work for nothing."""
+def predict_fixed_batches(predictor, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(N, H, W) uint8 -> ((N, 3) probabilities, (N,) out-of-distribution distances or None when the model has
+    no reference), calling the model on batch_size rows at a time. The last batch is padded only for models that
+    need one input shape (Keras): padding a 16-row Arrow batch to 32 would double ONNX Runtime's work for
+    nothing."""
     n = len(images)
     out = np.empty((n, len(CLASSES)), np.float32)
+    dist = np.empty(n, np.float32)
+    has_dist = False
     batch = np.zeros((batch_size, *images.shape[1:], 1), np.float32)
     pad = getattr(predictor, "fixed_batch", True)
     for start in range(0, n, batch_size):
         chunk = images[start:start + batch_size]
         batch[:len(chunk), ..., 0] = chunk.astype(np.float32) / 255.0
         batch[len(chunk):] = 0.0
-        out[start:start + len(chunk)] = predictor.predict_proba(batch if pad else batch[:len(chunk)])[:len(chunk)]
-    return out
+        proba, d = predictor.predict_scored(batch if pad else batch[:len(chunk)])
+        out[start:start + len(chunk)] = proba[:len(chunk)]
+        if d is not None:
+            dist[start:start + len(chunk)], has_dist = d[:len(chunk)], True
+    return out, (dist if has_dist else None)
 
 
-def _with_predictions(rows: list[dict], images: list[np.ndarray], engine: Engine) -> pd.DataFrame:
+def _with_predictions(rows: list[dict], images: list[np.ndarray], engine: Engine, ood: str = "flag") -> pd.DataFrame:
+    """ood: "flag" keeps an out-of-distribution image's probabilities (in_distribution false); "skip" makes it
+    an out_of_scope row (stage "ood") without them."""
     frame = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
     ok = (frame["status"] == "ok").to_numpy()
     if ok.any():
         predictor = engine.predictor()
-        proba = predict_fixed_batches(predictor, np.stack(images), engine.batch_size)
+        proba, dist = predict_fixed_batches(predictor, np.stack(images), engine.batch_size)
         proba = apply_temperature(proba, temperature_of(predictor.metadata))  # None (uncalibrated): unchanged
         for j, col in enumerate(PROB_COLUMNS):
             frame.loc[ok, col] = proba[:, j]
         frame.loc[ok, "label"] = np.asarray(CLASSES)[proba.argmax(axis=1)]
-    for col in PROB_COLUMNS:
+        threshold = getattr(predictor, "ood_threshold", None)
+        if dist is not None and threshold is not None:
+            frame.loc[ok, "ood_distance"] = dist
+            inside = dist <= threshold
+            frame.loc[ok, "in_distribution"] = inside
+            if ood == "skip" and not inside.all():
+                away = np.flatnonzero(ok)[~inside]
+                frame.loc[away, "status"], frame.loc[away, "stage"] = "out_of_scope", OOD_STAGE
+                frame.loc[away, "reason"] = [f"out of distribution: distance {d:.2f} over the model's threshold "
+                                             f"{threshold:.2f} (scope.ood: skip)" for d in dist[~inside]]
+                frame.loc[away, ["label", *PROB_COLUMNS]] = None
+    for col in (*PROB_COLUMNS, "ood_distance"):
         frame[col] = frame[col].astype("float32")
+    frame["in_distribution"] = frame["in_distribution"].astype("boolean")
     for col in ("size", "mtime_ms"):
         frame[col] = frame[col].astype("Int64")
-    return frame
+    return with_column_types(frame)
 
 
 def read_error(exc: BaseException) -> str:
@@ -144,9 +167,9 @@ def hash_frame(frame: pd.DataFrame, max_bytes: int | None = None) -> pd.DataFram
 
 
 def score_raw_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, aliases: Mapping[str, str],
-                    engine: Engine, max_bytes: int | None = None) -> pd.DataFrame:
-    """Files (path, size, mtime_ms) -> predictions: read here, the preprocess job's own per-file function, then
-    the model."""
+                    engine: Engine, max_bytes: int | None = None, gate: ScopeGate | None = None) -> pd.DataFrame:
+    """Files (path, size, mtime_ms) -> predictions: read here, the preprocess job's own per-file function (with
+    the scope gate: DICOM columns, out-of-scope files not decoded), then the model."""
     rows, images = [], []
     for path, size, mtime in zip(frame["path"], frame["size"], frame["mtime_ms"]):
         row = dict.fromkeys(RESULT_COLUMNS)
@@ -155,23 +178,26 @@ def score_raw_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, al
         if problem:
             row.update(status="error", stage="read", reason=problem)
         else:
-            done = process_file(path, content, root, params, aliases)
+            done = process_file(path, content, root, params, aliases, gate)
+            row.update({c: done[c] for c in DICOM_COLUMNS})
             row.update(sha256=done["sha256"], folder_label=done["label"], status=done["status"],
                        stage=done["stage"], reason=done["reason"], decode_warnings=done["decode_warnings"])
             if done["status"] == "ok":
                 images.append(np.frombuffer(done["image"], np.uint8).reshape(done["height"], done["width"]))
         rows.append(row)
-    return _with_predictions(rows, images, engine)
+    return _with_predictions(rows, images, engine, gate.rules.ood if gate else "flag")
 
 
-def score_preprocessed_frame(frame: pd.DataFrame, engine: Engine) -> pd.DataFrame:
-    """Rows of a preprocess job's images table -> predictions (no image steps: they were done there)."""
+def score_preprocessed_frame(frame: pd.DataFrame, engine: Engine, ood: str = "flag") -> pd.DataFrame:
+    """Rows of a preprocess job's images table -> predictions (no image steps: they were done there; DICOM
+    columns carried over where the table has them)."""
     rows, images = [], []
-    warnings = frame["decode_warnings"] if "decode_warnings" in frame else [None] * len(frame)  # older tables
-    for path, sha, label, image, h, w, warned in zip(frame["path"], frame["sha256"], frame["label"], frame["image"],
-                                                     frame["height"], frame["width"], warnings):
+    carried = [c for c in ("decode_warnings", *DICOM_COLUMNS) if c in frame]   # older tables lack them
+    for i, (path, sha, label, image, h, w) in enumerate(zip(frame["path"], frame["sha256"], frame["label"],
+                                                            frame["image"], frame["height"], frame["width"])):
         row = dict.fromkeys(RESULT_COLUMNS)
-        row.update(path=path, sha256=sha, folder_label=label, status="ok", decode_warnings=warned)
+        row.update(path=path, sha256=sha, folder_label=label, status="ok")
+        row.update({c: frame[c].iat[i] for c in carried})
         images.append(np.frombuffer(image, np.uint8).reshape(int(h), int(w)))
         rows.append(row)
-    return _with_predictions(rows, images, engine)
+    return _with_predictions(rows, images, engine, ood)

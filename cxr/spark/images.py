@@ -29,7 +29,7 @@ from cxr.splits import assign_split
 from cxr.spark import fs
 
 # Spark types of the row columns that are not strings (every other column of an images or errors row is one)
-_TYPES = {"image": T.BinaryType(), "height": T.IntegerType(), "width": T.IntegerType(),
+COLUMN_TYPES = {"image": T.BinaryType(), "height": T.IntegerType(), "width": T.IntegerType(),
           "orig_height": T.IntegerType(), "orig_width": T.IntegerType(), "length": T.LongType(),
           "mtime_ms": T.LongType(), "task": T.LongType(), "ood_distance": T.FloatType(),
           "in_distribution": T.BooleanType(),
@@ -44,7 +44,7 @@ CHANGED = ("rejected when first read, decoded when read again for its reason: th
 
 def row_schema(columns: Sequence[str]) -> T.StructType:
     """The Spark schema of rows with these columns (images, errors or duplicates tables)."""
-    return T.StructType([T.StructField(c, _TYPES.get(c, T.StringType())) for c in columns])
+    return T.StructType([T.StructField(c, COLUMN_TYPES.get(c, T.StringType())) for c in columns])
 
 
 def _reader(spark: SparkSession):

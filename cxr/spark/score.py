@@ -1,8 +1,11 @@
 """The score job: an archive (raw files or the preprocess job's Parquet) -> predictions in Parquet, incrementally.
 
 Layout of PRED_DIR, queryable by any Parquet/SQL engine:
-    predictions/run_date=YYYY-MM-DD/run_id=R/*.parquet   one row per scored file
+    predictions/run_date=YYYY-MM-DD/run_id=R/*.parquet   one row per scored file (DICOM identity columns,
+                                                         ood_distance and in_distribution included)
     errors/run_date=YYYY-MM-DD/run_id=R/*.parquet        one row per rejected file, with the reason
+    out_of_scope/run_date=YYYY-MM-DD/run_id=R/*.parquet  one row per file kept from the model (a lateral, CT, no
+                                                         pixels; out of distribution with scope.ood: skip), why
     state/model_id=M/run_id=R/*.parquet                  what run R learnt of each file it looked at (raw input):
                                                          path, size, mtime, sha256, status, seen_at
     runs/R.json                                          counts, timings, throughput of run R
@@ -36,21 +39,24 @@ from cxr.image.source import local_path
 from cxr.labels import alias_table
 from cxr.models import store
 from cxr.provenance import package_versions
-from cxr.score.frames import (HASH_COLUMNS, PROB_COLUMNS, RESULT_COLUMNS, Engine, hash_frame, model_id,
+from cxr.score.frames import (HASH_COLUMNS, OOD_COLUMNS, PROB_COLUMNS, RESULT_COLUMNS, Engine, hash_frame, model_id,
                               params_mismatch, score_preprocessed_frame, score_raw_frame, scoring_params)
+from cxr.scope.dicom_header import DICOM_COLUMNS
+from cxr.scope.rules import ScopeGate
 from cxr.score.incremental import classify, latest_state, list_archive
 from cxr.score.lease import Lease, LocalLeaseFiles
 from cxr.spark import fs
-from cxr.spark.images import unread_reason
+from cxr.spark.images import COLUMN_TYPES, unread_reason
 from cxr.spark.preprocess import Stopwatch
 from cxr.spark.session import default_parallelism, master_url
 
 log = logging.getLogger(__name__)
 
-_TYPES = {"size": T.LongType(), "mtime_ms": T.LongType(), **{c: T.FloatType() for c in PROB_COLUMNS}}
+_TYPES = {**COLUMN_TYPES, "size": T.LongType(), "mtime_ms": T.LongType(), **{c: T.FloatType() for c in PROB_COLUMNS}}
 RESULT_SCHEMA = T.StructType([T.StructField(c, _TYPES.get(c, T.StringType())) for c in RESULT_COLUMNS])
 HASH_SCHEMA = T.StructType([T.StructField(c, _TYPES.get(c, T.StringType())) for c in HASH_COLUMNS])
-TABLES = ("predictions", "errors", "state")
+TABLES = ("predictions", "errors", "out_of_scope", "state")
+STATUS_OF = {"ok": "scored", "error": "rejected", "out_of_scope": "out_of_scope"}   # result status -> state/counts
 
 
 def is_preprocessed(spark: SparkSession, uri: str) -> bool:
@@ -98,9 +104,10 @@ def _tasks(spark: SparkSession, n_rows: int, per_task: int) -> int:
 def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, config: Mapping[str, Any],
         batch_size: int | None = None, full: bool = False, run_id: str | None = None,
         explain: int | str | None = None, engine: str | None = None, retry_errors: bool = False,
-        registry: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        registry: Mapping[str, Any] | None = None, gate: ScopeGate | None = None) -> dict[str, Any]:
     """`registry`: where model_dir came from when it was resolved from a models:/ or runs:/ URI (uri, name,
-    version), recorded in the run record and in every prediction row."""
+    version), recorded in the run record and in every prediction row. `gate`: the scope rules and DICOM header
+    reader (default: from config)."""
     score_conf = config.get("score", {})
     clock = Stopwatch(log)
     started = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
@@ -118,6 +125,7 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
     if runner.name == "onnx" and not (Path(model_path) / store.ONNX_FILE).is_file():
         raise FileNotFoundError(store.missing_onnx_message(model_dir))   # before any Spark work
     params = scoring_params(model_params, config)   # the model's image steps, this run's on_damaged
+    gate = gate or ScopeGate.from_config(config)
     if explain:  # Grad-CAM overlays after the run (cxr/spark/explain.py); refuse unexplainable models now
         from cxr.spark.explain import check_explain_args, explain_run
         explain = check_explain_args(model_path, explain)
@@ -135,11 +143,12 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
         if is_preprocessed(spark, input_uri):
             mode = "preprocessed"
             counts, bytes_read = _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, runner,
-                                                     staging, clock)
+                                                     staging, clock, gate.rules.ood)
         else:
             mode = "raw"
             counts, bytes_read = _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors,
-                                            runner, staging, stamp, clock, int(score_conf.get("files_per_task", 64)))
+                                            runner, staging, stamp, clock, int(score_conf.get("files_per_task", 64)),
+                                            gate)
         results = f"{staging}/results"
         if fs.exists(spark, results):
             rows = spark.read.parquet(results)
@@ -147,9 +156,14 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
              .select("path", "sha256", F.lit(mid).alias("model_id"), F.lit(name).alias("model_name"),
                      F.lit(registry.get("name")).cast("string").alias("registered_model"),
                      F.lit(registry.get("version")).cast("int").alias("registered_version"), "label",
-                     *PROB_COLUMNS, "folder_label", "decode_warnings",
+                     *PROB_COLUMNS, *OOD_COLUMNS, "folder_label", "decode_warnings", *DICOM_COLUMNS,
                      stamp.alias("scored_at"))  # run_date, run_id: partition columns
              .sortWithinPartitions("path").write.parquet(f"{staging}/predictions"))
+            kept_out = rows.where(F.col("status") == "out_of_scope")
+            if not kept_out.isEmpty():
+                (kept_out.select("path", "sha256", "stage", "reason", "folder_label", F.lit(mid).alias("model_id"),
+                                 "ood_distance", *DICOM_COLUMNS, stamp.alias("seen_at"))
+                 .coalesce(1).sortWithinPartitions("path").write.parquet(f"{staging}/out_of_scope"))
         errors = _error_rows(spark, staging)
         if errors is not None:
             errors.coalesce(1).write.parquet(f"{staging}/errors")
@@ -157,13 +171,14 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
 
         lease.check()   # a run presumed dead must not commit over its successor
         partition = f"run_date={run_date}/run_id={run_id}"
-        for table, target in (("errors", f"errors/{partition}"), ("predictions", f"predictions/{partition}"),
+        for table, target in (("errors", f"errors/{partition}"), ("out_of_scope", f"out_of_scope/{partition}"),
+                              ("predictions", f"predictions/{partition}"),
                               ("state", f"state/model_id={mid}/run_id={run_id}")):
             if fs.exists(spark, f"{staging}/{table}"):
                 fs.rename(spark, f"{staging}/{table}", f"{out}/{target}")
         fs.delete(spark, f"{out}/_staging")
-        accounted = counts["input"] == sum(counts[k] for k in ("scored", "rejected", "skipped_unchanged",
-                                                                "skipped_already_scored"))
+        accounted = counts["input"] == sum(counts[k] for k in ("scored", "rejected", "out_of_scope",
+                                                                "skipped_unchanged", "skipped_already_scored"))
         if not accounted:
             log.error("accounting mismatch: %s", counts)
         clock.lap("commit", "run %s: %s", run_id, counts)
@@ -181,7 +196,9 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
                       "registered_version": registry.get("version")},
             "engine": {"name": runner.name, "onnx_threads": runner.onnx_threads, "tf_threads": runner.tf_threads},
             "counts": counts, "accounted": accounted, "bytes_read": bytes_read, "batch_size": runner.batch_size,
-            "params": params.to_dict(), "explain": explained, "lease_taken_over": lease.took_over,
+            "params": params.to_dict(), "scope": gate.rules.to_dict(), "ood": meta.get("ood"),
+            "patient_key": "HMAC-SHA256 of PatientID" if gate.reader.secret else "off (no secret: column null)",
+            "explain": explained, "lease_taken_over": lease.took_over,
             "timings_s": clock.timings, "seconds": round(seconds, 3),
             "images_per_s": round(counts["scored"] / max(seconds, 1e-9), 2),
             "versions": package_versions(), "spark": {"version": spark.version, "master": master_url(spark)},
@@ -194,7 +211,7 @@ def _error_rows(spark: SparkSession, staging: str) -> DataFrame | None:
     parts = []
     if fs.exists(spark, f"{staging}/results"):
         parts.append(spark.read.parquet(f"{staging}/results").where(F.col("status") == "error")
-                     .select("path", "sha256", "stage", "reason"))
+                     .select("path", "sha256", "stage", "reason", *DICOM_COLUMNS))
     if fs.exists(spark, f"{staging}/unread"):
         parts.append(spark.read.parquet(f"{staging}/unread"))
     if not parts:
@@ -203,7 +220,7 @@ def _error_rows(spark: SparkSession, staging: str) -> DataFrame | None:
 
 
 def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, runner, staging, stamp, clock,
-               files_per_task) -> tuple[dict, int]:
+               files_per_task, gate) -> tuple[dict, int]:
     pre = config["preprocess"]
     root = fs.qualified(spark, input_uri)
     max_file_mb = pre["max_file_mb"]
@@ -222,7 +239,8 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
     if n["unread"]:
         unread = frame_of("unread")
         unread.select("path", F.lit(None).cast("string").alias("sha256"), F.lit("read").alias("stage"),
-                      unread_reason(max_file_mb).alias("reason")).write.parquet(f"{staging}/unread")
+                      unread_reason(max_file_mb).alias("reason"),
+                      *[F.lit(None).cast(_TYPES[c]).alias(c) for c in DICOM_COLUMNS]).write.parquet(f"{staging}/unread")
         state_rows.append(unread.select("path", F.col("length").alias("size"), "mtime_ms",
                                         F.lit(None).cast("string").alias("sha256"), F.lit("rejected").alias("status")))
     n_known, bytes_read, hashed = 0, 0, None
@@ -246,14 +264,15 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
 
             def score(frames):
                 for frame in frames:
-                    yield score_raw_frame(frame, root, params, aliases, runner, max_bytes)
+                    yield score_raw_frame(frame, root, params, aliases, runner, max_bytes, gate)
 
             (to_read.repartition(_tasks(spark, n["read"] - n_known, files_per_task))
              .mapInPandas(score, schema=RESULT_SCHEMA).write.parquet(f"{staging}/results"))
             results = spark.read.parquet(f"{staging}/results")
             state_rows.append(results.select(
                 "path", "size", "mtime_ms", "sha256",
-                F.when(F.col("status") == "ok", "scored").otherwise("rejected").alias("status")))
+                F.when(F.col("status") == "ok", "scored").when(F.col("status") == "out_of_scope", "out_of_scope")
+                .otherwise("rejected").alias("status")))
         clock.lap("score", "%d files read and scored on the executors", n["read"] - n_known)
     if state_rows:
         frame = state_rows[0]
@@ -274,17 +293,17 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
 
 
 def _result_counts(spark: SparkSession, staging: str) -> tuple[dict[str, int], int]:
-    """({scored, rejected}, bytes of the files behind the results) of this run's results table."""
-    counts, size = {"scored": 0, "rejected": 0}, 0
+    """({scored, rejected, out_of_scope}, bytes of the files behind the results) of this run's results table."""
+    counts, size = {"scored": 0, "rejected": 0, "out_of_scope": 0}, 0
     if fs.exists(spark, f"{staging}/results"):
         for r in (spark.read.parquet(f"{staging}/results").groupBy("status")
                   .agg(F.count("*").alias("n"), F.sum("size").alias("bytes")).collect()):
-            counts["scored" if r["status"] == "ok" else "rejected"] += int(r["n"])
+            counts[STATUS_OF.get(r["status"], "rejected")] += int(r["n"])
             size += int(r["bytes"] or 0)
     return counts, size
 
 
-def _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, runner, staging, clock):
+def _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, runner, staging, clock, ood):
     data_params = json.loads(fs.read_text(spark, f"{input_uri.rstrip('/')}/manifest.json")).get("params", {})
     mismatch = params_mismatch(model_params, data_params)
     if mismatch:
@@ -299,10 +318,11 @@ def _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, ru
     clock.lap("list", "preprocessed input: %d images, %d not yet scored by this model", n_input, n_new)
     if n_new:
         todo = images.select("path", "sha256", "label", "image", "height", "width",
-                             *(["decode_warnings"] if "decode_warnings" in images.columns else []))
+                             *[c for c in ("decode_warnings", *DICOM_COLUMNS) if c in images.columns])
         if scored is not None:
             todo = todo.join(new, ["path", "sha256"], "left_semi")
-        (todo.mapInPandas(lambda frames: (score_preprocessed_frame(f, runner) for f in frames), schema=RESULT_SCHEMA)
+        (todo.mapInPandas(lambda frames: (score_preprocessed_frame(f, runner, ood) for f in frames),
+                          schema=RESULT_SCHEMA)
          .write.parquet(f"{staging}/results"))
     clock.lap("score", "%d images scored on the executors", n_new)
     counts, _ = _result_counts(spark, staging)

@@ -59,8 +59,18 @@ def _log_history(mlflow, history: Mapping[str, list]) -> None:
         mlflow.log_metrics(values, step=step)
 
 
-def example_input(data_dir: str, shape: tuple[int, int]) -> np.ndarray:
-    """One real preprocessed image scaled as the model sees it, (1, H, W, 1) float32: the logged input example."""
+def example_input(data_dir: str, shape: tuple[int, int], kind: str = "synthetic") -> np.ndarray | None:
+    """The logged model's input example, (1, H, W, 1) float32 as the model sees it. Everyone who can read the
+    tracking server can download it, so by default it is a rendered synthetic chest (cxr.synth), never a patient's
+    image; "none" logs no example; "real" the first preprocessed training image (only where that is allowed)."""
+    if kind == "none":
+        return None
+    if kind == "synthetic":
+        from cxr.synth import render_chest
+
+        h, w = shape
+        img = render_chest("NORMAL", size=max(h, w), rng=0).astype(np.float32)
+        return store.resize_batch(img[None, ..., None], (h, w)) if img.shape != (h, w) else img[None, ..., None]
     import pyarrow.dataset as ds
 
     table = ds.dataset(f"{data_dir}/images", format="parquet").head(1, columns=["image", "height", "width"])
@@ -72,8 +82,9 @@ def example_input(data_dir: str, shape: tuple[int, int]) -> np.ndarray:
     return x
 
 
-def log_onnx_model(model_dir: str | Path, data_dir: str):
-    """The model as MLflow's ONNX flavour (loads with mlflow.pyfunc / spark_udf) + the cxr folder as `cxr/`."""
+def log_onnx_model(model_dir: str | Path, data_dir: str, input_example: str = "synthetic"):
+    """The model as MLflow's ONNX flavour (loads with mlflow.pyfunc / spark_udf: probabilities only) + the cxr
+    folder as `cxr/` (its model.onnx also gives features and ood_distance)."""
     import mlflow
     import mlflow.onnx
     import onnx
@@ -82,13 +93,14 @@ def log_onnx_model(model_dir: str | Path, data_dir: str):
 
     model_dir = Path(model_dir)
     proto = onnx.load(str(model_dir / store.ONNX_FILE))
+    del proto.graph.output[1:]   # pyfunc returns every graph output: keep the probabilities, as the signature says
     inp, out = proto.graph.input[0], proto.graph.output[0]
     dims = [d.dim_value or -1 for d in inp.type.tensor_type.shape.dim]
     out_dims = [d.dim_value or -1 for d in out.type.tensor_type.shape.dim]
     signature = ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, *dims[1:]), inp.name)]),
                                Schema([TensorSpec(np.dtype(np.float32), (-1, *out_dims[1:]), out.name)]))
     info = mlflow.onnx.log_model(
-        proto, name="model", signature=signature, input_example=example_input(data_dir, tuple(dims[1:3])),
+        proto, name="model", signature=signature, input_example=example_input(data_dir, tuple(dims[1:3]), input_example),
         pip_requirements=[f"onnxruntime=={package_version('onnxruntime')}", f"onnx=={package_version('onnx')}"],
         onnx_execution_providers=["CPUExecutionProvider"],
         metadata={"cxr_model_id": store_model_id(model_dir)})
@@ -163,7 +175,7 @@ def log_train(settings: TrackingSettings, data_dir: str, out_dir: str, result: M
                 if scores:
                     mlflow.log_metrics(as_metrics(scores, split))
                 mlflow.log_artifact(str(model_dir / "metrics.json"))
-                info = log_onnx_model(model_dir, data_dir)
+                info = log_onnx_model(model_dir, data_dir, settings.input_example)
                 mlflow.set_tag("cxr.model_id", store_model_id(model_dir))
                 logged[m["name"]] = {"run_id": child.info.run_id, "model_uri": info.model_uri}
         registered = None

@@ -15,12 +15,16 @@ class TrackingUnavailableError(ValueError):
     """The tracking store cannot be opened: the job stops before any work (exit 2) rather than after it."""
 
 
+INPUT_EXAMPLES = ("synthetic", "none", "real")
+
+
 @dataclass(frozen=True)
 class TrackingSettings:
     enabled: bool
     uri: str | None
     experiment: str
     model_cache: Path
+    input_example: str = "synthetic"   # the logged model's input example: synthetic | none | real (cxr.tracking.mirror)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "TrackingSettings":
@@ -29,8 +33,11 @@ class TrackingSettings:
         if conf.get("uri_flag"):        # --tracking-uri beats the environment
             uri = conf["uri_flag"]
         cache = Path(os.path.expanduser(str(conf.get("model_cache") or "~/.cache/cxr-spark/models")))
+        example = str(conf.get("log_input_example") or "synthetic")
+        if example not in INPUT_EXAMPLES:
+            raise ValueError(f"tracking.log_input_example must be one of {', '.join(INPUT_EXAMPLES)}, got {example!r}")
         return cls(enabled=bool(conf.get("enabled", True)), uri=uri or None,
-                   experiment=str(conf.get("experiment") or "cxr-spark"), model_cache=cache)
+                   experiment=str(conf.get("experiment") or "cxr-spark"), model_cache=cache, input_example=example)
 
     def activate(self, attempts: int = 3):
         """Point MLflow at the store and experiment; returns the mlflow module. Fails early and clearly (after a
