@@ -91,7 +91,7 @@ def clean_score(clean_preprocess):
     _, manifest, _ = clean_preprocess
     c = manifest["counts"]
     return {"input": c["input"], "scored": c["written"] + c["duplicates"], "rejected": c["rejected"],
-            "skipped_already_scored": 0, "skipped_unchanged": 0}
+            "out_of_scope": c["out_of_scope"], "skipped_already_scored": 0, "skipped_unchanged": 0}
 
 
 def test_preprocess_on_the_cluster_accounts_for_every_file(clean_preprocess, archive, cluster):
@@ -99,9 +99,11 @@ def test_preprocess_on_the_cluster_accounts_for_every_file(clean_preprocess, arc
     _, expected_bad = archive
     counts = manifest["counts"]
     assert manifest["accounted"] and manifest["spark"]["master"] == cluster.url
-    assert counts["input"] == counts["written"] + counts["rejected"] + counts["duplicates"]
+    assert counts["input"] == counts["written"] + counts["rejected"] + counts["out_of_scope"] + counts["duplicates"]
     images, errors, dups = _table(out / "images"), _table(out / "errors"), _table(out / "duplicates")
-    assert (len(images), len(errors), len(dups)) == (counts["written"], counts["rejected"], counts["duplicates"])
+    scope = _table(out / "out_of_scope")
+    assert (len(images), len(errors), len(scope), len(dups)) == (counts["written"], counts["rejected"],
+                                                                 counts["out_of_scope"], counts["duplicates"])
     assert counts["written"] >= 15 and (images.height == SIZE).all()
     # the bad-input corpus: every file ends where badfiles.py says it must
     in_bad = lambda s: s.str.contains("/bad/", regex=False)  # noqa: E731
@@ -113,8 +115,8 @@ def test_preprocess_on_the_cluster_accounts_for_every_file(clean_preprocess, arc
         else:
             assert stage_of.get(name) == stage, (name, stage_of.get(name))
     # the one-line summary, and an event log for the history server
-    assert re.search(r"preprocess: \d+ files -> \d+ images, \d+ rejected, \d+ duplicates in [\d.]+s \([\d.]+ files/s\)",
-                     log), log[-2000:]
+    assert re.search(r"preprocess: \d+ files -> \d+ images, \d+ rejected, \d+ out of scope, \d+ duplicates in "
+                     r"[\d.]+s \([\d.]+ files/s\)", log), log[-2000:]
     assert list(cluster.event_dir.glob("*app-*")), "no Spark event log written"  # eventlog_v2_app-... (rolling)
 
 
@@ -192,7 +194,7 @@ def test_score_survives_a_killed_executor(cluster, spark, clean_score, archive, 
     pred = _table(out / "predictions")
     assert len(pred) == clean_score["scored"] and not pred.duplicated(["path", "model_id"]).any()
     assert set(pred.label) <= {"COVID", "NORMAL", "VIRAL"}
-    assert re.search(r"score: run r1: \d+ files -> \d+ scored, \d+ rejected, \d+ unchanged \(not read\), "
+    assert re.search(r"score: run r1: \d+ files -> \d+ scored, \d+ rejected, \d+ out of scope, \d+ unchanged \(not read\), "
                      r"\d+ already scored; [\d.]+ images/s", log), log[-2000:]
     assert record["engine"]["name"] == "onnx"
     from cxr.config import load_config

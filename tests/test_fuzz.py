@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cxr.config import load_config
+from cxr.scope.rules import ScopeGate
 from cxr.image.batch import process_file
 from cxr.image.pipeline import PreprocessParams
 from cxr.quality.fuzz import MUTATIONS, sources_from, write_corpus
@@ -42,10 +43,11 @@ def test_fuzzed_corpus_is_fully_accounted(spark, corpus, tmp_path):
     config = load_config(overrides={"preprocess.size": SIZE})
     # the worker's own function, file by file in this process: a crash would take pytest down with it
     params = PreprocessParams.from_config(config["preprocess"])
+    gate = ScopeGate.from_config(config)
     seconds, status = {}, {}
     for name in records.name:
         started = time.perf_counter()
-        row = process_file(str(root / name), (root / name).read_bytes(), str(root), params, {})
+        row = process_file(str(root / name), (root / name).read_bytes(), str(root), params, {}, gate)
         seconds[name], status[name] = time.perf_counter() - started, row["status"]
     slowest = max(seconds, key=seconds.get)
     assert seconds[slowest] < MAX_SECONDS_PER_FILE, (slowest, seconds[slowest])
@@ -62,19 +64,23 @@ def test_fuzzed_corpus_is_fully_accounted(spark, corpus, tmp_path):
     failed = {s: tracker.getStageInfo(s).numFailedTasks for s in stages if tracker.getStageInfo(s)}
     assert stages and not any(failed.values()), failed
 
-    tables = {t: pq.read_table(tmp_path / "out" / t).to_pandas() for t in ("images", "errors", "duplicates")}
+    tables = {t: pq.read_table(tmp_path / "out" / t).to_pandas() for t in ("images", "errors", "out_of_scope",
+                                                                           "duplicates")}
     ended = pd.concat([tables[t].path.str.rsplit("/", n=1).str[-1].to_frame("name").assign(table=t)
                        for t in tables])
     assert not ended.name.duplicated().any(), ended[ended.name.duplicated(keep=False)]
     assert set(ended.name) == set(records.name)
     counts = result["counts"]
     assert result["accounted"] and counts["input"] == N_FILES
-    assert (counts["written"], counts["rejected"], counts["duplicates"]) == tuple(len(tables[t]) for t in tables)
+    assert (counts["written"], counts["rejected"], counts["out_of_scope"], counts["duplicates"]) == tuple(
+        len(tables[t]) for t in tables)
     assert tables["errors"].reason.str.len().gt(10).all()
 
     # the Spark workers and the plain function agree on every file (images or duplicates = decoded)
     table_of = dict(zip(ended.name, ended.table))
     assert {n for n, s in status.items() if s == "error"} == {n for n, t in table_of.items() if t == "errors"}
+    assert {n for n, s in status.items() if s == "out_of_scope"} == {n for n, t in table_of.items()
+                                                                      if t == "out_of_scope"}
 
     by = records.assign(table=records.name.map(table_of), ext=records.source.str.rsplit(".", n=1).str[-1])
     summary = Counter(zip(by.mutation, by.ext, by.table))

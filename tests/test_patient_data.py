@@ -86,6 +86,9 @@ def test_planted_patient_data_reaches_no_output_store_or_log(run_everything, cap
     console = capfd.readouterr()
     texts = list(_texts(outputs)) + [(Path("stdout"), console.out), (Path("stderr"), console.err)]
 
+    # train and evaluate read OUT/images only: the out-of-scope files never reach them
+    assert pq.read_table(pre / "images").num_rows == 3 * PER_CLASS
+    assert pq.read_table(pre / "out_of_scope").num_rows == 3 and pq.read_table(pre / "errors").num_rows == 1
     predictions = pq.read_table(preds / "predictions").to_pandas()
     assert len(predictions) == 3 * PER_CLASS and predictions["sop_instance_uid"].notna().all()
     assert predictions["patient_key"].notna().all()

@@ -141,6 +141,7 @@ def test_bad_input_corpus(spark, small_config, tmp_path):
     expected = write_bad_inputs(corpus)
     result = run(spark, str(corpus), str(tmp_path / "out"), small_config)
     images, errors = _table(tmp_path / "out" / "images"), _table(tmp_path / "out" / "errors")
+    assert result["counts"]["out_of_scope"] == 0   # a DICOM image without its pixels is broken, not out of scope
     stage_of = dict(zip(errors.path.str.rsplit("/", n=1).str[-1], errors.stage))
     written = set(images.path.str.rsplit("/", n=1).str[-1])
     dup_names = set(_table(tmp_path / "out" / "duplicates").path.str.rsplit("/", n=1).str[-1])
@@ -257,7 +258,7 @@ def test_image_rows_are_written_once(spark, archive, small_config, tmp_path, mon
     out = tmp_path / "out"
     assert spy.pixel_writes() == [f"file:{out}/images"]
     assert result["counts"]["duplicates"] == 0 and result["io"]["files_rewritten_for_duplicates"] == 0
-    assert sorted(p.name for p in out.iterdir()) == ["duplicates", "errors", "images", "manifest.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["duplicates", "errors", "images", "manifest.json", "out_of_scope"]
     parts = sorted((out / "images").glob("part-*.parquet"))
     assert len(parts) == result["io"]["tasks"] >= 2   # one file per task: no shuffle, no repartition
     assert sum(pq.read_metadata(p).num_rows for p in parts) == result["counts"]["written"]

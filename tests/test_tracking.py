@@ -102,6 +102,11 @@ def test_train_logs_params_metrics_per_epoch_and_the_model(trained, pre_out, cli
     local = mlflow.artifacts.download_artifacts(f"models:/{NAME}/{version.version}", dst_path=str(tmp_path))
     example = np.asarray(mlflow.models.Model.load(local).load_input_example(local)["image"])
     assert example.shape == (1, SIZE, SIZE, 1) and 0 < float(example.max()) <= 1
+    # a rendered synthetic chest, not a patient's image (tracking.log_input_example: synthetic by default)
+    from cxr.tracking.mirror import example_input
+
+    np.testing.assert_allclose(example, example_input(str(pre_out), (SIZE, SIZE), "synthetic"), atol=1e-6)
+    assert not np.allclose(example, example_input(str(pre_out), (SIZE, SIZE), "real"), atol=1e-2)
     assert (Path(local) / "cxr" / "metrics.json").is_file() and (Path(local) / "cxr" / "model.onnx").is_file()
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import pydicom
-from pydicom.tag import Tag
 
 # column name -> (DICOM keyword, kind); kind: str | multi (backslash-joined) | int | date | spacing
 HEADER_COLUMNS: dict[str, tuple[str, str]] = {
@@ -48,8 +47,6 @@ PATIENT_KEY = "patient_key"
 DICOM_COLUMNS: tuple[str, ...] = (*HEADER_COLUMNS, PATIENT_KEY)
 COLUMN_KINDS: dict[str, str] = {c: k for c, (_, k) in HEADER_COLUMNS.items()} | {PATIENT_KEY: "str"}
 
-# pydicom parses only these (plus what it must walk past); PatientID is read to be keyed, never kept
-_TAGS = sorted({Tag(kw) for kw, _ in HEADER_COLUMNS.values()} | {Tag("PatientID")})
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
@@ -57,7 +54,7 @@ _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 class DicomHeader:
     """The columns of one DICOM file plus what the scope gate needs to know about its pixels."""
     columns: dict[str, Any]
-    has_pixels: bool
+    has_pixels: bool   # pixel data present, or at least announced by Rows/Columns (else: not an image object)
 
 
 @dataclass(frozen=True)
@@ -85,7 +82,12 @@ class HeaderReader:
                 ds = pydicom.dcmread(fp, force=True, stop_before_pixels=True)
         except Exception:
             return None
-        has_pixels = fp.tell() < len(data) or any(t in ds for t in _PIXEL_TAGS)
+        if not any(tag.group in (0x0008, 0x0028) for tag in ds.keys()):
+            return None   # random bytes after "DICM" parse as a few odd elements: that is corrupt, not a header
+        # an object without pixels AND without image size is not an image (SR, presentation state, ...); an image
+        # header whose pixel data is missing is a broken file, which the decoder rejects as such
+        has_pixels = (fp.tell() < len(data) or any(t in ds for t in _PIXEL_TAGS)
+                      or ds.get("Rows") is not None or ds.get("Columns") is not None)
         columns = {col: _value(ds, kw, kind) for col, (kw, kind) in HEADER_COLUMNS.items()}
         columns[PATIENT_KEY] = self.patient_key(_value(ds, "PatientID", "str"))
         return DicomHeader(columns, has_pixels)

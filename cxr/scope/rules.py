@@ -18,6 +18,7 @@ OOD_ACTIONS = ("flag", "skip")
 STAGE = "scope"        # the stage column of a row the header rules put out of scope
 OOD_STAGE = "ood"      # ... and of one the distance put out of scope (scope.ood: skip)
 LATERAL_VIEWS = ("LL", "RL", "LATERAL", "LAT")
+RADIOGRAPHS = ("CR", "DX")
 
 
 def _upper(values) -> tuple[str, ...]:
@@ -57,10 +58,12 @@ class ScopeRules:
         if header is None:
             return None
         cols = header.columns
-        if not header.has_pixels:
-            kind = f" ({cols['modality']} object)" if cols.get("modality") else ""
-            return f"no pixel data{kind}: not an image (structured report, presentation state, ...)"
         modality = (cols.get("modality") or "").upper()
+        if not header.has_pixels:
+            if modality in (self.modalities or RADIOGRAPHS):
+                return None   # a radiograph whose pixels are missing (cut short): broken, the decoder says so
+            kind = f" ({modality} object)" if modality else ""
+            return f"no pixel data{kind}: not an image (structured report, presentation state, ...)"
         if self.modalities and modality not in self.modalities:
             what = f"Modality {modality}" if modality else "no Modality tag"
             return f"{what}: not a radiograph (scope.modalities: {', '.join(m or '(empty)' for m in self.modalities)})"

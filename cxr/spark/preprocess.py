@@ -255,11 +255,15 @@ def run(spark: SparkSession, input_dir: str, output_dir: str, config: Mapping[st
     if errors is None:
         _empty_table(spark, ERROR_COLUMNS, f"{out}/errors")
         _empty_table(spark, ERROR_COLUMNS, f"{out}/out_of_scope")
-    else:   # one pass over the rejected files, two tables: errors, and the files the scope rules kept out
-        errors.coalesce(1).sortWithinPartitions("path").write.parquet(f"{out}/_rejected")
-        rejected = _read(spark, f"{out}/_rejected", ERROR_COLUMNS)
-        for table, keep in (("errors", F.col("stage") != SCOPE_STAGE), ("out_of_scope", F.col("stage") == SCOPE_STAGE)):
-            rejected.where(keep).coalesce(1).write.parquet(f"{out}/{table}")
+    else:   # one write, two tables: errors, and the files the scope rules kept out (one partition folder each)
+        table = F.when(F.col("stage") == SCOPE_STAGE, "out_of_scope").otherwise("errors")
+        (errors.withColumn("table", table).coalesce(1).sortWithinPartitions("path")
+         .write.partitionBy("table").parquet(f"{out}/_rejected"))
+        for name in ("errors", "out_of_scope"):
+            if fs.exists(spark, f"{out}/_rejected/table={name}"):
+                fs.rename(spark, f"{out}/_rejected/table={name}", f"{out}/{name}")
+            else:
+                _empty_table(spark, ERROR_COLUMNS, f"{out}/{name}")
         fs.delete(spark, f"{out}/_rejected")
     # after the errors: a file whose row is dropped as a copy must not look like a rejected one
     rewritten: list[str] = []
