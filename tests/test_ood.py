@@ -1,6 +1,7 @@
-"""The out-of-distribution score (cxr.scope.ood): model.onnx's "features" equal the model's own penultimate
-activations, its "ood_distance" equals the NumPy Mahalanobis distance, training fits the Ledoit-Wolf reference
-for single, scratch and ensemble models, shifted images lie farther, and ood.npz is part of the model id."""
+"""The out-of-distribution score (cxr.scope.ood): model.onnx's "features" equal the model's own layer features
+(pooled conv blocks, hidden activations, the penultimate last), its "ood_distance" equals the NumPy sum of per-layer
+Mahalanobis distances, training fits the Ledoit-Wolf references and the out-of-fold + val threshold for single,
+scratch and ensemble models, shifted images lie farther, and ood.npz is part of the model id."""
 from __future__ import annotations
 
 import json
@@ -49,9 +50,15 @@ def _own_features(d, x):
 
 
 def _same_precision(a, b) -> bool:
-    """L L^T (the precision matrix) agrees: L itself is defined up to the signs of the eigenvectors."""
-    pa, pb = a.factor @ a.factor.T, b.factor @ b.factor.T
-    return bool(np.allclose(pa, pb, rtol=1e-4, atol=1e-5 * np.abs(pb).max()))
+    """L L^T (the precision matrix) of every layer agrees: L itself is defined up to the signs of the
+    eigenvectors."""
+    if a.layers != b.layers or not np.array_equal(a.groups, b.groups):
+        return False
+    for fa, fb in zip(a.factors, b.factors):
+        pa, pb = fa @ fa.T, fb @ fb.T
+        if not np.allclose(pa, pb, rtol=1e-4, atol=1e-5 * np.abs(pb).max()):
+            return False
+    return True
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -63,14 +70,18 @@ def test_onnx_features_and_distance_equal_the_framework(models, splits, kind):
     proba, feats, dist = graph.run_outputs(x, graph.output_names)
     own = store.load_predictor(d)   # engine keras: Keras / cxr.nn
     want_f = _own_features(d, x)
-    dims = 64 if kind == "ensemble" else 32   # train.keras.cnn dense 32, scratch dnn hidden 32; 2 members
+    # train.keras.cnn filters [8, 16] + dense 32 (3 layers), scratch dnn hidden 32 (1 layer); 2 CNN members
+    layers = {"cnn-adam": [[8, 16, 32]], "scratch-dnn": [[32]], "ensemble": [[8, 16, 32], [8, 16, 32]]}[kind]
+    dims = sum(map(sum, layers))
+    assert graph.feature_layers == layers
     assert feats.shape == want_f.shape == (len(x), dims) and dist.shape == (len(x),) and dist.dtype == np.float32
     assert np.max(np.abs(feats - want_f)) <= FEATURES_ATOL
     assert np.max(np.abs(feats - own.features(x))) <= FEATURES_ATOL
     assert np.ptp(want_f, axis=0).max() > 1e-3                           # features depend on the image
     assert np.max(np.abs(proba - own.predict_proba(x))) <= 1e-5          # probabilities as before
     ref = ood.load_reference(d)
-    assert ref.dims == dims
+    assert ref.dims == dims and ref.layers == len(layers[0])
+    assert np.array_equal(ref.groups, ood.layer_groups(layers, dims))
     assert ood.relative_error(dist, ood.distances(want_f, ref)) <= DISTANCE_RTOL   # end to end
     assert ood.relative_error(dist, ood.distances(feats, ref)) <= DISTANCE_RTOL    # the distance nodes alone
     for engine in ("onnx", "keras"):
@@ -87,19 +98,27 @@ def test_training_fits_the_reference_on_train_and_thresholds_on_val(models, spli
     d = models[kind]
     meta = store.read_metadata(d)
     rec = meta["ood"]
-    assert rec["method"] == "mahalanobis, Ledoit-Wolf shrinkage, penultimate layer"
+    assert rec["method"] == ood.METHOD
     assert rec["n_train"] == meta["data"]["train"]["images"] == len(splits["train"])
     assert rec["n_val"] == meta["data"]["val"]["images"] == len(splits["val"])
-    assert rec["quantile"] == 0.99 and rec["threshold_on"] == "val" and 0 <= rec["shrinkage"] <= 1
+    assert rec["quantile"] == 0.99 and rec["threshold_on"] == "out-of-fold train (k=5) + val"
+    assert rec["folds"] == 5 and rec["n_calibration"] == rec["n_train"] + rec["n_val"]
+    assert len(rec["layers"]) == (1 if kind == "scratch-dnn" else 3)
+    assert all(0 <= r["shrinkage"] <= 1 and r["scale"] > 0 for r in rec["layers"])
+    assert sum(r["dims"] for r in rec["layers"]) == rec["dims"]
     assert rec["onnx_max_rel_diff"] <= DISTANCE_RTOL and rec["checked_with"] == "val split"
     assert meta["timings_s"]["ood"] > 0 and store.OOD_FILE in meta["files"]
     onnx_p = store.load_predictor(d, engine="onnx")
     ref = ood.load_reference(d)
     train_f = onnx_p.features(splits["train"])
-    direct = ood.fit_reference(train_f, onnx_p.features(splits["val"]), 0.99)
+    groups = ood.layer_groups(onnx_p.feature_layers, train_f.shape[1])
+    direct = ood.fit_reference(train_f, onnx_p.features(splits["val"]), 0.99, groups=groups)
     assert np.allclose(direct.mean, ref.mean, atol=1e-5) and _same_precision(direct, ref)
-    _, val_d = onnx_p.predict_scored(splits["val"])
-    assert rec["threshold"] == pytest.approx(np.quantile(val_d.astype(np.float64), 0.99), rel=1e-4)
+    assert np.allclose(direct.scales, ref.scales, rtol=1e-4)
+    assert rec["threshold"] == pytest.approx(direct.threshold, rel=1e-4)
+    _, val_d = onnx_p.predict_scored(splits["val"])   # the val scores are among the calibration scores
+    assert np.abs(ref.calibration[:, None] - val_d[None, :]).min(axis=0).max() <= 1e-3 * max(1, val_d.max())
+    assert rec["threshold"] == pytest.approx(np.quantile(ref.calibration, 0.99), rel=1e-9)
     if kind == "ensemble":
         assert all(not (m / store.OOD_FILE).exists() for m in store.ensemble_members(d))  # one reference, on top
         import onnx
@@ -109,25 +128,74 @@ def test_training_fits_the_reference_on_train_and_thresholds_on_val(models, spli
 
 
 @pytest.mark.parametrize("n", [300, 12])  # more images than dimensions, and fewer (shrinkage keeps it invertible)
-def test_ledoit_wolf_mahalanobis_equals_a_direct_computation(n):
+def test_layered_ledoit_wolf_mahalanobis_equals_a_direct_computation(n):
+    """Two layers (features 0-11 and 12-19, interleaved on purpose): each layer's distance from its own Ledoit-Wolf
+    covariance, divided by its median out-of-fold distance (5 folds), summed; threshold at the quantile of the
+    out-of-fold train scores pooled with the val scores."""
     from sklearn.covariance import LedoitWolf
+    from sklearn.model_selection import KFold
 
     rng = np.random.default_rng(n)
     dims = 20
     mix = rng.normal(size=(dims, dims)) * np.linspace(0.1, 3, dims)
     train = rng.normal(size=(n, dims)) @ mix + 5
     val = rng.normal(size=(40, dims)) @ mix + 5
-    ref = ood.fit_reference(train, val, quantile=0.9)
-    lw = LedoitWolf().fit(train)
-    precision = np.linalg.inv(lw.covariance_)
-    c = val - train.mean(axis=0)
-    direct = np.sqrt(np.einsum("ij,jk,ik->i", c, precision, c))
-    assert np.allclose(ood.distances(val, ref), direct, rtol=1e-9)
-    assert ref.threshold == pytest.approx(np.quantile(direct, 0.9), rel=1e-9)
-    assert ref.shrinkage == pytest.approx(lw.shrinkage_) and (ref.n_train, ref.n_val, ref.dims) == (n, 40, dims)
-    no_val = ood.fit_reference(train, None, quantile=0.9)   # cross-validation folds: threshold on train
-    assert no_val.threshold_on == "train (no val split)" and no_val.n_val == 0
-    assert no_val.threshold == pytest.approx(np.quantile(ood.distances(train, ref), 0.9), rel=1e-9)
+    groups = np.array([0, 1] * 4 + [0] * 4 + [1] * 8)
+
+    def direct(fit_on, on, cols):
+        lw = LedoitWolf().fit(fit_on[:, cols])
+        c = on[:, cols] - fit_on[:, cols].mean(axis=0)
+        return np.sqrt(np.einsum("ij,jk,ik->i", c, np.linalg.inv(lw.covariance_), c))
+
+    ref = ood.fit_reference(train, val, quantile=0.9, groups=groups)
+    cols = [np.flatnonzero(groups == g) for g in (0, 1)]
+    if n >= 10:
+        oof = np.zeros((2, n))
+        for keep, held in KFold(5, shuffle=True, random_state=0).split(train):
+            for g in (0, 1):
+                oof[g, held] = direct(train[keep], train[held], cols[g])
+        scales = np.median(oof, axis=1)
+        calibration = np.concatenate([(oof / scales[:, None]).sum(axis=0)])
+        assert ref.folds == 5 and ref.threshold_on == "out-of-fold train (k=5) + val"
+    else:   # too few train images for 5 folds: scales from the train images themselves, threshold on val
+        scales = np.array([np.median(direct(train, train, c)) for c in cols])
+        calibration = np.zeros(0)
+        assert ref.folds == 0 and ref.threshold_on == "val"
+    assert np.allclose(ref.scales, scales, rtol=1e-9)
+    want = sum(direct(train, val, c) / s for c, s in zip(cols, scales))
+    assert np.allclose(ood.distances(val, ref), want, rtol=1e-9)
+    assert np.allclose(ood.layer_distances(val, ref).sum(axis=1), want, rtol=1e-12)
+    pooled = np.concatenate([calibration, want])
+    assert ref.threshold == pytest.approx(np.quantile(pooled, 0.9), rel=1e-9) and len(ref.calibration) == len(pooled)
+    assert [round(s, 9) for s in ref.shrinkage] == [round(LedoitWolf().fit(train[:, c]).shrinkage_, 9) for c in cols]
+    assert (ref.n_train, ref.n_val, ref.dims, ref.layers) == (n, 40, dims, 2)
+    one = ood.fit_reference(train, val, quantile=0.9)              # no groups: one layer
+    assert one.layers == 1 and np.allclose(ood.distances(val, one), direct(train, val, np.arange(dims)) / one.scales[0])
+    no_val = ood.fit_reference(train, None, quantile=0.9, groups=groups)   # cross-validation folds: no val split
+    assert no_val.n_val == 0 and no_val.threshold_on == ("out-of-fold train (k=5) (no val split)" if n >= 10 else
+                                                         "train (no val split)")
+    if n < 10:
+        assert no_val.threshold == pytest.approx(np.quantile(ood.distances(train, no_val), 0.9), rel=1e-9)
+
+
+def test_layer_groups_align_members_from_the_penultimate():
+    assert ood.layer_groups(None, 4).tolist() == [0, 0, 0, 0]
+    assert ood.layer_groups([[2, 1]], 3).tolist() == [0, 0, 1]
+    assert ood.layer_groups([[2, 1], [1, 2, 1]], 7).tolist() == [1, 1, 2, 0, 1, 1, 2]
+    with pytest.raises(ValueError, match="add up to"):
+        ood.layer_groups([[2, 1]], 4)
+
+
+def test_a_reference_saved_before_layers_still_loads(tmp_path):
+    """ood.npz written before per-layer references (one penultimate layer, unscaled) loads as one layer."""
+    rng = np.random.default_rng(1)
+    train, val = rng.normal(size=(50, 6)), rng.normal(size=(10, 6))
+    ref = ood.fit_reference(train, None, 0.9, folds=0)
+    np.savez(tmp_path / store.OOD_FILE, mean=ref.mean, factor=ref.factors[0] / ref.scales[0], threshold=1.5,
+             quantile=0.9, n_train=50, n_val=0, dims=6, shrinkage=ref.shrinkage[0], threshold_on="val", method="old")
+    old = ood.load_reference(tmp_path)
+    assert old.layers == 1 and old.scales.tolist() == [1.0] and old.threshold == 1.5
+    assert np.allclose(ood.distances(val, old), ood.distances(val, ref), rtol=1e-9)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -212,16 +280,20 @@ def test_a_distance_that_does_not_match_is_refused(models, splits, tmp_path, mon
 
 
 def test_tf2onnx_fallback_has_features_too(splits, tmp_path):
-    """A Keras layer the direct writer lacks (BatchNormalization): tf2onnx exports both outputs."""
+    """A Keras layer the direct writer lacks (BatchNormalization): tf2onnx exports both outputs, the feature
+    layers (pooled block, penultimate) recorded."""
     import keras
 
     L = keras.layers
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((SIZE, SIZE, 1)), L.Conv2D(4, 3, activation="relu"),
-                              L.BatchNormalization(), L.Flatten(), L.Dense(8, activation="relu"),
+                              L.BatchNormalization(), L.MaxPooling2D(2), L.Flatten(), L.Dense(8, activation="relu"),
                               L.Dense(3, activation="softmax")])
     d = store.save_keras(model, tmp_path / "bn", {"name": "bn", "input": {"data_size": [SIZE, SIZE]}})
     x = splits["val"]
     export_onnx(d, x)
-    got = store.load_predictor(d, engine="onnx").features(x)
-    assert got.shape == (len(x), 8) and np.max(np.abs(got - store.features_of(model, x))) <= FEATURES_ATOL
+    graph = store.load_predictor(d, engine="onnx")
+    got = graph.features(x)
+    assert graph.feature_layers == [[4, 8]]                         # the pooled block (after BN), the penultimate
+    assert got.shape == (len(x), 12) and np.max(np.abs(got - store.features_of(model, x))) <= FEATURES_ATOL
+    assert np.ptp(got[:, :4], axis=0).max() > 1e-4

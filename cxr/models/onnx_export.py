@@ -15,11 +15,14 @@ environment, a faster start per Python worker, and faster CPU inference). The ex
   outputs: the executors run one graph and need nothing ensemble-specific.
 
 All graphs take float32 (N, H, W, 1) images in [0, 1] named "image" and return (N, 3) probabilities named
-"proba" (output 0) and (N, D) "features": the penultimate activations, i.e. the input of the final Dense (for
-an ensemble the members' features concatenated along axis 1, member order). cxr.scope.ood later adds a third
-output, "ood_distance", when it fits the model's out-of-distribution reference (ood.npz; re-added here when
-the folder has one). A scratch model's area resize to its own input size stays outside the graph, in numpy
-(Predictor._resize), exactly as the scratch predictor does it.
+"proba" (output 0) and (N, D) "features", the out-of-distribution features (store.FEATURE_RULE): the activations
+of every convolution block (the input of each max-pooling layer, ReduceMean over H and W) and of every hidden Dense
+(the input of each Dense but the first), concatenated, the penultimate (the final Dense's input) last; the block
+sizes are in the graph's metadata (store.FEATURE_LAYERS_KEY, one list per member). An ensemble concatenates its
+members' features along axis 1, member order. cxr.scope.ood later adds a third output, "ood_distance", when it
+fits the model's out-of-distribution reference (ood.npz; re-added here when the folder has one). A scratch model's
+area resize to its own input size stays outside the graph, in numpy (Predictor._resize), exactly as the scratch
+predictor does it.
 
 Before model.onnx is kept, the model and ONNX Runtime run on the given images (the val split in training)
 or a fixed seeded random batch; a max |difference| of probabilities above `atol`, or of features above
@@ -117,7 +120,7 @@ def export_onnx(model_dir: str | Path, val_images: np.ndarray | None = None, ato
     meta = store.read_metadata(d)
     meta["onnx"] = {"file": store.ONNX_FILE, "opset": OPSET, "max_abs_diff": diff, "atol": atol,
                     "features_max_abs_diff": f_diff, "features_tol": features_rtol * f_scale,
-                    "features_dims": int(want_f.shape[1]),
+                    "features_dims": int(want_f.shape[1]), "features_layers": feature_layers(proto),
                     "checked_on": int(len(x)), "checked_with": (images_from or "images given") if _has(val_images) else
                     f"seeded uniform random batch (seed 0, {len(x)} images)", "source": source.kind,
                     "input": INPUT_NAME, "output": OUTPUT_NAME, "outputs": [OUTPUT_NAME, FEATURES_NAME],
@@ -181,6 +184,25 @@ def _rename_output(proto, name: str, index: int = 0):
     return proto
 
 
+def set_feature_layers(proto, layers: Sequence[Sequence[int]]) -> None:
+    """Record the feature block sizes (one list per member) in the graph's metadata (store.FEATURE_LAYERS_KEY):
+    cxr.scope.ood fits one Mahalanobis distance per block."""
+    import json
+
+    kept = [p for p in proto.metadata_props if p.key != store.FEATURE_LAYERS_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = store.FEATURE_LAYERS_KEY, json.dumps([[int(v) for v in m] for m in layers])
+
+
+def feature_layers(proto) -> list[list[int]] | None:
+    import json
+
+    raw = next((p.value for p in proto.metadata_props if p.key == store.FEATURE_LAYERS_KEY), None)
+    return json.loads(raw) if raw else None
+
+
 def keras_to_onnx(model, input_shape: Sequence[int], opset: int = OPSET):
     """The model's layers written directly (keras_sequential_to_onnx: one copy of the weights in memory) or,
     for anything it does not write, tf2onnx from a tf.function of the model at inference (dropout and
@@ -201,7 +223,9 @@ def keras_to_onnx(model, input_shape: Sequence[int], opset: int = OPSET):
         raise OnnxExportError(f"tf2onnx returned {len(proto.graph.output)} outputs, expected probabilities and "
                               "features")
     _rename_output(proto, OUTPUT_NAME, 0)
-    return _rename_output(proto, FEATURES_NAME, 1)
+    _rename_output(proto, FEATURES_NAME, 1)
+    set_feature_layers(proto, [store.keras_feature_layers(model)])
+    return proto
 
 
 def keep_outputs(graph, names: Sequence[str]) -> None:
@@ -242,7 +266,7 @@ def ensemble_to_onnx(member_files: Sequence[str | Path], opset: int = OPSET):
     graphs = [onnx.load(str(f)) for f in member_files]
     if not graphs:
         raise OnnxExportError("an ensemble needs at least one member")
-    nodes, inits, outputs, features, dims = [], [], [], [], []
+    nodes, inits, outputs, features, dims, layers = [], [], [], [], [], []
     for i, proto in enumerate(graphs):
         g = proto.graph
         names = [o.name for o in g.output]
@@ -253,6 +277,7 @@ def ensemble_to_onnx(member_files: Sequence[str | Path], opset: int = OPSET):
         keep_outputs(g, [OUTPUT_NAME, FEATURES_NAME])
         dim = g.output[1].type.tensor_type.shape.dim
         dims.append(dim[1].dim_value if len(dim) == 2 and dim[1].HasField("dim_value") else None)
+        layers.extend(feature_layers(proto) or ([[dims[-1]]] if dims[-1] else []))
         if {n.domain for n in g.node} - {"", "ai.onnx"} or len(g.sparse_initializer) or len(proto.functions):
             raise OnnxExportError(f"member {member_files[i]} uses custom domains or functions: cannot merge it")
         prefix = f"m{i}_"
@@ -279,6 +304,8 @@ def ensemble_to_onnx(member_files: Sequence[str | Path], opset: int = OPSET):
     graph = helper.make_graph(nodes, "cxr_ensemble", inp, out, initializer=inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="cxr.models.onnx_export", ir_version=IR_VERSION)
+    if len(layers) == len(graphs):
+        set_feature_layers(proto, layers)
     onnx.checker.check_model(proto)
     return proto
 
@@ -291,7 +318,8 @@ class _Graph:
     def __init__(self):
         self.nodes, self.inits = [], []
         self.name, self.layout, self.n = INPUT_NAME, "nhwc", 0
-        self.features, self.features_dim = None, None   # the latest Dense's input: the final one's at the end
+        self.taps: list[tuple[str, str, int]] = []   # (kind, tensor, dims) of the features (store.FEATURE_RULE)
+        self.channels = None                           # of the latest convolution
 
     def const(self, value: np.ndarray) -> str:
         from onnx import numpy_helper
@@ -325,9 +353,17 @@ class _Graph:
         kh, kw = kernel_oihw.shape[2:]
         inputs = [self.name, self.const(kernel_oihw)] + ([self.const(bias)] if bias is not None else [])
         self.op("Conv", inputs, kernel_shape=[int(kh), int(kw)], strides=[1, 1], pads=pads, group=int(group))
+        self.channels = int(kernel_oihw.shape[0])
 
     def maxpool(self, size, strides) -> None:
         self.to("nchw")
+        if self.channels is None:
+            raise OnnxExportError("max-pooling before any convolution: unknown channel count")
+        from onnx import helper
+
+        tap = f"gap_{len(self.taps)}"   # the block's activations averaged over H and W: (N, C)
+        self.nodes.append(helper.make_node("ReduceMean", [self.name], [tap], name=tap, axes=[2, 3], keepdims=0))
+        self.taps.append(("gap", tap, self.channels))
         self.op("MaxPool", [self.name], kernel_shape=[int(v) for v in size], strides=[int(v) for v in strides])
 
     def flatten(self) -> None:
@@ -338,7 +374,7 @@ class _Graph:
     def dense(self, kernel: np.ndarray, bias: np.ndarray | None) -> None:
         if self.layout != "flat":
             raise OnnxExportError("Dense on a non-flat tensor: the network has no Flatten before it")
-        self.features, self.features_dim = self.name, int(kernel.shape[0])
+        self.taps.append(("flat", self.name, int(kernel.shape[0])))
         w = self.const(kernel)                                                      # (in, out): A @ W
         if bias is not None:
             self.op("Gemm", [self.name, w, self.const(bias)])
@@ -356,18 +392,25 @@ class _Graph:
 
         if self.layout == "nchw":
             self.to("nhwc")
-        if self.features is None:
+        dense = [t for t in self.taps if t[0] == "flat"]
+        if not dense:
             raise OnnxExportError("no Dense layer: the graph has no penultimate features to return")
+        drop = dense[0] if len(dense) > 1 else None     # the first Dense's input (the flattened image or blocks)
+        taps = [t for t in self.taps if t is not drop]
         self.nodes.append(helper.make_node("Identity", [self.name], [OUTPUT_NAME], name="output"))
-        self.nodes.append(helper.make_node("Identity", [self.features], [FEATURES_NAME], name="features"))
+        self.nodes.append(helper.make_node("Concat", [t[1] for t in taps], [FEATURES_NAME], name="features", axis=1)
+                          if len(taps) > 1 else helper.make_node("Identity", [taps[0][1]], [FEATURES_NAME],
+                                                                 name="features"))
+        layers = [t[2] for t in taps]
         h, w, c = [int(v) for v in input_shape]
         graph = helper.make_graph(
             self.nodes, graph_name, [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", h, w, c])],
             [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", *[int(v) for v in output_shape]]),
-             helper.make_tensor_value_info(FEATURES_NAME, TensorProto.FLOAT, ["N", self.features_dim])],
+             helper.make_tensor_value_info(FEATURES_NAME, TensorProto.FLOAT, ["N", sum(layers)])],
             initializer=self.inits)
         proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                                   producer_name="cxr.models.onnx_export", ir_version=IR_VERSION)
+        set_feature_layers(proto, [layers])
         onnx.checker.check_model(proto, full_check=True)
         return proto
 

@@ -10,9 +10,11 @@ A seed ensemble (train.ensemble: K) is one model folder too: ensemble.json names
 folder of its own under members/, and model.onnx is one graph averaging the members' probabilities. Every job
 reads it as one model (EnsemblePredictor: the mean of the members' probabilities) with one model id.
 
-Every model.onnx also returns "features" (the penultimate activations, the input of the final Dense; for an
-ensemble the members' concatenated) and, once cxr.scope.ood has fitted a reference (ood.npz), "ood_distance":
-the Mahalanobis distance of those features from the training data's. `predict_scored(x)` gives (probabilities,
+Every model.onnx also returns "features" (FEATURE_RULE: each conv block's activations averaged over the image,
+then the hidden Dense activations, the penultimate last; for an ensemble the members' concatenated; the block
+sizes in the graph's metadata FEATURE_LAYERS_KEY) and, once cxr.scope.ood has fitted a reference (ood.npz),
+"ood_distance": the sum over those layers of the Mahalanobis distance from the training data's, each in units of
+its own typical distance. `predict_scored(x)` gives (probabilities,
 distances or None) with either engine; `ood_threshold` is the distance above which an image is out of
 distribution (metrics.json "ood").
 
@@ -44,6 +46,7 @@ SCHEMA = "cxr.model/1"
 PROBA_OUTPUT = "proba"              # model.onnx outputs: probabilities (always first), ...
 FEATURES_OUTPUT = "features"        # ... the penultimate activations (N, D) ...
 DISTANCE_OUTPUT = "ood_distance"    # ... and, once an OOD reference is fitted, its distance (N,)
+FEATURE_LAYERS_KEY = "cxr_feature_layers"   # model.onnx metadata: JSON [[block sizes of member 0], ...]
 ENGINES = ("onnx", "keras")   # keras = the model's own framework (Keras or cxr.nn)
 
 
@@ -200,8 +203,8 @@ class Predictor:
     """`.predict_proba(x)` on float32 (N, H, W, 1) in [0, 1] at the preprocess size -> (N, 3) probabilities
     in cxr.CLASSES order; `.metadata` is the model's metrics.json (with the preprocess params).
 
-    `.features(x)` -> (N, D) float32 penultimate activations (the input of the final Dense; an ensemble's
-    members' concatenated); `.predict_scored(x)` -> (probabilities, out-of-distribution distances (N,) float32,
+    `.features(x)` -> (N, D) float32 OOD features (FEATURE_RULE: pooled conv blocks, hidden activations, the
+    penultimate last; an ensemble's members' concatenated); `.predict_scored(x)` -> (probabilities, out-of-distribution distances (N,) float32,
     or None for a model without an OOD reference); `.ood_threshold` the distance above which an image is out of
     distribution (metrics.json "ood"), None without a reference."""
 
@@ -275,7 +278,7 @@ class Predictor:
 
 
 def keras_feature_layer(model):
-    """The model's final Dense (its input is the penultimate activations, the OOD features)."""
+    """The model's final Dense (its input is the penultimate activations, the last block of the OOD features)."""
     import keras
 
     dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
@@ -284,13 +287,46 @@ def keras_feature_layer(model):
     return dense[-1]
 
 
+def _feature_taps(layers, is_pool, is_dense) -> list[tuple[str, Any]]:
+    """[("gap" | "flat", layer), ...] in layer order: the OOD features are, per layer, the input of every
+    max-pooling layer (a convolution block's activations) averaged over height and width ("gap"), and the input of
+    every Dense layer but the first (hidden activations, the last being the penultimate: "flat"); a network with a
+    single Dense gets that Dense's input. The same rule in every exporter and oracle (FEATURE_RULE)."""
+    dense = [layer for layer in layers if is_dense(layer)]
+    if not dense:
+        raise ValueError("no Dense layer, so no penultimate features")
+    keep = {id(layer) for layer in (dense[1:] or dense)}
+    return [("gap", layer) if is_pool(layer) else ("flat", layer) for layer in layers
+            if is_pool(layer) or id(layer) in keep]
+
+
+FEATURE_RULE = ("global-average-pooled input of every max-pooling layer (conv block activations) and input of every "
+                "Dense but the first (hidden activations; the last is the penultimate)")
+
+
+def keras_feature_taps(model) -> list[tuple[str, Any]]:
+    import keras
+
+    return _feature_taps(model.layers, lambda layer: isinstance(layer, keras.layers.MaxPooling2D),
+                         lambda layer: isinstance(layer, keras.layers.Dense))
+
+
+def keras_feature_layers(model) -> list[int]:
+    """Sizes of the feature blocks (keras_feature_taps order): channels of a pooled block, width of a Dense input."""
+    return [int(layer.input.shape[-1]) for _, layer in keras_feature_taps(model)]
+
+
 def keras_outputs_model(model):
-    """keras.Model(inputs, [probabilities, input of the final Dense]): both from one call (dropout and
-    augmentation inactive with training=False)."""
+    """keras.Model(inputs, [probabilities, features]): features = the layers of keras_feature_taps concatenated
+    (pooled blocks averaged over H and W), both from one call (dropout and augmentation inactive with
+    training=False)."""
     import keras
 
     inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
-    return keras.Model(inputs, [model.outputs[0], keras_feature_layer(model).input])
+    parts = [keras.ops.mean(layer.input, axis=(1, 2)) if kind == "gap" else layer.input
+             for kind, layer in keras_feature_taps(model)]
+    feats = parts[0] if len(parts) == 1 else keras.ops.concatenate(parts, axis=1)
+    return keras.Model(inputs, [model.outputs[0], feats])
 
 
 def keras_outputs(model, x: np.ndarray, batch_size: int = 64, both=None) -> tuple[np.ndarray, np.ndarray]:
@@ -306,46 +342,55 @@ def keras_outputs(model, x: np.ndarray, batch_size: int = 64, both=None) -> tupl
     return np.concatenate(probs), np.concatenate(feats)
 
 
-def scratch_feature_index(net) -> int:
-    """Index of a cxr.nn network's final Dense layer: net.forward(x, upto=index) are its features."""
-    from cxr.nn.layers import Dense
+def scratch_feature_taps(net) -> list[tuple[str, int]]:
+    """[("gap" | "flat", layer index), ...] of a cxr.nn network: keras_feature_taps' rule."""
+    from cxr.nn.layers import Dense, MaxPool2D
 
-    dense = [i for i, layer in enumerate(net.layers) if isinstance(layer, Dense)]
-    if not dense:
-        raise ValueError("cxr.nn network without a Dense layer: no penultimate features")
-    return dense[-1]
+    index = {id(layer): i for i, layer in enumerate(net.layers)}
+    try:
+        taps = _feature_taps(net.layers, lambda layer: isinstance(layer, MaxPool2D),
+                             lambda layer: isinstance(layer, Dense))
+    except ValueError:
+        raise ValueError("cxr.nn network without a Dense layer: no penultimate features") from None
+    return [(kind, index[id(layer)]) for kind, layer in taps]
+
+
+def scratch_feature_layers(net) -> list[int]:
+    """Sizes of a (built) cxr.nn network's feature blocks, scratch_feature_taps order."""
+    return [int(net.layers[i].input_shape[-1]) if kind == "gap" else int(np.prod(net.layers[i].input_shape))
+            for kind, i in scratch_feature_taps(net)]
 
 
 def scratch_outputs(net, x: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities, features) of a cxr.nn network, batch by batch: forward to the final Dense's input (the
-    features), then on through the remaining layers (and a softmax where the network lacks one), exactly as
+    """(probabilities, features) of a cxr.nn network, batch by batch: forward layer by layer, taking the features
+    (scratch_feature_taps) on the way, then a softmax where the network lacks one, exactly as
     Network.predict_proba computes it."""
     from cxr.nn.layers import softmax
 
-    i = scratch_feature_index(net)
+    taps = dict((i, kind) for kind, i in scratch_feature_taps(net))
     x = np.asarray(x)
     net._ensure_built(x)
     bs = len(x) if not batch_size else int(batch_size)
     probs, feats = [], []
     for start in range(0, len(x), bs):
-        h = net.forward(x[start:start + bs], upto=i)
-        out = h
-        for layer in net.layers[i:]:
+        out, parts = np.asarray(x[start:start + bs], dtype=net.dtype), []
+        for i, layer in enumerate(net.layers):
+            if i in taps:
+                parts.append(out.mean(axis=(1, 2)) if taps[i] == "gap" else out.reshape(len(out), -1))
             out = layer.forward(out, training=False)
         if not net._fused():
             out = softmax(out)
         probs.append(out.astype(np.float32, copy=False))
-        feats.append(np.asarray(h, np.float32))
+        feats.append(np.concatenate(parts, axis=1).astype(np.float32, copy=False))
     if not probs:
-        return (np.zeros((0, len(CLASSES)), np.float32),
-                np.zeros((0, int(net.layers[i].input_shape[0])), np.float32))
+        return np.zeros((0, len(CLASSES)), np.float32), np.zeros((0, sum(scratch_feature_layers(net))), np.float32)
     return np.concatenate(probs), np.concatenate(feats)
 
 
 def features_of(model, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Penultimate activations (N, D) float32 of a predictor (either engine), a Keras model or a cxr.nn network
-    on float32 (N, H, W, 1) images as that model takes them: the oracle model.onnx's "features" is checked
-    against."""
+    """OOD features (N, D) float32 (FEATURE_RULE: pooled conv blocks and hidden activations, the penultimate last)
+    of a predictor (either engine), a Keras model or a cxr.nn network on float32 (N, H, W, 1) images as that model
+    takes them: the oracle model.onnx's "features" is checked against."""
     if isinstance(model, Predictor):
         return model.features(x)
     from cxr.nn.network import Network
@@ -486,6 +531,13 @@ class OnnxPredictor(Predictor):
 
     def has_ood(self) -> bool:
         return DISTANCE_OUTPUT in self.output_names
+
+    @property
+    def feature_layers(self) -> list[list[int]] | None:
+        """The graph's feature block sizes, one list per member (FEATURE_LAYERS_KEY); None for a graph exported
+        before them (its features: one block)."""
+        raw = self.session.get_modelmeta().custom_metadata_map.get(FEATURE_LAYERS_KEY)
+        return json.loads(raw) if raw else None
 
     def predict_scored(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(probabilities, model.onnx's "ood_distance") from one session.run per batch; (probabilities, None)
