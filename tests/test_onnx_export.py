@@ -78,6 +78,13 @@ def test_exported_at_training_and_equal_to_the_model(models, images, name):
     assert np.max(np.abs(got - want)) <= ATOL, name
     assert np.array_equal(got.argmax(1), want.argmax(1))
     assert np.ptp(want, axis=0).max() > 1e-3  # outputs that depend on the image
+    # OOD features: each conv block's pooled activations, the hidden Dense activations, the penultimate last
+    layers = {"cnn-adam": [8, 16, 32], "dnn": [64, 32], "dwsep": [8, 16, 16, 16], "scratch-cnn": [4, 16],
+              "scratch-dnn": [32]}[name]
+    assert onnx_p.feature_layers == [layers] == rec["features_layers"] and rec["features_dims"] == sum(layers)
+    f_got, f_want = onnx_p.features(images), own_p.features(images)
+    assert f_got.shape == (len(images), sum(layers))
+    assert np.max(np.abs(f_got - f_want)) <= 1e-4 * max(1.0, float(np.abs(f_want).max())), name
     with pytest.raises(ValueError, match=f"expects {SIZE}x{SIZE}"):
         onnx_p.predict_proba(np.zeros((2, SIZE * 2, SIZE * 2, 1), np.float32))
 

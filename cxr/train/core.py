@@ -7,9 +7,11 @@ metrics.json recording exactly what produced it (seed, data counts, preprocess m
 class weights, shuffle, per-epoch history).
 
 After a model (single, scratch or ensemble) is saved and exported, its out-of-distribution reference is fitted
-(cxr.scope.ood): features of the train split streamed through model.onnx, threshold at scope.ood_quantile of
-the val split's distances (the train split's in cross-validation folds), ood.npz written and "ood_distance"
-added to model.onnx. An ensemble gets one reference on its members' concatenated features; members get none.
+(cxr.scope.ood): features of the train split (every layer's: pooled conv blocks, hidden activations) streamed
+through model.onnx, one Ledoit-Wolf Mahalanobis distance per layer, threshold at scope.ood_quantile of the
+out-of-fold train scores pooled with the val split's (the out-of-fold scores alone in cross-validation folds),
+ood.npz written and "ood_distance" added to model.onnx. An ensemble gets one reference on its members'
+concatenated features (each layer pooled over the members); members get none.
 """
 from __future__ import annotations
 
@@ -177,8 +179,8 @@ def _export(target: Path, train, val, timings: dict, ood_quantile: float | None 
     """model.onnx for the executors' ONNX Runtime engine, checked against the saved model on the first val
     images (train images where there is no val split, as in cross-validation); a mismatch fails the training.
     Then (ood_quantile given) the OOD reference: the train split's features through model.onnx, the threshold at
-    that quantile of the val split's distances (train's without a val split), "ood_distance" added to the graph
-    (timings_s.ood)."""
+    that quantile of the out-of-fold train scores and the val split's (out-of-fold alone without a val split),
+    "ood_distance" added to the graph (timings_s.ood)."""
     from cxr.data.stream import as_unit_float
     from cxr.models.onnx_export import MAX_CHECK_IMAGES
 
@@ -192,8 +194,9 @@ def _export(target: Path, train, val, timings: dict, ood_quantile: float | None 
         t_ood = time.perf_counter()
         rec = fit_model(target, train, val, float(ood_quantile))
         timings["ood"] = round(time.perf_counter() - t_ood, 3)
-        log.info("OOD reference for %s: %d dims, threshold %.3f at q=%g of the %s distances (%.1fs)", target.name,
-                 rec["dims"], rec["threshold"], rec["quantile"], rec["threshold_on"], timings["ood"])
+        log.info("OOD reference for %s: %d dims in %d layers, threshold %.3f at q=%g of the %s scores (%.1fs)",
+                 target.name, rec["dims"], len(rec["layers"]), rec["threshold"], rec["quantile"], rec["threshold_on"],
+                 timings["ood"])
     store.write_metadata(target, {**store.read_metadata(target), "timings_s": timings})
 
 
@@ -213,7 +216,7 @@ def train_and_save(spec: dict, train, val, conf: Mapping[str, Any], cw: dict, ep
                    calibrate_on: str | None = None, ood_quantile: float | None = None) -> dict:
     """Train one planned model (train.ensemble > 1: that many members, seeds seed, seed+1, ..., saved as one
     ensemble model) into target (replacing it), fit its OOD reference (threshold at ood_quantile, default
-    scope.ood_quantile's 0.995, of the val distances; of the train distances without val) and, when there is a
+    scope.ood_quantile's 0.995, of the out-of-fold train and the val scores) and, when there is a
     validation set, fit its temperature there. train/val are training sources (cxr.data.stream.ParquetSplit or
     SplitData). Shared by train and cross-validation."""
     from cxr.train import ensemble

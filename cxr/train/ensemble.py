@@ -7,7 +7,8 @@ complete model folder with its own metrics.json and model.onnx), ensemble.json n
 the ensemble and one model.onnx averaging the members (cxr.models.onnx_export.ensemble_to_onnx): every job
 reads it as one model with one model id (cxr.models.store). Its out-of-distribution reference (ood.npz and the
 graph's "ood_distance", cxr.scope.ood) is fitted once, on the ensemble graph's "features" (the members'
-concatenated), by cxr.train.core after the ensemble is exported; the members have none of their own.
+concatenated; each layer's distance pools that layer of every member), by cxr.train.core after the ensemble is
+exported; the members have none of their own.
 """
 from __future__ import annotations
 
