@@ -56,7 +56,8 @@ def main(argv=None) -> int:
         print(f"score: run {r['run_id']}: {c['input']} files -> {c['scored']} scored, {c['rejected']} rejected, "
               f"{c['out_of_scope']} out of scope, "
               f"{c['skipped_unchanged']} unchanged (not read), {c['skipped_already_scored']} already scored; "
-              f"{r['images_per_s']} images/s; output {args.output}")
+              f"{r['images_per_s']} images/s; {r['scored_out_of_distribution']} scored images out of distribution; "
+              f"output {args.output}")
         if r.get("explain"):
             e = r["explain"]
             print(f"explain: {e.get('images', 0)} overlays in {e.get('png_dir')}" if "error" not in e

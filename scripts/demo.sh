@@ -29,11 +29,13 @@ cat <<EOM
 
 Demo finished (small models on synthetic images: conf/demo.yaml; on real X-rays train with --conf recommended,
 see the README). Results:
-  preprocessed images   $out/preprocessed/images/      (Parquet; errors/ and duplicates/ beside it)
+  preprocessed images   $out/preprocessed/images/      (Parquet; errors/, out_of_scope/, duplicates/ beside it)
   preprocess manifest   $out/preprocessed/manifest.json
   models                $out/models/<name>/            (model.keras or model.npz + model.json, model.onnx, metrics.json)
   training report       $out/models/report.md          (the study's optimizer table, evaluation, plots)
-  predictions           $out/predictions/predictions/  (Parquet, partitioned by run_date and run_id)
+  predictions           $out/predictions/predictions/  (Parquet, partitioned by run_date and run_id; calls,
+                        probabilities, ood_distance / in_distribution, DICOM identity; errors/ and out_of_scope/
+                        beside it)
   score run record      $(ls "$out"/predictions/runs/*.json)
   Figure 1 panel        $out/figures/figure1.png     (each preprocessing step with its histogram)
   sample sheet          $out/figures/samples.png     (4 preprocessed images per class and split)

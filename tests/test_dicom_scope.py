@@ -287,6 +287,7 @@ def test_ood_flag_keeps_probabilities_and_skip_makes_out_of_scope_rows(spark, oo
     assert (~noise["in_distribution"]).any() and noise["p_covid"].notna().all()
     assert noise["ood_distance"].mean() > preds.loc[~preds.index.isin(noise.index), "ood_distance"].mean()
     assert preds["sop_instance_uid"].isna().all()   # not DICOM: the identity columns are null
+    assert flagged["scored_out_of_distribution"] == int((~preds["in_distribution"]).sum())
     skipped = _score(spark, root, ood_model, tmp_path / "skip", **{"scope.ood": "skip"})
     c = skipped["counts"]
     assert (c["scored"], c["out_of_scope"]) == (6 - int((~preds["in_distribution"]).sum()),

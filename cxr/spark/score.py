@@ -142,11 +142,11 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
         stamp = F.lit(started.isoformat()).cast("timestamp")
         if is_preprocessed(spark, input_uri):
             mode = "preprocessed"
-            counts, bytes_read = _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, runner,
+            counts, bytes_read, flagged = _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, runner,
                                                      staging, clock, gate.rules.ood)
         else:
             mode = "raw"
-            counts, bytes_read = _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors,
+            counts, bytes_read, flagged = _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors,
                                             runner, staging, stamp, clock, int(score_conf.get("files_per_task", 64)),
                                             gate)
         results = f"{staging}/results"
@@ -197,6 +197,7 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
             "engine": {"name": runner.name, "onnx_threads": runner.onnx_threads, "tf_threads": runner.tf_threads},
             "counts": counts, "accounted": accounted, "bytes_read": bytes_read, "batch_size": runner.batch_size,
             "params": params.to_dict(), "scope": gate.rules.to_dict(), "ood": meta.get("ood"),
+            "scored_out_of_distribution": flagged,   # of counts.scored: in_distribution false (scope.ood: flag)
             "patient_key": "HMAC-SHA256 of PatientID" if gate.reader.secret else "off (no secret: column null)",
             "explain": explained, "lease_taken_over": lease.took_over,
             "timings_s": clock.timings, "seconds": round(seconds, 3),
@@ -283,24 +284,27 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
          .coalesce(1).write.parquet(f"{staging}/state"))
     if hashed is not None:
         hashed.unpersist()
-    counts, scored_bytes = _result_counts(spark, staging)
+    counts, scored_bytes, flagged = _result_counts(spark, staging)
     counts.update(input=n["unchanged"] + n["unread"] + n["read"], skipped_unchanged=n["unchanged"],
                   skipped_already_scored=n_known)
     counts["rejected"] += n["unread"]
     if hashed is not None:   # changed files were read once to hash them, the new content again to score it
         bytes_read += scored_bytes
-    return counts, int(bytes_read)
+    return counts, int(bytes_read), flagged
 
 
-def _result_counts(spark: SparkSession, staging: str) -> tuple[dict[str, int], int]:
-    """({scored, rejected, out_of_scope}, bytes of the files behind the results) of this run's results table."""
-    counts, size = {"scored": 0, "rejected": 0, "out_of_scope": 0}, 0
+def _result_counts(spark: SparkSession, staging: str) -> tuple[dict[str, int], int, int]:
+    """({scored, rejected, out_of_scope}, bytes of the files behind the results, scored images flagged out of
+    distribution) of this run's results table."""
+    counts, size, flagged = {"scored": 0, "rejected": 0, "out_of_scope": 0}, 0, 0
     if fs.exists(spark, f"{staging}/results"):
+        away = F.when((F.col("status") == "ok") & ~F.col("in_distribution"), 1).otherwise(0)
         for r in (spark.read.parquet(f"{staging}/results").groupBy("status")
-                  .agg(F.count("*").alias("n"), F.sum("size").alias("bytes")).collect()):
+                  .agg(F.count("*").alias("n"), F.sum("size").alias("bytes"), F.sum(away).alias("away")).collect()):
             counts[STATUS_OF.get(r["status"], "rejected")] += int(r["n"])
             size += int(r["bytes"] or 0)
-    return counts, size
+            flagged += int(r["away"] or 0)
+    return counts, size, flagged
 
 
 def _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, runner, staging, clock, ood):
@@ -325,6 +329,6 @@ def _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, ru
                           schema=RESULT_SCHEMA)
          .write.parquet(f"{staging}/results"))
     clock.lap("score", "%d images scored on the executors", n_new)
-    counts, _ = _result_counts(spark, staging)
+    counts, _, flagged = _result_counts(spark, staging)
     counts.update(input=n_input, skipped_unchanged=0, skipped_already_scored=n_input - n_new)
-    return counts, 0
+    return counts, 0, flagged

@@ -212,7 +212,7 @@ def log_score(settings: TrackingSettings, record: Mapping[str, Any]) -> str:
                                                                 "batch_size", "run_id")}))
         mlflow.log_params(as_params({k: v for k, v in model.items() if v is not None}, "model"))
         mlflow.log_params(as_params(record.get("engine") or {}, "engine"))
-        mlflow.log_metrics(as_metrics({k: record.get(k) for k in ("counts", "bytes_read", "seconds",
-                                                                  "images_per_s")}))
+        mlflow.log_metrics(as_metrics({k: record.get(k) for k in ("counts", "bytes_read", "seconds", "images_per_s",
+                                                                  "scored_out_of_distribution")}))
         mlflow.log_dict(dict(record), f"runs/{record['run_id']}.json")
         return run.info.run_id
