@@ -191,7 +191,10 @@ def measure(args, st: dict, save) -> None:
         r = job("train", "train", "--conf", "recommended", "--data", pre, "--out", models, "--ensemble",
                 args.ensemble, "--no-tracking", "--no-evaluate", "--overwrite")
         meta = json.loads((model / "metrics.json").read_text())
-        save("train", {**r, "ensemble": args.ensemble, "ood": meta["ood"]})
+        from cxr.scope.ood import load_reference
+
+        save("train", {**r, "ensemble": args.ensemble, "ood": meta["ood"],
+                       "calibration": [float(v) for v in load_reference(model).calibration]})
     todo = "score" in args.redo or "score" not in st
     files, inscope = in_scope_files(pre, WORK / "inscope" if todo else None), WORK / "inscope"
     if todo:
@@ -222,17 +225,23 @@ def report(args, st: dict) -> str:
     kinds = {r["relative_path"]: r["kind"] for r in csv.DictReader(open(WORK / "material" / MANIFEST))}
     tr, sc, co = st["train"], st["score"], st["cost"]
     ood, inside, thr = tr["ood"], sc["inscope"]["files"], tr["ood"]["threshold"]
+    shrink = ", ".join(f"{r['shrinkage']:.3f}" for r in ood["layers"])
     d_in = np.array([v["distance"] for v in inside.values()])
     auroc = lambda d: float(np.mean(np.asarray(d)[None, :] > d_in[:, None]))  # noqa: E731 (P(farther than in-scope))
     lines = [SECTION, "", f"Measured {st['date']} on {machine()}, shared with other developers' jobs; "
              f"{st['minutes']:.1f} min in all. Python {st['versions']['python']}, onnxruntime "
              f"{st['versions'].get('onnxruntime', '?')}, pydicom {st['versions'].get('pydicom', '?')}. Model: the "
              f"recommended profile (96 px `pad`, CNN + Adam, 10 epochs, seed ensemble of {tr['ensemble']}) trained by "
-             "`jobs/train.py` on the 450 shared X-rays split by patient; its OOD reference: Mahalanobis distance of "
-             f"the {ood['dims']} penultimate features (Ledoit-Wolf, shrinkage {ood['shrinkage']:.3f}) fitted on "
-             f"{ood['n_train']} train images, threshold **{thr:.2f}** = the {100 * ood['quantile']:.1f}% quantile of "
-             f"the {ood['n_val']} val images' distances. Scored by `jobs/score.py` (raw files, scope.ood: flag, "
-             "local[2]).", "", "**In-scope images** (goal: <= 2% of val and test flagged):", "",
+             "`jobs/train.py` on the 450 shared X-rays split by patient; its OOD reference: the "
+             f"{ood['dims']} features of model.onnx in {len(ood['layers'])} layers of "
+             f"{', '.join(str(r['dims']) for r in ood['layers'])} dims (each conv block's activations averaged over "
+             "the image, then the penultimate activations; a layer pools that layer of every member), one Mahalanobis "
+             "distance per layer (Ledoit-Wolf, shrinkage "
+             f"{shrink}) "
+             f"fitted on {ood['n_train']} train images, each divided by its median out-of-fold distance, summed; "
+             f"threshold **{thr:.2f}** = the {100 * ood['quantile']:.1f}% quantile of {ood['n_calibration']} scores "
+             f"({ood['threshold_on']}). Scored by `jobs/score.py` (raw files, scope.ood: flag, local[2]).", "",
+             "**In-scope images** (goal: <= 2% of val and test flagged):", "",
              "| split | images | flagged out of distribution | median / max distance |", "|---|---|---|---|"]
     d = sc["parquet_distances"]["train"]
     lines.append(f"| train (the reference's own images; preprocess Parquet, not scored) | {len(d)} | "
@@ -243,9 +252,10 @@ def report(args, st: dict) -> str:
         lines.append(f"| {split or '**val + test** (scored files)'} | {len(rs)} | "
                      f"**{pct(sum(v['outcome'] == 'ood' for v in rs), len(rs))}** | {np.median(d):.2f} / {max(d):.2f} |")
     flagged = sorted((k for k, v in inside.items() if v["outcome"] == "ood"), key=lambda k: -inside[k]["distance"])
-    lines += ["", "Flagged: " + (", ".join(f"`{k}` ({inside[k]['distance']:.1f})" for k in flagged) or "none") + ". With "
-              f"{ood['n_val']} val images the {100 * ood['quantile']:.1f}% quantile lies between the two largest "
-              "val distances, so one val image is always above it; test is the independent check.", "",
+    lines += ["", "Flagged: " + (", ".join(f"`{k}` ({inside[k]['distance']:.1f})" for k in flagged) or "none") +
+              f". The threshold rests on {ood['n_calibration']} scores: each train image's from a reference fitted "
+              f"on the other {ood['folds'] - 1} of {ood['folds']} folds, and the val images'; the train row above "
+              "is the final reference's own images, test is the independent check.", "",
               "**Out-of-scope material** (`cxr.quality.out_of_scope`; goal: >= 95% caught). AUROC: the chance that "
               "a file of the kind lies farther than an in-scope val/test image (1 = always, 0.5 = no better than "
               "chance).", "", "| kind | group | files | caught by the header rules | caught by the OOD distance | "
@@ -273,6 +283,13 @@ def report(args, st: dict) -> str:
               f"images; flagging <= 2% of those ({t2:.2f}) catches **{pct(sum(d > t2 for d in d_out), len(d_out))}** "
               "of the OOD-only files." if t95 < t2 else "A threshold between "
               f"{t2:.2f} and {t95:.2f} would meet both goals on this material."]
+    cal = tr.get("calibration") or []
+    if cal:
+        alt = [(q, float(np.quantile(cal, q))) for q in (0.99, 0.98, 0.95) if q < ood["quantile"]]
+        lines += ["", "Other values of `scope.ood_quantile` (the threshold from the same calibration scores): " +
+                  "; ".join(f"{q} gives {t:.2f}, which flags {pct(sum(d > t for d in d_in), len(d_in))} of the in-scope "
+                            f"val + test images and catches {pct(sum(d > t for d in d_out), len(d_out))} of the "
+                            "OOD-only files" for q, t in alt) + "."]
     h = co["header_ms"]
     dist_ms = co["onnx_ms"]["with"] - co["onnx_ms"]["without"]
     lines += ["", f"**Cost per image, one core** (CPU; goal: each < 5% of the per-image score cost). Score cost: "

@@ -16,7 +16,7 @@ environment, a faster start per Python worker, and faster CPU inference). The ex
 
 All graphs take float32 (N, H, W, 1) images in [0, 1] named "image" and return (N, 3) probabilities named
 "proba" (output 0) and (N, D) "features", the out-of-distribution features (store.FEATURE_RULE): the activations
-of every convolution block (the input of each max-pooling layer, ReduceMean over H and W) and of every hidden Dense
+of every convolution block (the input of each max-pooling layer, GlobalAveragePool) and of every hidden Dense
 (the input of each Dense but the first), concatenated, the penultimate (the final Dense's input) last; the block
 sizes are in the graph's metadata (store.FEATURE_LAYERS_KEY, one list per member). An ensemble concatenates its
 members' features along axis 1, member order. cxr.scope.ood later adds a third output, "ood_distance", when it
@@ -362,7 +362,9 @@ class _Graph:
         from onnx import helper
 
         tap = f"gap_{len(self.taps)}"   # the block's activations averaged over H and W: (N, C)
-        self.nodes.append(helper.make_node("ReduceMean", [self.name], [tap], name=tap, axes=[2, 3], keepdims=0))
+        # GlobalAveragePool + Flatten, not ReduceMean(axes 2, 3): 0.4 vs 0.9 ms per image for the bench's ensemble
+        self.nodes += [helper.make_node("GlobalAveragePool", [self.name], [tap + "_nc11"], name=tap + "_pool"),
+                       helper.make_node("Flatten", [tap + "_nc11"], [tap], name=tap, axis=1)]
         self.taps.append(("gap", tap, self.channels))
         self.op("MaxPool", [self.name], kernel_shape=[int(v) for v in size], strides=[int(v) for v in strides])
 
