@@ -287,8 +287,8 @@ def report(args, st: dict) -> str:
     if cal:
         alt = [(q, float(np.quantile(cal, q))) for q in (0.99, 0.98, 0.95) if q < ood["quantile"]]
         lines += ["", "Other values of `scope.ood_quantile` (the threshold from the same calibration scores): " +
-                  "; ".join(f"{q} gives {t:.2f}, which flags {pct(sum(d > t for d in d_in), len(d_in))} of the in-scope "
-                            f"val + test images and catches {pct(sum(d > t for d in d_out), len(d_out))} of the "
+                  "; ".join(f"{q} gives {t:.2f}, which flags {pct(sum(d > t for d in d_in), len(d_in))} of the "
+                            f"in-scope val + test images and catches {pct(sum(d > t for d in d_out), len(d_out))} of the "
                             "OOD-only files" for q, t in alt) + "."]
     h = co["header_ms"]
     dist_ms = co["onnx_ms"]["with"] - co["onnx_ms"]["without"]

@@ -204,9 +204,9 @@ class Predictor:
     in cxr.CLASSES order; `.metadata` is the model's metrics.json (with the preprocess params).
 
     `.features(x)` -> (N, D) float32 OOD features (FEATURE_RULE: pooled conv blocks, hidden activations, the
-    penultimate last; an ensemble's members' concatenated); `.predict_scored(x)` -> (probabilities, out-of-distribution distances (N,) float32,
-    or None for a model without an OOD reference); `.ood_threshold` the distance above which an image is out of
-    distribution (metrics.json "ood"), None without a reference."""
+    penultimate last; an ensemble's members' concatenated); `.predict_scored(x)` -> (probabilities,
+    out-of-distribution distances (N,) float32, or None for a model without an OOD reference); `.ood_threshold` the
+    distance above which an image is out of distribution (metrics.json "ood"), None without a reference."""
 
     kind = "?"
     fixed_batch = False   # True: every call must have the same batch size (a compiled graph retraces otherwise)
