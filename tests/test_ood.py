@@ -297,3 +297,20 @@ def test_tf2onnx_fallback_has_features_too(splits, tmp_path):
     assert graph.feature_layers == [[4, 8]]                         # the pooled block (after BN), the penultimate
     assert got.shape == (len(x), 12) and np.max(np.abs(got - store.features_of(model, x))) <= FEATURES_ATOL
     assert np.ptp(got[:, :4], axis=0).max() > 1e-4
+
+
+def test_reexport_over_a_reference_of_other_features_removes_it(models, splits, tmp_path):
+    """A model exported before the layered features has an ood.npz of its penultimate features only: re-exporting
+    it (new features) cannot keep that reference, so it is removed with a warning saying how to fit it again."""
+    d = shutil.copytree(models["cnn-adam"], tmp_path / "m")
+    rng = np.random.default_rng(0)
+    ood.save_reference(d, ood.fit_reference(rng.normal(size=(40, 32)), None, 0.9))   # 32 dims: the old penultimate
+    with pytest.warns(UserWarning, match="fit it again"):
+        export_onnx(d, splits["val"])
+    import onnx
+
+    assert not (d / store.OOD_FILE).exists() and "ood" not in store.read_metadata(d)
+    assert [o.name for o in onnx.load(str(d / store.ONNX_FILE)).graph.output] == ["proba", "features"]
+    assert store.OOD_FILE not in store.read_metadata(d)["files"]
+    export_onnx(d, splits["val"])                    # nothing stale left: exports quietly
+

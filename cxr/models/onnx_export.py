@@ -129,9 +129,23 @@ def export_onnx(model_dir: str | Path, val_images: np.ndarray | None = None, ato
     meta["files"] = [*files, store.ONNX_FILE, store.METRICS_FILE]
     store.write_metadata(d, meta)
     if (d / store.OOD_FILE).is_file():  # a re-export keeps the model's OOD output (same reference, checked again)
-        from cxr.scope.ood import add_distance_to_onnx
+        from cxr.scope.ood import add_distance_to_onnx, layer_groups, load_reference
 
-        add_distance_to_onnx(d, x, images_from=meta["onnx"]["checked_with"])
+        ref = load_reference(d)
+        dims = int(want_f.shape[1])
+        if ref.dims == dims and np.array_equal(ref.groups, layer_groups(feature_layers(proto), dims)):
+            add_distance_to_onnx(d, x, images_from=meta["onnx"]["checked_with"])
+        else:   # fitted on other features (a model exported before the layered features): stale, removed
+            import warnings
+
+            (d / store.OOD_FILE).unlink()
+            meta = store.read_metadata(d)
+            meta.pop("ood", None)
+            meta["files"] = [f for f in meta.get("files") or [] if f != store.OOD_FILE]
+            store.write_metadata(d, meta)
+            warnings.warn(f"{d}: its OOD reference was fitted on {ref.dims} features in {ref.layers} layer(s), the "
+                          f"new model.onnx has {dims} in {len((feature_layers(proto) or [[0]])[0])}: reference "
+                          f"removed, fit it again with `python -m cxr.scope.ood fit {d} --data PRE_OUT`")
     return d / store.ONNX_FILE
 
 
