@@ -568,18 +568,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--atol", type=float, default=1e-5, help="largest |difference| of probabilities allowed")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    dirs: list[Path] = []
-    for arg in args.model_dirs:
-        p = Path(arg)
-        try:
-            store.model_kind(p)
-            dirs.append(p)
-        except FileNotFoundError:
-            found = store.list_models(p) if p.is_dir() else []
-            if not found:
-                print(f"{p}: not a model folder, nor a folder of models", file=sys.stderr)
-                return 2
-            dirs.extend(found)
+    try:
+        dirs = store.expand_model_dirs(args.model_dirs)
+    except FileNotFoundError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     images = None
     if args.data:
         from cxr.data.loader import load_split

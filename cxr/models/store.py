@@ -180,6 +180,23 @@ def list_models(models_dir: str | Path) -> list[Path]:
     return found
 
 
+def expand_model_dirs(paths) -> list[Path]:
+    """Command-line arguments -> model folders: each a model folder, or a folder of models (as jobs/train.py --out
+    writes). Raises FileNotFoundError naming the first that is neither."""
+    dirs: list[Path] = []
+    for arg in paths:
+        p = Path(arg)
+        try:
+            model_kind(p)
+            dirs.append(p)
+        except FileNotFoundError:
+            found = list_models(p) if p.is_dir() else []
+            if not found:
+                raise FileNotFoundError(f"{p}: not a model folder, nor a folder of models") from None
+            dirs.extend(found)
+    return dirs
+
+
 _TF_LIMITED = False
 
 

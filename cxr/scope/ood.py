@@ -17,7 +17,7 @@ or dead ReLU units), factored as P_g = L_g L_g^T, and a scale s_g: the median of
     distance(f) = sum_g ||(f_g - mean_g) @ L_g||_2 / s_g
 
 (one Mahalanobis distance per layer, in units of that layer's typical distance, so no layer swamps the others as
-one Mahalanobis over the concatenation would). The threshold is the `quantile` (scope.ood_quantile, default 0.995)
+one Mahalanobis over the concatenation would). The threshold is the `quantile` (scope.ood_quantile, default 0.98)
 of the calibration scores: the out-of-fold train scores pooled with the val split's (without a val split, as in
 cross-validation folds, the out-of-fold scores alone; with fewer than 2 x FOLDS train images, the val scores or
 the train images' own), recorded in "threshold_on": hundreds of scores instead of the val split's few dozen, whose
@@ -50,7 +50,7 @@ DISTANCE_NAME = store.DISTANCE_OUTPUT
 FEATURES_NAME = store.FEATURES_OUTPUT
 METHOD = ("sum over feature layers of Mahalanobis distances (Ledoit-Wolf shrinkage), each divided by its median "
           "out-of-fold train distance; layers: conv blocks (global average pooled) and hidden activations")
-DEFAULT_QUANTILE = 0.995
+DEFAULT_QUANTILE = 0.98
 FOLDS = 5               # out-of-fold train distances: each layer's scale, and (with val) the threshold's sample
 RTOL = 1e-4             # ONNX vs NumPy distance: max |diff| / max(distance, 1)
 EIGEN_FLOOR = 1e-10     # covariance eigenvalues below this x the largest are raised to it (degenerate features)
@@ -411,18 +411,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             quantile = float((load_config().get("scope") or {}).get("ood_quantile", DEFAULT_QUANTILE))
         except Exception:  # noqa: BLE001 (no readable conf: the documented default)
             quantile = DEFAULT_QUANTILE
-    dirs: list[Path] = []
-    for arg in args.model_dirs:
-        p = Path(arg)
-        try:
-            store.model_kind(p)
-            dirs.append(p)
-        except FileNotFoundError:
-            found = store.list_models(p) if p.is_dir() else []
-            if not found:
-                print(f"{p}: not a model folder, nor a folder of models", file=sys.stderr)
-                return 2
-            dirs.extend(found)
+    try:
+        dirs = store.expand_model_dirs(args.model_dirs)
+    except FileNotFoundError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     from cxr.data.stream import ParquetSplit
 
     train = ParquetSplit.open(args.data, "train")

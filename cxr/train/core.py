@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 SCRATCH_FAMILIES = ("scratch-cnn", "scratch-dnn")
 ALL_MODELS = (*FAMILIES, *SCRATCH_FAMILIES)
-DEFAULT_OOD_QUANTILE = 0.995   # scope.ood_quantile when the config has none
+DEFAULT_OOD_QUANTILE = 0.98    # scope.ood_quantile when the config has none
 
 
 class OutputExistsError(RuntimeError):
@@ -216,7 +216,7 @@ def train_and_save(spec: dict, train, val, conf: Mapping[str, Any], cw: dict, ep
                    calibrate_on: str | None = None, ood_quantile: float | None = None) -> dict:
     """Train one planned model (train.ensemble > 1: that many members, seeds seed, seed+1, ..., saved as one
     ensemble model) into target (replacing it), fit its OOD reference (threshold at ood_quantile, default
-    scope.ood_quantile's 0.995, of the out-of-fold train and the val scores) and, when there is a
+    scope.ood_quantile's 0.98, of the out-of-fold train and the val scores) and, when there is a
     validation set, fit its temperature there. train/val are training sources (cxr.data.stream.ParquetSplit or
     SplitData). Shared by train and cross-validation."""
     from cxr.train import ensemble
