@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib.abc
+import importlib.util
 import logging
+import os
 import sys
 from typing import Any, Callable, Mapping
 
@@ -17,6 +20,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                         help="run over Spark Connect against this server instead (default: $SPARK_REMOTE, if set "
                              "and no --master is given)")
     parser.add_argument("--log-level", default="INFO", help="log level of the job's own messages (default INFO)")
+    parser.add_argument("--progress", action="store_const", const="on", default=None,
+                        help="show Spark's progress bars (conf spark.console_progress; default: only on a terminal)")
     return parser
 
 
@@ -64,8 +69,43 @@ def start_tracking(config: Mapping[str, Any]):
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("py4j", "matplotlib", "PIL", "tf2onnx", "alembic"):
+    for noisy in ("py4j", "matplotlib", "PIL", "tf2onnx", "alembic", "mlflow.store.db.utils", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" not in sys.modules and not any(isinstance(f, QuietTensorFlow) for f in sys.meta_path):
+        sys.meta_path.insert(0, QuietTensorFlow())
+
+
+class QuietTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports TensorFlow (when a job first needs it) with the C++ side's stderr captured, dropping the start-up
+    lines that TF_CPP_MIN_LOG_LEVEL does not reach (absl's "All log messages before absl::InitializeLog()" and
+    oneDNN's note) and passing every other line on: the jobs' console shows the project's lines."""
+
+    NOISE = ("All log messages before absl::InitializeLog()", "oneDNN custom operations are on")
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)   # once; the real finders do the finding
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            self.loader, spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        from cxr.image.damage import decoder_messages
+
+        lines: list[str] = []
+        try:
+            with decoder_messages() as lines:
+                self.loader.exec_module(module)
+        finally:
+            for line in lines:
+                if not any(noise in line for noise in self.NOISE):
+                    print(line, file=sys.stderr)
 
 
 def run_job(args: argparse.Namespace, overrides: Mapping[str, Any], body: Callable[[Any, dict], int | None]) -> int:
@@ -77,7 +117,7 @@ def run_job(args: argparse.Namespace, overrides: Mapping[str, Any], body: Callab
     from cxr.spark.session import get_spark, is_connect, not_on_connect
 
     setup_logging(args.log_level)
-    config = load_config(args.conf, overrides)
+    config = load_config(args.conf, {**overrides, "spark.console_progress": getattr(args, "progress", None)})
     reused = SparkSession.getActiveSession() is not None
     try:
         spark = get_spark(config, master=args.master, remote=getattr(args, "remote", None))

@@ -268,6 +268,23 @@ def test_spark_remote_environment_variable_is_honoured(connect, tmp_path):
     assert done.stdout.split() == ["True", "2"]
 
 
+@pytest.mark.parametrize("where", ["job flag", "spark-submit flag"])
+def test_spark_submit_with_remote_runs_over_connect(connect, archive, preprocessed, tmp_path, where):
+    """`spark-submit jobs/preprocess.py --remote URL` (spark-submit starts a classic driver JVM and sets MASTER) and
+    `spark-submit --remote URL jobs/preprocess.py` (spark-submit hands the URL over in PYSPARK_REMOTE_INIT_CONF_*)
+    both run the job over Connect, with the same rows as the classic run."""
+    submit = str(Path(sys.executable).with_name("spark-submit"))
+    out = tmp_path / "out"
+    job = [str(ROOT / "jobs" / "preprocess.py"), "--input", str(archive), "--output", str(out), "--size", "32"]
+    cmd = [submit, *job, "--remote", connect] if where == "job flag" else [submit, "--remote", connect, *job]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = done.stdout + done.stderr
+    assert "over Spark Connect at " + connect in said and "Traceback" not in said
+    classic_out, _, _ = preprocessed
+    pd.testing.assert_frame_equal(_rows(out / "images"), _rows(classic_out / "images"), check_like=True)
+
+
 def test_no_jvm_handles_in_cxr_or_jobs():
     pattern = re.compile(r"sparkContext|_jvm|_jsc")
     offenders = [f"{p.relative_to(ROOT)}:{n}" for top in ("cxr", "jobs") for p in sorted((ROOT / top).rglob("*.py"))

@@ -100,11 +100,28 @@ def default_parallelism(spark) -> int:
     return 2
 
 
+def _submitted_remote() -> str | None:
+    """spark-submit's own --remote URL: it hands the Python driver its settings in PYSPARK_REMOTE_INIT_CONF_<i>."""
+    import json
+
+    for i in range(int(os.environ.get("PYSPARK_REMOTE_INIT_CONF_LEN") or 0)):
+        try:
+            url = json.loads(os.environ.get(f"PYSPARK_REMOTE_INIT_CONF_{i}") or "{}").get("spark.remote")
+        except ValueError:
+            continue
+        if url:
+            return url
+    return None
+
+
 def _resolve_remote(master_arg: str | None, remote: str | None) -> str | None:
     if master_arg and remote:
         raise ValueError(f"give either --master ({master_arg}) or --remote ({remote}), not both")
     if remote:
         return remote
+    submitted = _submitted_remote()
+    if submitted:
+        return submitted
     env = os.environ.get("SPARK_REMOTE")
     if env and master_arg:
         # pyspark's builder would follow SPARK_REMOTE whatever the master: an explicit --master wins
@@ -126,6 +143,10 @@ def _connect_session(url: str, app_name: str, spark_conf: Mapping[str, Any], set
     if active is not None and not is_connect(active):
         raise ConnectUnsupportedError(f"a Spark Connect session ({url}) in a process that already runs a classic "
                                       f"session: pyspark allows one kind per process; run the job in its own process")
+    # `spark-submit jobs/X.py --remote ...` starts a classic driver JVM first and says so in MASTER (its --master,
+    # local[*] by default): pyspark would refuse a master and a Connect URL together. The job asked for Connect.
+    if "PYSPARK_GATEWAY_PORT" in os.environ and os.environ.pop("MASTER", None):
+        log.info("under spark-submit: its master is not used, the job runs over Spark Connect at %s", url)
     # The generic builder (not pyspark.sql.connect's own) also switches pyspark.sql.functions to Connect mode.
     spark = SparkSession.builder.remote(url).appName(app_name).getOrCreate()
     skipped, rejected = [], []
@@ -145,6 +166,21 @@ def _connect_session(url: str, app_name: str, spark_conf: Mapping[str, Any], set
     log.info("Spark %s over Spark Connect at %s (server master %s), app %s (log level: the server's)",
              spark.version, url, master_url(spark), app_name)
     return spark
+
+
+def console_progress(spark_conf: Mapping[str, Any]) -> bool:
+    """spark.console_progress: on, off, or auto (on only when stderr is a terminal: a progress bar redrawn with
+    carriage returns turns a log file or a piped demo into one long line). An explicit spark.ui.showConsoleProgress
+    in spark.conf wins."""
+    explicit = (spark_conf.get("conf") or {}).get("spark.ui.showConsoleProgress")
+    if explicit is not None:
+        return _conf_value(explicit) == "true"
+    mode = _conf_value(spark_conf.get("console_progress", "auto"))
+    if mode in ("on", "true"):
+        return True
+    if mode in ("off", "false"):
+        return False
+    return sys.stderr.isatty()
 
 
 def get_spark(config: Mapping[str, Any], master: str | None = None, app_name: str | None = None,
@@ -171,6 +207,7 @@ def get_spark(config: Mapping[str, Any], master: str | None = None, app_name: st
         builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
     # spark.log.level: SparkContext.setLogLevel at startup, without touching the SparkContext
     builder = builder.config("spark.log.level", str(spark_conf.get("log_level", "WARN")).upper())
+    builder = builder.config("spark.ui.showConsoleProgress", _conf_value(console_progress(spark_conf)))
     _ensure_event_log_dir(settings)
     for key, value in settings.items():
         builder = builder.config(key, _conf_value(value))
