@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib.abc
-import importlib.util
 import logging
-import os
 import sys
 from typing import Any, Callable, Mapping
 
 from cxr.config import load_config
+from cxr.models.tf_console import quiet_tensorflow_import
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -71,41 +69,7 @@ def setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("py4j", "matplotlib", "PIL", "tf2onnx", "alembic", "mlflow.store.db.utils", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if "tensorflow" not in sys.modules and not any(isinstance(f, QuietTensorFlow) for f in sys.meta_path):
-        sys.meta_path.insert(0, QuietTensorFlow())
-
-
-class QuietTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports TensorFlow (when a job first needs it) with the C++ side's stderr captured, dropping the start-up
-    lines that TF_CPP_MIN_LOG_LEVEL does not reach (absl's "All log messages before absl::InitializeLog()" and
-    oneDNN's note) and passing every other line on: the jobs' console shows the project's lines."""
-
-    NOISE = ("All log messages before absl::InitializeLog()", "oneDNN custom operations are on")
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow":
-            return None
-        sys.meta_path.remove(self)   # once; the real finders do the finding
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.loader is not None:
-            self.loader, spec.loader = spec.loader, self
-        return spec
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module) -> None:
-        from cxr.image.damage import decoder_messages
-
-        lines: list[str] = []
-        try:
-            with decoder_messages() as lines:
-                self.loader.exec_module(module)
-        finally:
-            for line in lines:
-                if not any(noise in line for noise in self.NOISE):
-                    print(line, file=sys.stderr)
+    quiet_tensorflow_import()
 
 
 def run_job(args: argparse.Namespace, overrides: Mapping[str, Any], body: Callable[[Any, dict], int | None]) -> int:

@@ -19,9 +19,21 @@ import sys; print("tensorflow-loaded", "tensorflow" in sys.modules, file=sys.std
 """
 
 
-def test_a_job_process_imports_tensorflow_without_its_start_up_lines(tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}   # no TF_CPP_MIN_LOG_LEVEL from the caller: the job sets it
-    done = subprocess.run([sys.executable, "-c", _TRAIN_LIKE], cwd=ROOT, env=env, capture_output=True, text=True,
+# a Spark worker about to run a Keras model (--engine keras, Grad-CAM) goes through store.limit_tf_threads
+_WORKER_LIKE = """
+from cxr.models import store
+store.limit_tf_threads(1)
+import keras, numpy as np
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+print("shape", tuple(model(np.zeros((1, 4), np.float32)).shape))
+import sys; print("tensorflow-loaded", "tensorflow" in sys.modules, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("code", [_TRAIN_LIKE, _WORKER_LIKE], ids=["job", "worker"])
+def test_tensorflow_is_imported_without_its_start_up_lines(tmp_path, code):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}   # no TF_CPP_MIN_LOG_LEVEL from the caller: we set it
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "shape (1, 2)" in done.stdout and "tensorflow-loaded True" in done.stderr

@@ -34,6 +34,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from cxr import CLASSES
+from cxr.models.tf_console import quiet_tensorflow_import
 
 METRICS_FILE = "metrics.json"
 KERAS_FILE = "model.keras"
@@ -205,7 +206,7 @@ def limit_tf_threads(threads: int = 1) -> None:
     global _TF_LIMITED
     if _TF_LIMITED:
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow_import()
     import tensorflow as tf
 
     try:
@@ -586,7 +587,7 @@ def missing_onnx_message(model_dir: str | Path) -> str:
 
 def load_keras(path: str | Path):
     """keras.saving.load_model with safe_mode=True: refuses Lambda layers and other embedded code."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow_import()
     import keras
 
     try:
