@@ -191,7 +191,7 @@ def measure(args, st: dict, save) -> None:
         r = job("train", "train", "--conf", "recommended", "--data", pre, "--out", models, "--ensemble",
                 args.ensemble, "--no-tracking", "--no-evaluate", "--overwrite")
         meta = json.loads((model / "metrics.json").read_text())
-        from cxr.scope.ood import load_reference
+        from cxr.scope.reference import load_reference
 
         save("train", {**r, "ensemble": args.ensemble, "ood": meta["ood"],
                        "calibration": [float(v) for v in load_reference(model).calibration]})

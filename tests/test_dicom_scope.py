@@ -219,7 +219,8 @@ def _chests(n: int, seed: int) -> np.ndarray:
 def ood_model(preprocessed, tmp_path_factory):
     """A tiny CNN with an OOD reference fitted on synthetic chests (threshold: 99.5% of other chests)."""
     from cxr.models import store
-    from cxr.scope.ood import add_distance_to_onnx, fit_reference, save_reference
+    from cxr.models.onnx_export import add_distance_to_onnx
+    from cxr.scope.reference import fit_reference, save_reference
     from tests.scoring_models import tiny_keras_cnn
 
     _, result = preprocessed

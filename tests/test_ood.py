@@ -12,8 +12,8 @@ import pytest
 
 from cxr.data.loader import load_split
 from cxr.models import store
-from cxr.models.onnx_export import export_onnx, keep_outputs
-from cxr.scope import ood
+from cxr.models.onnx_export import add_distance_to_onnx, export_onnx, keep_outputs
+from cxr.scope import ood, reference
 from cxr.score.frames import model_id
 from tests.train_data import SIZE, pre_out, train_config  # noqa: F401 (fixtures)
 
@@ -79,17 +79,17 @@ def test_onnx_features_and_distance_equal_the_framework(models, splits, kind):
     assert np.max(np.abs(feats - own.features(x))) <= FEATURES_ATOL
     assert np.ptp(want_f, axis=0).max() > 1e-3                           # features depend on the image
     assert np.max(np.abs(proba - own.predict_proba(x))) <= 1e-5          # probabilities as before
-    ref = ood.load_reference(d)
+    ref = reference.load_reference(d)
     assert ref.dims == dims and ref.layers == len(layers[0])
-    assert np.array_equal(ref.groups, ood.layer_groups(layers, dims))
-    assert ood.relative_error(dist, ood.distances(want_f, ref)) <= DISTANCE_RTOL   # end to end
-    assert ood.relative_error(dist, ood.distances(feats, ref)) <= DISTANCE_RTOL    # the distance nodes alone
+    assert np.array_equal(ref.groups, reference.layer_groups(layers, dims))
+    assert reference.relative_error(dist, reference.distances(want_f, ref)) <= DISTANCE_RTOL   # end to end
+    assert reference.relative_error(dist, reference.distances(feats, ref)) <= DISTANCE_RTOL    # the distance nodes alone
     for engine in ("onnx", "keras"):
         p = store.load_predictor(d, engine=engine, batch_size=7)
         got_p, got_d = p.predict_scored(x)
         assert got_p.dtype == np.float32 and got_d.dtype == np.float32 and got_d.shape == (len(x),)
         assert np.max(np.abs(got_p - p.predict_proba(x))) <= 1e-6
-        assert ood.relative_error(got_d, dist) <= DISTANCE_RTOL, engine
+        assert reference.relative_error(got_d, dist) <= DISTANCE_RTOL, engine
         assert p.ood_threshold == pytest.approx(ref.threshold)
 
 
@@ -98,7 +98,7 @@ def test_training_fits_the_reference_on_train_and_thresholds_on_val(models, spli
     d = models[kind]
     meta = store.read_metadata(d)
     rec = meta["ood"]
-    assert rec["method"] == ood.METHOD
+    assert rec["method"] == reference.METHOD
     assert rec["n_train"] == meta["data"]["train"]["images"] == len(splits["train"])
     assert rec["n_val"] == meta["data"]["val"]["images"] == len(splits["val"])
     assert rec["quantile"] == 0.99 and rec["threshold_on"] == "out-of-fold train (k=5) + val"
@@ -109,10 +109,10 @@ def test_training_fits_the_reference_on_train_and_thresholds_on_val(models, spli
     assert rec["onnx_max_rel_diff"] <= DISTANCE_RTOL and rec["checked_with"] == "val split"
     assert meta["timings_s"]["ood"] > 0 and store.OOD_FILE in meta["files"]
     onnx_p = store.load_predictor(d, engine="onnx")
-    ref = ood.load_reference(d)
+    ref = reference.load_reference(d)
     train_f = onnx_p.features(splits["train"])
-    groups = ood.layer_groups(onnx_p.feature_layers, train_f.shape[1])
-    direct = ood.fit_reference(train_f, onnx_p.features(splits["val"]), 0.99, groups=groups)
+    groups = reference.layer_groups(onnx_p.feature_layers, train_f.shape[1])
+    direct = reference.fit_reference(train_f, onnx_p.features(splits["val"]), 0.99, groups=groups)
     assert np.allclose(direct.mean, ref.mean, atol=1e-5) and _same_precision(direct, ref)
     assert np.allclose(direct.scales, ref.scales, rtol=1e-4)
     assert rec["threshold"] == pytest.approx(direct.threshold, rel=1e-4)
@@ -147,7 +147,7 @@ def test_layered_ledoit_wolf_mahalanobis_equals_a_direct_computation(n):
         c = on[:, cols] - fit_on[:, cols].mean(axis=0)
         return np.sqrt(np.einsum("ij,jk,ik->i", c, np.linalg.inv(lw.covariance_), c))
 
-    ref = ood.fit_reference(train, val, quantile=0.9, groups=groups)
+    ref = reference.fit_reference(train, val, quantile=0.9, groups=groups)
     cols = [np.flatnonzero(groups == g) for g in (0, 1)]
     if n >= 10:
         oof = np.zeros((2, n))
@@ -163,39 +163,39 @@ def test_layered_ledoit_wolf_mahalanobis_equals_a_direct_computation(n):
         assert ref.folds == 0 and ref.threshold_on == "val"
     assert np.allclose(ref.scales, scales, rtol=1e-9)
     want = sum(direct(train, val, c) / s for c, s in zip(cols, scales))
-    assert np.allclose(ood.distances(val, ref), want, rtol=1e-9)
-    assert np.allclose(ood.layer_distances(val, ref).sum(axis=1), want, rtol=1e-12)
+    assert np.allclose(reference.distances(val, ref), want, rtol=1e-9)
+    assert np.allclose(reference.layer_distances(val, ref).sum(axis=1), want, rtol=1e-12)
     pooled = np.concatenate([calibration, want])
     assert ref.threshold == pytest.approx(np.quantile(pooled, 0.9), rel=1e-9) and len(ref.calibration) == len(pooled)
     assert [round(s, 9) for s in ref.shrinkage] == [round(LedoitWolf().fit(train[:, c]).shrinkage_, 9) for c in cols]
     assert (ref.n_train, ref.n_val, ref.dims, ref.layers) == (n, 40, dims, 2)
-    one = ood.fit_reference(train, val, quantile=0.9)              # no groups: one layer
-    assert one.layers == 1 and np.allclose(ood.distances(val, one), direct(train, val, np.arange(dims)) / one.scales[0])
-    no_val = ood.fit_reference(train, None, quantile=0.9, groups=groups)   # cross-validation folds: no val split
+    one = reference.fit_reference(train, val, quantile=0.9)              # no groups: one layer
+    assert one.layers == 1 and np.allclose(reference.distances(val, one), direct(train, val, np.arange(dims)) / one.scales[0])
+    no_val = reference.fit_reference(train, None, quantile=0.9, groups=groups)   # cross-validation folds: no val split
     assert no_val.n_val == 0 and no_val.threshold_on == ("out-of-fold train (k=5) (no val split)" if n >= 10 else
                                                          "train (no val split)")
     if n < 10:
-        assert no_val.threshold == pytest.approx(np.quantile(ood.distances(train, no_val), 0.9), rel=1e-9)
+        assert no_val.threshold == pytest.approx(np.quantile(reference.distances(train, no_val), 0.9), rel=1e-9)
 
 
 def test_layer_groups_align_members_from_the_penultimate():
-    assert ood.layer_groups(None, 4).tolist() == [0, 0, 0, 0]
-    assert ood.layer_groups([[2, 1]], 3).tolist() == [0, 0, 1]
-    assert ood.layer_groups([[2, 1], [1, 2, 1]], 7).tolist() == [1, 1, 2, 0, 1, 1, 2]
+    assert reference.layer_groups(None, 4).tolist() == [0, 0, 0, 0]
+    assert reference.layer_groups([[2, 1]], 3).tolist() == [0, 0, 1]
+    assert reference.layer_groups([[2, 1], [1, 2, 1]], 7).tolist() == [1, 1, 2, 0, 1, 1, 2]
     with pytest.raises(ValueError, match="add up to"):
-        ood.layer_groups([[2, 1]], 4)
+        reference.layer_groups([[2, 1]], 4)
 
 
 def test_a_reference_saved_before_layers_still_loads(tmp_path):
     """ood.npz written before per-layer references (one penultimate layer, unscaled) loads as one layer."""
     rng = np.random.default_rng(1)
     train, val = rng.normal(size=(50, 6)), rng.normal(size=(10, 6))
-    ref = ood.fit_reference(train, None, 0.9, folds=0)
+    ref = reference.fit_reference(train, None, 0.9, folds=0)
     np.savez(tmp_path / store.OOD_FILE, mean=ref.mean, factor=ref.factors[0] / ref.scales[0], threshold=1.5,
              quantile=0.9, n_train=50, n_val=0, dims=6, shrinkage=ref.shrinkage[0], threshold_on="val", method="old")
-    old = ood.load_reference(tmp_path)
+    old = reference.load_reference(tmp_path)
     assert old.layers == 1 and old.scales.tolist() == [1.0] and old.threshold == 1.5
-    assert np.allclose(ood.distances(val, old), ood.distances(val, ref), rtol=1e-9)
+    assert np.allclose(reference.distances(val, old), reference.distances(val, ref), rtol=1e-9)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -215,12 +215,12 @@ def test_ood_npz_is_part_of_the_model_id(models, tmp_path):
     assert store.weight_files(d) == ["model.json", "model.npz", "ood.npz", "model.onnx"]
     assert store.weight_files(e)[-2:] == ["ood.npz", "model.onnx"]
     before = model_id(d)
-    ref = ood.load_reference(d)
-    ood.save_reference(d, ref)                       # the same reference: the same id
+    ref = reference.load_reference(d)
+    reference.save_reference(d, ref)                       # the same reference: the same id
     assert model_id(d) == before
     from dataclasses import replace
 
-    ood.save_reference(d, replace(ref, threshold=ref.threshold * 2))
+    reference.save_reference(d, replace(ref, threshold=ref.threshold * 2))
     assert model_id(d) != before
     with np.load(d / store.OOD_FILE, allow_pickle=False) as z:   # plain arrays only
         assert all(z[k].dtype != object for k in z.files)
@@ -262,8 +262,8 @@ def test_cli_fits_models_trained_before_it(models, pre_out, tmp_path, capsys):
     assert ood.main(["fit", str(tmp_path / "models"), "--data", str(pre_out), "--quantile", "0.5"]) == 0
     rec = store.read_metadata(d)["ood"]
     assert rec["quantile"] == 0.5 and rec["n_train"] == meta["data"]["train"]["images"] and rec["n_val"] > 0
-    ref = ood.load_reference(d)
-    want = ood.load_reference(models["scratch-dnn"])     # the same model and data as training: same reference
+    ref = reference.load_reference(d)
+    want = reference.load_reference(models["scratch-dnn"])     # the same model and data as training: same reference
     assert np.allclose(ref.mean, want.mean, atol=1e-5) and _same_precision(ref, want)
     assert store.load_predictor(d, engine="onnx").has_ood() and "threshold" in capsys.readouterr().out
 
@@ -271,10 +271,10 @@ def test_cli_fits_models_trained_before_it(models, pre_out, tmp_path, capsys):
 def test_a_distance_that_does_not_match_is_refused(models, splits, tmp_path, monkeypatch):
     d = shutil.copytree(models["scratch-dnn"], tmp_path / "m")
     before = (d / store.ONNX_FILE).read_bytes()
-    real = ood.distances
-    monkeypatch.setattr(ood, "distances", lambda f, ref: real(f, ref) * 1.01)
+    real = reference.distances
+    monkeypatch.setattr("cxr.models.onnx_export.distances", lambda f, ref: real(f, ref) * 1.01)
     with pytest.raises(ValueError, match="differs from the NumPy distance"):
-        ood.add_distance_to_onnx(d, splits["val"])
+        add_distance_to_onnx(d, splits["val"])
     assert (d / store.ONNX_FILE).read_bytes() == before
     assert sorted(p.name for p in d.iterdir()) == sorted(p.name for p in models["scratch-dnn"].iterdir())
 
@@ -304,7 +304,7 @@ def test_reexport_over_a_reference_of_other_features_removes_it(models, splits, 
     it (new features) cannot keep that reference, so it is removed with a warning saying how to fit it again."""
     d = shutil.copytree(models["cnn-adam"], tmp_path / "m")
     rng = np.random.default_rng(0)
-    ood.save_reference(d, ood.fit_reference(rng.normal(size=(40, 32)), None, 0.9))   # 32 dims: the old penultimate
+    reference.save_reference(d, reference.fit_reference(rng.normal(size=(40, 32)), None, 0.9))   # 32 dims: the old penultimate
     with pytest.warns(UserWarning, match="fit it again"):
         export_onnx(d, splits["val"])
     import onnx

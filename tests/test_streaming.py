@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cxr import CLASSES
-from cxr.data.loader import load_split
-from cxr.data.stream import ParquetSplit, as_unit_float, epoch_order, predict_source
+from cxr.data.loader import epoch_order, load_split
+from cxr.data.stream import ParquetSplit, as_unit_float, predict_source
 from tests.train_data import pre_out  # noqa: F401 (fixture)
 
 CW = {"COVID": 1.0, "NORMAL": 2.0, "VIRAL": 0.5}

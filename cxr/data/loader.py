@@ -32,6 +32,12 @@ class SplitLeakError(ValueError):
     """An image (by content hash) or a patient appears in the evaluation split and in a training split."""
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of epoch `epoch` when the whole split fits in the buffer (and of in-memory data): the same for
+    SplitData and cxr.data.stream.ParquetSplit, so that streaming and in-memory training see one order."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), 1]).permutation(int(n))
+
+
 @dataclass
 class SplitData:
     """Images (N, H, W, 1) with their labels (index into CLASSES, -1 when unlabeled) and row identities."""
@@ -71,9 +77,7 @@ class SplitData:
 
     def batches(self, batch_size: int, epoch: int = 0, shuffle: bool = False, seed: int = 0):
         """(images (b, H, W) as stored, labels (b,)) per batch; shuffled in the order a ParquetSplit whose
-        buffer holds the whole split gives (cxr.data.stream.epoch_order)."""
-        from cxr.data.stream import epoch_order
-
+        buffer holds the whole split gives (epoch_order)."""
         order = epoch_order(len(self), seed, epoch) if shuffle else np.arange(len(self))
         for start in range(0, len(self), int(batch_size)):
             idx = order[start:start + int(batch_size)]

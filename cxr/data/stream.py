@@ -7,9 +7,9 @@ driver memory is buffer x H x W bytes plus `cycle` record batches, whatever the 
 
 How the shuffle works, per epoch e with seed s:
 - When the buffer holds the whole split (or the fold), every row is read into it (in file order) and then
-  emitted in the order `epoch_order(n, s, e)`: a NumPy permutation of the rows in file order. In-memory data
-  (cxr.data.loader.SplitData.batches) uses the same order, so training from Parquet and from an array gives
-  the same weights (tests/test_streaming.py).
+  emitted in the order `epoch_order(n, s, e)` (cxr.data.loader): a NumPy permutation of the rows in file order.
+  In-memory data (cxr.data.loader.SplitData.batches) uses the same order, so training from Parquet and from an
+  array gives the same weights (tests/test_streaming.py).
 - When the split is larger than the buffer: the row groups are visited in a random order, `cycle` of them
   read at once, each next record batch taken from a random one of those (so a file written class by class
   still mixes); each row then enters the buffer and, once the buffer is full, pushes out a uniformly chosen
@@ -29,11 +29,6 @@ from cxr.data.loader import SplitIndex, scan_split, to_unit_float
 
 DEFAULT_BUFFER = 4096      # images (~205 MB at 224 px, 17 MB at 64 px)
 DEFAULT_CYCLE = 4          # row groups read at once when the split is larger than the buffer
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of epoch `epoch` when the whole split fits in the buffer (and of in-memory data)."""
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), 1]).permutation(int(n))
 
 
 def as_unit_float(images: np.ndarray) -> np.ndarray:

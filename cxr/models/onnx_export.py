@@ -45,13 +45,15 @@ import numpy as np
 
 from cxr import CLASSES
 from cxr.models import store
+from cxr.scope.reference import Reference, distances, layer_groups, load_reference, relative_error
 
 OPSET = 17
 IR_VERSION = 8            # the IR version that goes with opset 17: any ONNX Runtime since 1.13 reads it
 INPUT_NAME = "image"
 OUTPUT_NAME = store.PROBA_OUTPUT          # "proba"
 FEATURES_NAME = store.FEATURES_OUTPUT     # "features"
-DISTANCE_NAME = store.DISTANCE_OUTPUT     # "ood_distance" (added by cxr.scope.ood)
+DISTANCE_NAME = store.DISTANCE_OUTPUT     # "ood_distance" (add_distance_to_onnx, once a reference is fitted)
+DISTANCE_RTOL = 1e-4      # ONNX vs NumPy distance: max |diff| / max(distance, 1)
 FEATURES_RTOL = 1e-4      # features may differ by this much x max(1, largest |feature|): they are unbounded
                           # sums (a Dense over 86 k inputs at 224 px), unlike probabilities in [0, 1]
 MAX_CHECK_IMAGES = 512    # the check runs on at most this many of the given images (bounds export time)
@@ -73,7 +75,7 @@ def export_onnx(model_dir: str | Path, val_images: np.ndarray | None = None, ato
     random batch), the first max_images of them used; images_from says what they are, for the record.
     Raises OnnxExportError if ONNX Runtime's probabilities differ by more than atol, or its features by more
     than features_rtol x max(1, max |feature|). A folder with an OOD reference (ood.npz) gets its
-    "ood_distance" output back (cxr.scope.ood.add_distance_to_onnx, checked too)."""
+    "ood_distance" output back (add_distance_to_onnx, checked too)."""
     d = Path(model_dir)
     t0 = time.perf_counter()
     source = store.load_predictor(d, engine="keras", batch_size=CHECK_BATCH)
@@ -129,8 +131,6 @@ def export_onnx(model_dir: str | Path, val_images: np.ndarray | None = None, ato
     meta["files"] = [*files, store.ONNX_FILE, store.METRICS_FILE]
     store.write_metadata(d, meta)
     if (d / store.OOD_FILE).is_file():  # a re-export keeps the model's OOD output (same reference, checked again)
-        from cxr.scope.ood import add_distance_to_onnx, layer_groups, load_reference
-
         ref = load_reference(d)
         dims = int(want_f.shape[1])
         if ref.dims == dims and np.array_equal(ref.groups, layer_groups(feature_layers(proto), dims)):
@@ -557,6 +557,92 @@ def measure_throughput(predictor: store.Predictor, x: np.ndarray, min_seconds: f
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     return {"images": n, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
             "images_per_s": round(n / wall, 1), "images_per_core_s": round(n / cpu, 1)}
+
+
+# ------------------------------------------------------------------ the OOD distance (cxr.scope.reference)
+def _distance_nodes(graph, ref: Reference) -> None:
+    """Append (in place), per layer g: Gather(its features) -> Sub(mean) -> MatMul(L) -> Mul(self) ->
+    ReduceSum(axis 1) -> Sqrt -> Mul(1 / scale), then Sum over the layers: the "ood_distance" output, right after
+    the node that makes "features" (so an ensemble's Mean stays the last node)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    names = [o.name for o in graph.output]
+    if FEATURES_NAME not in names:
+        raise ValueError(f"model.onnx has no {FEATURES_NAME!r} output (outputs: {names}): re-export it with "
+                         "`python -m cxr.models.onnx_export MODEL_DIR` first")
+    keep_outputs(graph, [n for n in names if n != DISTANCE_NAME])   # replace an older distance
+    inits = [numpy_helper.from_array(np.asarray([1], np.int64), "ood_axes")]
+    new, terms = [], []
+    for g, factor in enumerate(ref.factors):
+        i = np.flatnonzero(ref.groups == g)
+        p = f"ood_l{g}_"
+        inits += [numpy_helper.from_array(i.astype(np.int64), p + "index"),
+                  numpy_helper.from_array(ref.mean[i].astype(np.float32), p + "mean"),
+                  numpy_helper.from_array(factor.astype(np.float32), p + "factor"),
+                  numpy_helper.from_array(np.asarray([1.0 / ref.scales[g]], np.float32), p + "inv_scale")]
+        new += [helper.make_node("Gather", [FEATURES_NAME, p + "index"], [p + "features"], name=p + "gather", axis=1),
+                helper.make_node("Sub", [p + "features", p + "mean"], [p + "centered"], name=p + "sub"),
+                helper.make_node("MatMul", [p + "centered", p + "factor"], [p + "whitened"], name=p + "matmul"),
+                helper.make_node("Mul", [p + "whitened", p + "whitened"], [p + "squared"], name=p + "square"),
+                helper.make_node("ReduceSum", [p + "squared", "ood_axes"], [p + "sum"], name=p + "sum", keepdims=0),
+                helper.make_node("Sqrt", [p + "sum"], [p + "distance"], name=p + "sqrt"),
+                helper.make_node("Mul", [p + "distance", p + "inv_scale"], [p + "scaled"], name=p + "scale")]
+        terms.append(p + "scaled")
+    new.append(helper.make_node("Sum", terms, [DISTANCE_NAME], name="ood_layers_sum"))
+    graph.initializer.extend(inits)
+    at = next(i for i, node in enumerate(graph.node) if FEATURES_NAME in node.output) + 1
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes[:at] + new + nodes[at:])
+    graph.output.append(helper.make_tensor_value_info(DISTANCE_NAME, TensorProto.FLOAT, ["N"]))
+
+
+def add_distance_to_onnx(model_dir: str | Path, images: np.ndarray | None = None, ref: Reference | None = None,
+                         rtol: float = DISTANCE_RTOL, images_from: str | None = None) -> Path:
+    """Rewrite model_dir/model.onnx with the "ood_distance" output of `ref` (default: the folder's ood.npz),
+    checked before it is kept: on `images` (float32 (N, H, W, 1) at the data size; None: a seeded random batch)
+    ONNX Runtime's distance must equal the NumPy distance of the graph's own features within `rtol`
+    (relative_error). Raises ValueError otherwise, leaving model.onnx as it was. Records metrics.json "ood"."""
+    import onnx
+
+    d = Path(model_dir)
+    ref = ref if ref is not None else load_reference(d)
+    if ref is None:
+        raise FileNotFoundError(f"{d / store.OOD_FILE} is missing: fit the reference first (python -m cxr.scope.ood fit)")
+    proto = onnx.load(str(d / store.ONNX_FILE))
+    _distance_nodes(proto.graph, ref)
+    onnx.checker.check_model(proto)
+    meta = store.read_metadata(d)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=store.ONNX_FILE + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(proto.SerializeToString())
+        graph = store.OnnxPredictor(d, meta, batch_size=CHECK_BATCH, threads=1, onnx_path=tmp)
+        x = check_images(graph, images, MAX_CHECK_IMAGES)
+        feats, got = graph.run_outputs(x, [FEATURES_NAME, DISTANCE_NAME])
+        del graph
+        want = distances(feats, ref)
+        err = relative_error(got, want)
+        if not err <= rtol:  # also catches NaN
+            raise ValueError(f"{d}: model.onnx's {DISTANCE_NAME} differs from the NumPy distance by {err:.3g} "
+                             f"(max |diff| / max(distance, 1)) > {rtol:g} on {len(x)} images: model.onnx not "
+                             "rewritten")
+        os.replace(tmp, d / store.ONNX_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    meta = store.read_metadata(d)
+    onnx_rec = meta.get("onnx") or {}
+    if onnx_rec:
+        onnx_rec["outputs"] = [o.name for o in proto.graph.output]
+    meta["ood"] = {**(meta.get("ood") or {}), **ref.summary(), "onnx_output": DISTANCE_NAME,
+                   "onnx_max_rel_diff": err, "onnx_rtol": rtol, "checked_on": int(len(x)),
+                   "checked_with": (images_from or "images given") if images is not None and len(images)
+                   else f"seeded uniform random batch (seed 0, {len(x)} images)"}
+    files = [f for f in meta.get("files") or [] if f not in (store.OOD_FILE, store.ONNX_FILE, store.METRICS_FILE)]
+    meta["files"] = [*files, store.OOD_FILE, store.ONNX_FILE, store.METRICS_FILE]
+    store.write_metadata(d, meta)
+    return d / store.ONNX_FILE
 
 
 def main(argv: Sequence[str] | None = None) -> int:

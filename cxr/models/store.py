@@ -35,12 +35,13 @@ import numpy as np
 
 from cxr import CLASSES
 from cxr.models.tf_console import quiet_tensorflow_import
+from cxr.scope import reference
 
 METRICS_FILE = "metrics.json"
 KERAS_FILE = "model.keras"
 SCRATCH_FILES = ("model.json", "model.npz")
 ONNX_FILE = "model.onnx"
-OOD_FILE = "ood.npz"            # cxr.scope.ood's reference (mean, factor, threshold): part of the model id
+OOD_FILE = reference.OOD_FILE   # the OOD reference (fitted by cxr.scope.ood): part of the model id
 ENSEMBLE_FILE = "ensemble.json"   # {"members": [relative folder, ...], "combine": "mean"}
 MEMBERS_DIR = "members"
 SCHEMA = "cxr.model/1"
@@ -269,11 +270,9 @@ class Predictor:
     # ------------------------------------------------------------ out-of-distribution distance
     @property
     def ood_reference(self):
-        """cxr.scope.ood.Reference from ood.npz (None when the model has none), loaded once."""
+        """cxr.scope.reference.Reference from ood.npz (None when the model has none), loaded once."""
         if not hasattr(self, "_ood_reference"):
-            from cxr.scope.ood import load_reference
-
-            self._ood_reference = load_reference(self.model_dir)
+            self._ood_reference = reference.load_reference(self.model_dir)
         return self._ood_reference
 
     def has_ood(self) -> bool:
@@ -286,13 +285,11 @@ class Predictor:
 
     def predict_scored(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(probabilities (N, 3) float32, ood distances (N,) float32 or None without a reference). In the model's
-        own framework: features and probabilities from one pass, the distance in NumPy (cxr.scope.ood)."""
+        own framework: features and probabilities from one pass, the distance in NumPy (cxr.scope.reference)."""
         if not self.has_ood():
             return self.predict_proba(x), None
-        from cxr.scope.ood import distances
-
         proba, feats = self._proba_and_features(x)
-        return proba, distances(feats, self.ood_reference).astype(np.float32)
+        return proba, reference.distances(feats, self.ood_reference).astype(np.float32)
 
 
 def keras_feature_layer(model):

@@ -114,14 +114,6 @@ def list_files(spark: SparkSession, root: str, extensions: Sequence[str], exclud
         nonempty.unpersist()
 
 
-def listing_counts(listing: DataFrame) -> tuple[int, dict[str, int], dict[str, int]]:
-    """(input files, {kind: n}, {ignored kind + extension: n}); input counts every file not ignored."""
-    kinds = {r["kind"]: r["count"] for r in listing.groupBy("kind").count().collect()}
-    ignored = {f"{r['kind']}{r['extension'] or '(none)'}": r["count"] for r in
-               listing.where(F.col("kind").startswith("ignored")).groupBy("kind", "extension").count().collect()}
-    return sum(n for kind, n in kinds.items() if not kind.startswith("ignored")), kinds, ignored
-
-
 def unread_reason(max_file_mb: float) -> Column:
     """Why a listed file of an UNREAD_KINDS kind is an errors row without being read."""
     return (F.when(F.col("kind") == "empty", F.lit("file is empty (0 bytes)"))
