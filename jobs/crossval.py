@@ -30,7 +30,7 @@ def main(argv=None) -> int:
                  **tracking_overrides(args)}
 
     def body(spark, config):
-        from cxr.crossval import REPORT_FILE, run
+        from cxr.evaluate.crossval import REPORT_FILE, run
 
         tracking = start_tracking(config)
 

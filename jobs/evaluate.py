@@ -23,7 +23,7 @@ def main(argv=None) -> int:
                  "inference.engine": args.engine}
 
     def body(spark, config):
-        from cxr.report import write_report
+        from cxr.evaluate.report import write_report
         from cxr.spark.evaluate import format_summary, run
 
         only = [m.strip() for m in args.only.split(",")] if args.only else None

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
             print(f"  {m['name']:<14} {m['train_s']:7.1f}s  {final}")
         evaluation = None
         if not args.no_evaluate and config["train"].get("evaluate_after", True):
-            from cxr.report import write_report
+            from cxr.evaluate.report import write_report
             from cxr.spark.evaluate import format_summary
             from cxr.spark.evaluate import run as evaluate
 

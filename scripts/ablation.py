@@ -175,8 +175,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from cxr.cli import setup_logging
     from cxr.config import load_config
-    from cxr.crossval import RESULT_FILE
-    from cxr.crossval import run as crossval
+    from cxr.evaluate.crossval import RESULT_FILE
+    from cxr.evaluate.crossval import run as crossval
     from cxr.spark.preprocess import run as preprocess
     from cxr.spark.session import get_spark
 

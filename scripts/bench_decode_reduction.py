@@ -29,7 +29,7 @@ OUT = Path("/tmp/cxr-bench/decode-reduction.json")
 
 
 def synthetic(n: int, size: int, seed: int = 0) -> dict[str, list[bytes]]:
-    from cxr.synth import CLASSES, render_chest
+    from cxr.datasets.synth import CLASSES, render_chest
 
     jpeg, png = [], []
     for i in range(n):

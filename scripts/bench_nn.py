@@ -204,7 +204,7 @@ def main(argv=None):
                                                "cores": os.cpu_count(), "loadavg": loads}, indent=1))
     if not args.no_write:
         sys.path.insert(0, str(ROOT))
-        from cxr.markdown import replace_section
+        from cxr.common.markdown import replace_section
 
         replace_section(Path(args.benchmarks), SECTION, section)
         print(f"updated {args.benchmarks}")

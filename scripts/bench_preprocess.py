@@ -100,8 +100,8 @@ def synthetic_inputs(sizes: list[int], size: int) -> dict[int, Path]:
 
 
 # ----------------------------------------------------------------------------- memory of the workers
-# /proc helpers shared with the other bench scripts: cxr/bench.py
-from cxr.bench import (CACHE, POOL_WORKERS, SPARK_JVM, SPARK_WORKERS, WorkerMemory, cpu_delta,  # noqa: E402
+# /proc helpers shared with the other bench scripts: cxr/common/bench.py
+from cxr.common.bench import (CACHE, POOL_WORKERS, SPARK_JVM, SPARK_WORKERS, WorkerMemory, cpu_delta,  # noqa: E402
                        cpu_seconds, input_files, linked_subset, matching, reset_peak_rss, status_kb, versions)
 
 
@@ -113,7 +113,7 @@ def _pool_init(pre: dict, root: str):
     """Runs once in each Pool worker: the same imports and parameters a Spark worker ends up with."""
     from cxr.image.batch import process_file
     from cxr.image.pipeline import PreprocessParams
-    from cxr.labels import alias_table
+    from cxr.common.labels import alias_table
 
     _STATE.update(fn=process_file, params=PreprocessParams.from_config(pre), aliases=alias_table(pre["labels"]),
                   root=root)
@@ -573,7 +573,7 @@ def main(argv=None) -> int:
 
 
 def publish_report(args, res: dict, labels: list[str], wall: float) -> None:
-    from cxr.markdown import publish
+    from cxr.common.markdown import publish
 
     for label in labels:
         section = report(args, res, label, wall)

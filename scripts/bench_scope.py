@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cxr.bench import CACHE, machine, versions  # noqa: E402  (after the sys.path insert)
+from cxr.common.bench import CACHE, machine, versions  # noqa: E402  (after the sys.path insert)
 
 SECTION = "## Scope gate and OOD (scripts/bench_scope.py)"
 SHARED = ROOT.parent / "shared" / "data"
@@ -132,7 +132,7 @@ def costs(model: Path, files: list[Path], dicoms: list[Path], n_shared: int, rou
 
     from cxr.config import load_config
     from cxr.image.batch import process_file
-    from cxr.labels import alias_table
+    from cxr.common.labels import alias_table
     from cxr.models import store
     from cxr.models.onnx_export import keep_outputs
     from cxr.score.frames import predict_fixed_batches, scoring_params
@@ -330,7 +330,7 @@ def main(argv=None) -> int:
         measure(args, st, save)
         save("command", ".venv/bin/python scripts/bench_scope.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])))
         save("minutes", (time.perf_counter() - t0) / 60)
-    from cxr.markdown import publish, replace_section
+    from cxr.common.markdown import publish, replace_section
 
     section = report(args, st)
     publish(section, Path(args.out), SECTION, write=not args.no_write)

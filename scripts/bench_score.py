@@ -15,9 +15,9 @@ what was done; --redo PART measures a part again):
      image, peak RSS of the Python driver, the driver JVM and the Python workers (VmHWM from /proc).
   e  pyspark.ml.functions.predict_batch_udf vs our mapInPandas path on the preprocessed input.
 
-Synthetic files: BASES radiographs rendered by cxr.synth.render_chest (0.7 s each at 1024 px, too slow to
+Synthetic files: BASES radiographs rendered by cxr.datasets.synth.render_chest (0.7 s each at 1024 px, too slow to
 render 20,000), each file a random flip, shift and exposure of one of them, written as 8-bit PNG or JPEG
-(55/45, cxr.synth.generate_archive's mix for plain images); every file has its own content.
+(55/45, cxr.datasets.synth.generate_archive's mix for plain images); every file has its own content.
 
     python scripts/bench_score.py                 # everything, BENCHMARKS.md updated
     python scripts/bench_score.py --quick         # small sizes, nothing written: does it work?
@@ -37,18 +37,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cxr.bench import CACHE, input_files, linked_subset  # noqa: E402  (after the sys.path insert)
+from cxr.common.bench import CACHE, input_files, linked_subset  # noqa: E402  (after the sys.path insert)
 
 BASES = 200  # rendered radiographs; every synthetic file is one of them flipped/shifted/re-exposed, re-encoded
 
 
 def _derive_files(job):
     """Render base radiograph b once, then write every file i with i % BASES == b: a random flip, shift and
-    exposure of it, as 8-bit PNG or JPEG (55/45, cxr.synth.generate_archive's mix for plain images)."""
+    exposure of it, as 8-bit PNG or JPEG (55/45, cxr.datasets.synth.generate_archive's mix for plain images)."""
     import cv2
     import numpy as np
 
-    from cxr.synth import CLASSES, render_chest
+    from cxr.datasets.synth import CLASSES, render_chest
 
     b, indices, size, seed, out = job
     cls = CLASSES[b % len(CLASSES)]
@@ -77,7 +77,7 @@ def _derive_files(job):
 
 def synthetic_archive(n: int, size: int = 1024, seed: int = 0) -> Path:
     """n files in class folders under CACHE, made once (resumable: files already written are kept)."""
-    from cxr.synth import CLASSES
+    from cxr.datasets.synth import CLASSES
 
     out = CACHE / f"score-synth-{size}px-{n}-seed{seed}"
     marker = out.with_name(out.name + ".done.json")
@@ -224,10 +224,10 @@ def single_process(mode: str, input_dir: str, model: str, size: int) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from cxr.bench import Timer
+    from cxr.common.bench import Timer
     from cxr.image.batch import process_file
     from cxr.image.pipeline import PreprocessParams
-    from cxr.labels import alias_table
+    from cxr.common.labels import alias_table
     from cxr.models import store
     from cxr.score.frames import predict_fixed_batches
 
@@ -284,7 +284,7 @@ def predictor_speed(engine: str, size: int, n: int) -> dict:
     """The predictor alone, one thread, fixed batches of BATCH: images per second and per CPU second."""
     import numpy as np
 
-    from cxr.bench import Timer
+    from cxr.common.bench import Timer
     from cxr.models import store
     from cxr.score.frames import predict_fixed_batches
 
@@ -370,7 +370,7 @@ class Bench:
               memory: bool = False) -> dict:
         """score.run in the warm session, wall clock around the call; with memory=True the peak RSS
         (VmHWM, reset first) of this Python driver, the driver JVM and the Python workers."""
-        from cxr.bench import (SPARK_JVM, SPARK_WORKERS, WorkerMemory, cpu_delta, cpu_seconds, matching,
+        from cxr.common.bench import (SPARK_JVM, SPARK_WORKERS, WorkerMemory, cpu_delta, cpu_seconds, matching,
                                reset_peak_rss)
         from cxr.spark import score
 
@@ -547,7 +547,7 @@ def predict_batch_udf_vs_ours(bench: Bench) -> dict:
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
-    from cxr.bench import Timer
+    from cxr.common.bench import Timer
     from cxr.score.frames import Engine, score_preprocessed_frame
     from cxr.spark.score import RESULT_SCHEMA
 
@@ -613,7 +613,7 @@ def _f(x, nd=1):
 def report(args, st: dict, meta: dict) -> str:
     from datetime import date
 
-    from cxr.bench import machine, versions
+    from cxr.common.bench import machine, versions
 
     v = versions(("pyspark", "onnxruntime", "tensorflow", "tensorflow-cpu", "keras", "pyarrow", "opencv-python-headless", "numpy"))
     S = args.model_size
@@ -635,9 +635,9 @@ def report(args, st: dict, meta: dict) -> str:
              f"both paths on 8 images first (not counted: {meta.get('session_s', 0):.0f} s + "
              f"{meta.get('warmup_s', 0):.0f} s). Times are wall clock around `score.run()` (the job's own `seconds` "
              f"in brackets where it matters), engine ONNX Runtime with 1 thread per worker, batches of {BATCH}. "
-             f"Synthetic files: {BASES} radiographs rendered by `cxr.synth.render_chest` at "
+             f"Synthetic files: {BASES} radiographs rendered by `cxr.datasets.synth.render_chest` at "
              f"{args.image_size} px, each file a random flip/shift/exposure of one of them, written as 8-bit PNG or "
-             f"JPEG (55/45, like `cxr.synth.generate_archive`'s plain images; rendering 20,000 would take ~4 h on 2 "
+             f"JPEG (55/45, like `cxr.datasets.synth.generate_archive`'s plain images; rendering 20,000 would take ~4 h on 2 "
              f"cores), cached in {CACHE}.", ""]
     if meta.get("real_note"):
         lines += [f"**{meta['real_note']}**", ""]
@@ -897,7 +897,7 @@ def main(argv=None) -> int:
     if "e" not in bench.state and "e" in PARTS:
         meta.setdefault("notes", []).append("(e) predict_batch_udf was not measured in this run.")
     section = report(args, bench.state, meta)
-    from cxr.markdown import publish
+    from cxr.common.markdown import publish
 
     publish(section, Path(args.out), SECTION, write=not args.no_write)
     return 0

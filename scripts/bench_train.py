@@ -3,7 +3,7 @@ code (cxr.train.run: streamed Parquet, shuffle buffer) on synthetic preprocessed
 writes the "## Training" section of BENCHMARKS.md.
 
 Each size trains in a fresh Python process (its peak RSS, VmHWM, is the driver's, TensorFlow included) on a
-preprocess output written straight to the job's Parquet contract from cxr.synth chests: a pool of rendered
+preprocess output written straight to the job's Parquet contract from cxr.datasets.synth chests: a pool of rendered
 chests per class, every row shifted and noised so that no two rows are the same bytes, files of `--file-rows`
 rows in one row group each (as Spark writes ~128 MB row groups), classes one after the other (the worst order
 for a shuffle buffer). Splits 80/10/10.
@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cxr.bench import CACHE, Timer, loadavg, machine, status_kb, versions  # noqa: E402
+from cxr.common.bench import CACHE, Timer, loadavg, machine, status_kb, versions  # noqa: E402
 
 SECTION = "## Training (scripts/bench_train.py)"
 CLASSES = ("COVID", "NORMAL", "VIRAL")
@@ -58,7 +58,7 @@ def chest_pool(side: int, per_class: int) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     import cv2
 
-    from cxr.synth import render_chest
+    from cxr.datasets.synth import render_chest
 
     out = np.empty((3, per_class, side, side), np.uint8)
     for ci, cls in enumerate(CLASSES):
@@ -170,7 +170,7 @@ def report(args, st: dict) -> str:
              "beside each row). The study CNN (filters 32/64/128, dense 128, Adam, batch 32) trained by "
              "`cxr.train.run` (what `jobs/train.py` runs on the driver) for "
              f"{args.epochs} epoch(s) on synthetic preprocessed archives at {args.side} px: rows are variations of "
-             f"{args.pool} rendered `cxr.synth` chests per class, written class after class in Parquet files of "
+             f"{args.pool} rendered `cxr.datasets.synth` chests per class, written class after class in Parquet files of "
              f"{args.file_rows} rows (one row group each), split 80/10/10. Each size runs in a fresh process; peak "
              "RSS is its VmHWM (Python, TensorFlow, the shuffle buffer, Keras, the ONNX export and the "
              "calibration at the end). Time per image = the epoch's wall time (training pass and the val pass) "
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
             state.write_text(json.dumps(st, indent=1))
             print(f"{n}: peak RSS {r['rss_peak_mb']:.0f} MB, epoch {epoch_s:.0f}s, "
                   f"{r['per_image_ms']:.1f} ms/image, load {r['load_mean']:.1f}", flush=True)
-    from cxr.markdown import publish
+    from cxr.common.markdown import publish
 
     publish(report(args, st), Path(args.out), SECTION, write=not args.no_write)
     return 0

@@ -3,7 +3,7 @@
 
     python scripts/calibrate.py --data PRE_OUT --model MODELS_DIR/NAME [--split val] [--dry-run] [--force] [--plot PNG]
 
-Scoring then reports softmax(log p / T) (cxr.calibration.apply_temperature); the calls do not change.
+Scoring then reports softmax(log p / T) (cxr.evaluate.calibration.apply_temperature); the calls do not change.
 A fit on fewer than 50 val images, or at a bound of T, is recorded with applied=false (scoring ignores it)
 unless --force.
 Prints T, NLL and ECE before/after; --plot writes a reliability diagram of the fitted split.
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", help="write a reliability diagram (before/after) of the fitted split here")
     args = parser.parse_args(argv)
 
-    from cxr.calibration import calibrate_model, plot_reliability
+    from cxr.evaluate.calibration import calibrate_model, plot_reliability
 
     if args.split == "test":
         print("calibrate: error: fitting on the test split would leak it into the reported numbers; use val",

@@ -10,7 +10,7 @@ submit="scripts/submit.sh --master local[2]"
 
 rm -rf "$out" && mkdir -p "$out"
 echo "== 1/5 synthetic CXR-like archive (seed 0) -> $out/archive"
-$py -m cxr.synth "$out/archive" --per-class 40 --size 256 --seed 0
+$py -m cxr.datasets.synth "$out/archive" --per-class 40 --size 256 --seed 0
 echo "== 2/5 preprocess (decode, CLAHE, brightness, resize) -> $out/preprocessed"
 $submit jobs/preprocess.py --conf demo --input "$out/archive" --output "$out/preprocessed" \
   --manifest "$out/archive/MANIFEST.csv"
@@ -22,8 +22,8 @@ $submit jobs/score.py --conf demo --input "$out/archive" --model "models:/cxr@ch
   --output "$out/predictions" --explain 2
 echo "== 5/5 pictures: the study's Figure 1 and a sample sheet of the preprocessed images -> $out/figures"
 mkdir -p "$out/figures"
-$py -m cxr.viz preprocess --from-parquet "$out/preprocessed" --n 3 --out "$out/figures/figure1.png" >/dev/null
-$py -m cxr.viz samples "$out/preprocessed" --per-class 4 --out "$out/figures/samples.png" >/dev/null
+$py -m cxr.explain.viz preprocess --from-parquet "$out/preprocessed" --n 3 --out "$out/figures/figure1.png" >/dev/null
+$py -m cxr.explain.viz samples "$out/preprocessed" --per-class 4 --out "$out/figures/samples.png" >/dev/null
 
 cat <<EOM
 

@@ -32,7 +32,7 @@ def main() -> int:
 
     from cxr.config import load_config
     from cxr.image.pipeline import PreprocessParams, preprocess_bytes
-    from cxr.synth import render_chest
+    from cxr.datasets.synth import render_chest
 
     cv2.setNumThreads(1)
     params = PreprocessParams.from_config(load_config(overrides={"preprocess.size": args.size})["preprocess"])

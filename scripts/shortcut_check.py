@@ -3,7 +3,7 @@
 
     python scripts/shortcut_check.py --data PRE_OUT --model MODELS_DIR/NAME [--split test|all|a,b] [--out DIR]
 
-Prints the markdown table (the same section the train report can include: cxr.explain.shortcut_section) and
+Prints the markdown table (the same section the train report can include: cxr.explain.gradcam.shortcut_section) and
 writes DIR/shortcut_<model>.json and DIR/shortcut_<model>.png (mean heatmap per class); DIR defaults to the
 model folder. Exit status 0 also when warnings are found (they are findings, not failures); 2 on bad input.
 """
@@ -25,11 +25,11 @@ def main(argv=None) -> int:
     parser.add_argument("--model", required=True, help="a Keras CNN or separable CNN folder written by jobs/train.py")
     parser.add_argument("--split", default="test", help="split(s) to check: test (default), a comma list, or all")
     parser.add_argument("--method", default="hirescam", choices=("hirescam", "gradcam"),
-                        help="heatmap variant (default hirescam: see cxr/explain.py)")
+                        help="heatmap variant (default hirescam: see cxr/explain/gradcam.py)")
     parser.add_argument("--out", help="folder for the .json and .png (default: the model folder)")
     args = parser.parse_args(argv)
 
-    from cxr.explain import shortcut_section
+    from cxr.explain.gradcam import shortcut_section
 
     model = Path(args.model)
     out = Path(args.out) if args.out else model

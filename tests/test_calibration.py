@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from cxr import calibration as cal
+from cxr.evaluate import calibration as cal
 from cxr.models import store
 from tests.conftest import ROOT
 from tests.train_data import write_pre_out

@@ -43,7 +43,7 @@ def job_conf(cluster, tmp_path_factory) -> Path:
 def archive(tmp_path_factory):
     """The synthetic archive (3 classes, broken files, a duplicate) plus the bad-input corpus under bad/."""
     from cxr.image.badfiles import write_bad_inputs
-    from cxr.synth import generate_archive
+    from cxr.datasets.synth import generate_archive
 
     root = tmp_path_factory.mktemp("cluster_archive")
     generate_archive(root, per_class=6, size=96, seed=5, broken=True)
@@ -242,7 +242,7 @@ def test_a_killed_driver_leaves_nothing_visible_and_the_rerun_has_no_duplicates(
 
 @pytest.fixture(scope="module")
 def small_archive(tmp_path_factory):
-    from cxr.synth import generate_archive
+    from cxr.datasets.synth import generate_archive
 
     root = tmp_path_factory.mktemp("fs_faults")
     generate_archive(root, per_class=2, size=96, seed=1, broken=False)

@@ -121,7 +121,7 @@ def small_config():
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    from cxr.synth import generate_archive
+    from cxr.datasets.synth import generate_archive
 
     root = tmp_path_factory.mktemp("connect_archive")
     generate_archive(root, per_class=4, size=96, seed=17, broken=True)

@@ -1,5 +1,5 @@
-"""Grouped k-fold cross-validation (cxr.folds, cxr.crossval, jobs/crossval.py on local[2]) and the shortcut
-probes (cxr.probes)."""
+"""Grouped k-fold cross-validation (cxr.evaluate.folds, cxr.evaluate.crossval, jobs/crossval.py on local[2]) and the shortcut
+probes (cxr.evaluate.probes)."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from cxr import CLASSES
-from cxr.folds import assign_folds, check_grouping, group_keys
-from cxr.probes import mask_images, metadata_probe, region_mask, region_scores, verdict
+from cxr.evaluate.folds import assign_folds, check_grouping, group_keys
+from cxr.evaluate.probes import mask_images, metadata_probe, region_mask, region_scores, verdict
 from tests.train_data import pre_out, train_config  # noqa: F401 (fixtures)
 
 
@@ -114,9 +114,9 @@ def test_region_probe_exposes_a_model_that_reads_the_border():
 def test_crossval_on_local_spark(spark, pre_out, train_config, tmp_path):
     """Folds grouped by patient, every image held out once per seed, the executors' numbers equal to the kept
     fold models run on the driver, the report written, no silent overwrite."""
-    from cxr.crossval import run
+    from cxr.evaluate.crossval import run
     from cxr.data.loader import load_split
-    from cxr.metrics import summarize
+    from cxr.evaluate.metrics import summarize
     from cxr.models.store import load_predictor
     from cxr.train import OutputExistsError
 

@@ -41,7 +41,7 @@ def _xray() -> np.ndarray:
     if files:
         gray = cv2.imdecode(np.fromfile(files[0], np.uint8), cv2.IMREAD_GRAYSCALE)
         return cv2.resize(gray, (400, 400 * gray.shape[0] // gray.shape[1]), interpolation=cv2.INTER_AREA)
-    from cxr.synth import render_chest
+    from cxr.datasets.synth import render_chest
 
     return np.round(render_chest("COVID", 400, 3) * 255).astype(np.uint8)
 

@@ -14,7 +14,7 @@ from cxr.config import load_config
 from cxr.quality.dicom_files import planted_phi, write_dicom
 from cxr.scope.dicom_header import DICOM_COLUMNS, HEADER_COLUMNS, HeaderReader, patient_key_secret
 from cxr.scope.rules import ScopeGate, ScopeRules
-from cxr.synth import render_chest
+from cxr.datasets.synth import render_chest
 from tests.conftest import SHARED_DATA
 
 SIZE = 32

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from cxr.calibration import apply_temperature, temperature_of
+from cxr.evaluate.calibration import apply_temperature, temperature_of
 from cxr.data.loader import load_split
 from cxr.models import store
 from cxr.score.frames import PROB_COLUMNS, model_id
@@ -97,7 +97,7 @@ def test_score_job_scores_it_as_one_model(spark, ensembles, pre_out, train_confi
 
 
 def test_evaluate_and_report_show_members_and_ensemble(spark, ensembles, pre_out, train_config):
-    from cxr.report import write_report
+    from cxr.evaluate.report import write_report
     from cxr.spark.evaluate import run as evaluate
 
     root = ensembles / "k"
@@ -115,7 +115,7 @@ def test_evaluate_and_report_show_members_and_ensemble(spark, ensembles, pre_out
 
 
 def test_gradcam_averages_the_members(ensembles, pre_out):
-    from cxr.explain import gradcam, load_explainable, shortcut_section
+    from cxr.explain.gradcam import gradcam, load_explainable, shortcut_section
 
     d = ensembles / "k" / "cnn-adam"
     models = load_explainable(d)
@@ -135,7 +135,7 @@ def test_gradcam_averages_the_members(ensembles, pre_out):
 
 
 def test_crossval_trains_ensembles_per_fold(spark, pre_out, train_config, tmp_path):
-    from cxr.crossval import run
+    from cxr.evaluate.crossval import run
 
     conf = {**_conf(train_config, ensemble=2), "crossval": {**train_config["crossval"], "keep_models": True}}
     result = run(spark, str(pre_out), str(tmp_path), conf, folds=2, seeds=1, epochs=1, models="scratch-dnn",
@@ -172,7 +172,7 @@ def test_the_recommended_profile_runs_end_to_end(spark, tmp_path):
     """`--conf recommended` as the README's quick start runs it (one epoch instead of ten): preprocess at its size
     and resize mode, a 3-seed ensemble trained, evaluated and reported, then the raw archive scored with it."""
     from cxr.config import load_config
-    from cxr.synth import generate_archive
+    from cxr.datasets.synth import generate_archive
     from tests.conftest import load_job as job
 
     profile = load_config("recommended")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from cxr.data.loader import SplitLeakError, load_split
-from cxr.metrics import summarize
+from cxr.evaluate.metrics import summarize
 from cxr.models.store import load_predictor
-from cxr.report import write_report
+from cxr.evaluate.report import write_report
 from cxr.spark import evaluate
 from tests.train_data import SIZE, pre_out, train_config, trained, write_pre_out  # noqa: F401 (fixtures)
 

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cxr import CLASSES
-from cxr import explain
+from cxr.explain import gradcam as explain
 
 SIZE = 32
 

@@ -1,8 +1,8 @@
 import pytest
 
 from cxr.config import load_config
-from cxr.labels import alias_table, infer_label
-from cxr.splits import assign_split, validate_ratios
+from cxr.common.labels import alias_table, infer_label
+from cxr.common.splits import assign_split, validate_ratios
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""cxr.markdown.replace_section: each benchmark script owns one section of BENCHMARKS.md."""
-from cxr.markdown import replace_section
+"""cxr.common.markdown.replace_section: each benchmark script owns one section of BENCHMARKS.md."""
+from cxr.common.markdown import replace_section
 
 
 def test_a_section_is_replaced_in_place_and_others_are_kept(tmp_path):

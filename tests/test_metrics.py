@@ -1,4 +1,4 @@
-"""cxr.metrics against hand-computed matrices, published Wilson intervals and brute-force AUC."""
+"""cxr.evaluate.metrics against hand-computed matrices, published Wilson intervals and brute-force AUC."""
 from __future__ import annotations
 
 import itertools
@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from cxr.metrics import (confusion_matrix, macro_f1, normal_vs_viral, per_class, roc_auc, roc_auc_ovr, roc_curve,
+from cxr.evaluate.metrics import (confusion_matrix, macro_f1, normal_vs_viral, per_class, roc_auc, roc_auc_ovr, roc_curve,
                          summarize, wilson_interval)
 
 # 9 rows: truth 0,0,0 | 1,1 | 2,2,2,2 -> predictions chosen so every cell below is easy to check by hand

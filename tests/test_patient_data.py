@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from cxr.quality.dicom_files import planted_phi, write_dicom
-from cxr.synth import render_chest
+from cxr.datasets.synth import render_chest
 from tests.conftest import load_job as job
 
 SIZE = 32

@@ -27,7 +27,7 @@ def small_config():
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    from cxr.synth import generate_archive
+    from cxr.datasets.synth import generate_archive
 
     root = tmp_path_factory.mktemp("archive")
     summary = generate_archive(root, per_class=6, size=160, seed=3, broken=True)

@@ -32,7 +32,7 @@ def small_config():
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    from cxr.synth import generate_archive
+    from cxr.datasets.synth import generate_archive
 
     root = tmp_path_factory.mktemp("score_archive")
     generate_archive(root, per_class=5, size=96, seed=11, broken=True)
@@ -105,7 +105,7 @@ def test_incremental_runs_score_only_new_files(spark, archive, keras_model, smal
         import shutil
 
         shutil.copytree(archive, new)
-        from cxr.synth import render_chest
+        from cxr.datasets.synth import render_chest
 
         import cv2
         cv2.imwrite(str(new / "COVID" / "new_scan.png"), (render_chest("COVID", 96, 5) * 255).astype(np.uint8))

@@ -9,7 +9,7 @@ from cxr.score.incremental import classify, list_archive
 
 
 def _archive(root):
-    from cxr.synth import generate_archive
+    from cxr.datasets.synth import generate_archive
 
     generate_archive(root, per_class=2, size=96, seed=3, broken=True)
     (root / "COVID" / ".hidden.png").write_bytes(b"x")         # hidden: not part of a dataset for Spark either

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from cxr import CLASSES
-from cxr import synth
+from cxr.datasets import synth
 
 PER_CLASS = 40
 SIZE = 256

@@ -41,7 +41,7 @@ def client(store):
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    from cxr.synth import generate_archive
+    from cxr.datasets.synth import generate_archive
 
     root = tmp_path_factory.mktemp("tracking_archive")
     generate_archive(root, per_class=10, size=96, seed=3)

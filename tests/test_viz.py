@@ -1,4 +1,4 @@
-"""cxr.viz: Figure-1 panels and contact sheets are real PNGs of the documented pixel size; bad input is one
+"""cxr.explain.viz: Figure-1 panels and contact sheets are real PNGs of the documented pixel size; bad input is one
 clear line and exit status 2. Small images, no Spark, no TensorFlow."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from cxr import CLASSES
-from cxr import viz
+from cxr.explain import viz
 from cxr.image.pipeline import PreprocessParams, preprocess_bytes
 from tests.conftest import ROOT
 from tests.train_data import write_pre_out
@@ -23,7 +23,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _chest(label: str, size: int, seed: int) -> np.ndarray:
-    from cxr.synth import render_chest
+    from cxr.datasets.synth import render_chest
 
     return render_chest(label, size, seed)
 
@@ -95,7 +95,7 @@ def test_contact_sheet_is_a_png_of_the_documented_size(tmp_path):
 
 def _one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip()
-    assert err.startswith("cxr.viz: error: ") and "\n" not in err, err
+    assert err.startswith("cxr.explain.viz: error: ") and "\n" not in err, err
     return err
 
 
@@ -122,8 +122,8 @@ def test_missing_or_empty_inputs_fail_with_one_line(tmp_path, capsys):
 
 
 def test_module_exit_status_from_a_shell(tmp_path):
-    """The real `python -m cxr.viz`: status 2 and a single stderr line (no traceback)."""
-    run = subprocess.run([sys.executable, "-m", "cxr.viz", "samples", str(tmp_path / "missing"), "--out",
+    """The real `python -m cxr.explain.viz`: status 2 and a single stderr line (no traceback)."""
+    run = subprocess.run([sys.executable, "-m", "cxr.explain.viz", "samples", str(tmp_path / "missing"), "--out",
                           str(tmp_path / "s.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert len(run.stderr.strip().splitlines()) == 1 and "missing" in run.stderr

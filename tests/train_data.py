@@ -1,5 +1,5 @@
 """Fixtures shared by the train/evaluate tests: a small PRE_OUT written straight to the preprocess job's output
-contract (Parquet + manifest.json) from cxr.synth's in-memory chests, and models trained on it once per session.
+contract (Parquet + manifest.json) from cxr.datasets.synth's in-memory chests, and models trained on it once per session.
 
 Writing the contract directly (not running the preprocess job) keeps these tests at seconds; the preprocess job
 has its own tests proving it writes this contract.
@@ -31,7 +31,7 @@ def write_pre_out(root: Path, per_class: int = 30, size: int = SIZE, seed: int =
                   files: int = 2) -> Path:
     """PRE_OUT/images/*.parquet + manifest.json; two images per patient, split by patient (60/20/20).
     leak=True puts one training patient's second image in test (for the refusal tests)."""
-    from cxr.synth import sample_dataset
+    from cxr.datasets.synth import sample_dataset
 
     x, y = sample_dataset(per_class=per_class, size=64, seed=seed)
     rows = []

@@ -1,1 +1,1 @@
-"""Small public datasets used to prove the from-scratch networks (no downloads: files on disk)."""
+"""Sample data: the synthetic CXR-like archive (synth) and MNIST for the from-scratch networks (no downloads)."""

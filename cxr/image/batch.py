@@ -14,7 +14,7 @@ import pandas as pd
 from cxr.image.deadline import TimeLimitExceeded, time_limit
 from cxr.image.pipeline import PreprocessParams, preprocess_bytes
 from cxr.image.rejection import RejectedImage
-from cxr.labels import infer_label
+from cxr.common.labels import infer_label
 from cxr.scope.dicom_header import DICOM_COLUMNS
 from cxr.scope.rules import STAGE as SCOPE_STAGE
 

@@ -468,7 +468,7 @@ class ScratchPredictor(Predictor):
 class EnsemblePredictor(Predictor):
     """The mean of the members' probabilities, each member run in its own framework (Keras or cxr.nn); the
     members resize their inputs themselves. `.members` are their predictors, `.model` their Keras models
-    (for Grad-CAM, which averages the members' heatmaps: cxr.explain)."""
+    (for Grad-CAM, which averages the members' heatmaps: cxr.explain.gradcam)."""
 
     kind = "ensemble"
 

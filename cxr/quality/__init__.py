@@ -1,1 +1,1 @@
-"""Checks of the pipeline against inputs nobody planned for: damaged, mutated and hostile files."""
+"""Test material: inputs nobody planned for (damaged, mutated, hostile files), DICOM files, out-of-scope pictures."""

@@ -9,7 +9,7 @@ shipped. Five groups:
                           (at its 64 px min_side), copied as they are: the header rules should stop them
   b  tagless_png          the same pixels (one per distinct picture) as PNGs without any tag: an archive whose
                           tags were lost; only the distance can speak for them
-  c  dicom_*              real chest X-ray pixels (../shared/data/cxr; cxr.synth chests when absent) written by
+  c  dicom_*              real chest X-ray pixels (../shared/data/cxr; cxr.datasets.synth chests when absent) written by
                           cxr.quality.dicom_files.write_dicom with out-of-scope tags: lateral (ViewPosition LL),
                           BodyPartExamined HAND / PELVIS / KNEE, Modality CT, 3 frames, and an SR without pixels
   d  mnist_digits         MNIST test digits (../shared/data/mnist) upscaled to 256 px PNGs
@@ -111,7 +111,7 @@ def pydicom_sources() -> list[tuple[str, bytes, np.ndarray]]:
 # ---------------------------------------------------------------------------------------------- c
 def chest_pixels(n: int, cxr_dir: str | Path | None, seed: int) -> list[tuple[str, np.ndarray]]:
     """n (name, uint8 gray) frontal chest radiographs at most CHEST_SIDE px: a seeded pick of cxr_dir's files,
-    or cxr.synth chests when cxr_dir is None or absent."""
+    or cxr.datasets.synth chests when cxr_dir is None or absent."""
     from cxr.image.decode import decode_image
 
     rng = np.random.default_rng([seed, 3])
@@ -127,7 +127,7 @@ def chest_pixels(n: int, cxr_dir: str | Path | None, seed: int) -> list[tuple[st
                                  interpolation=cv2.INTER_AREA)
             out.append((files[i].stem, np.ascontiguousarray(img)))
         return out
-    from cxr.synth import CLASSES, render_chest
+    from cxr.datasets.synth import CLASSES, render_chest
 
     return [(f"synth{i}", np.round(render_chest(CLASSES[i % 3], CHEST_SIDE, rng) * 255).astype(np.uint8))
             for i in range(n)]

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from cxr import CLASSES
-from cxr.calibration import apply_temperature, temperature_of
+from cxr.evaluate.calibration import apply_temperature, temperature_of
 from cxr.image.batch import process_file
 from cxr.image.pipeline import PreprocessParams
 from cxr.image.source import VANISHED, read_bytes

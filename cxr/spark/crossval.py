@@ -3,7 +3,7 @@
 Rows are joined to their (seed, fold) assignment and grouped by (seed, fold, bucket), the bucket bounding a
 group to about GROUP_ROWS images so a group fits a worker's memory whatever the archive's size. Each group
 runs through the models trained without that fold, on the full images and on the shortcut probes' masked
-variants (cxr.probes), and comes back as one row per (model, region) holding the group's labels and
+variants (cxr.evaluate.probes), and comes back as one row per (model, region) holding the group's labels and
 probabilities; the driver computes the metrics.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from cxr import CLASSES
-from cxr.folds import fold_key
+from cxr.evaluate.folds import fold_key
 from cxr.models.store import inference_settings
-from cxr.probes import REGIONS, mask_images
+from cxr.evaluate.probes import REGIONS, mask_images
 from cxr.spark.evaluate import _label_index, images_frame
 from cxr.spark import fs
 

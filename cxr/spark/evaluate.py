@@ -3,7 +3,7 @@
 Each Python worker loads each model once (cxr.models.store.cached_predictor with conf `inference`'s engine,
 ONNX Runtime or the model's own framework, one thread per worker since Spark already runs one worker per
 core) and emits, per partition and model, its confusion matrix and the per-row class probabilities (3 floats
-a row: small) that ROC-AUC needs. The driver adds the matrices up and computes the metrics with cxr.metrics.
+a row: small) that ROC-AUC needs. The driver adds the matrices up and computes the metrics with cxr.evaluate.metrics.
 Before anything is scored, the split is checked to share no image (sha256) and no patient with train/val: a
 leaked test set would make every number meaningless.
 """
@@ -22,7 +22,7 @@ from pyspark.sql import functions as F
 
 from cxr import CLASSES
 from cxr.data.loader import SplitLeakError, to_unit_float
-from cxr.metrics import confusion_matrix, summarize
+from cxr.evaluate.metrics import confusion_matrix, summarize
 from cxr.models.store import (ONNX_FILE, ensemble_members, inference_settings, list_models, missing_onnx_message,
                               read_metadata)
 from cxr.spark import fs

@@ -7,14 +7,14 @@ the scoring itself:
     sha256 (a stable, content-based pseudo-random pick) — every row when N is `all` (small archives);
  2. a mapInPandas that gets each image again — from the preprocessed table (joined on sha256) or by
     re-reading and re-preprocessing the raw file with the model's params — computes the heatmap of the
-    predicted class (cxr.explain.gradcam, HiResCAM variant) and writes the overlay PNG;
+    predicted class (cxr.explain.gradcam.gradcam, HiResCAM variant) and writes the overlay PNG;
  3. an index table written like the predictions (staged, then renamed into place).
 
 Output under PRED_DIR:
     explain/run_id=R/<sha256>.png                     the image beside its heatmap overlay, caption on top
     explanations/run_date=D/run_id=R/*.parquet        path, sha256, model_id, label, p_label, explain_png
                                                       (the PNG's URI), cam_border, cam_outside_lung
-                                                      (shares of heatmap mass, see cxr.explain), explain_error
+                                                      (shares of heatmap mass, see cxr.explain.gradcam), explain_error
 Join `explanations` to `predictions` on (sha256, model_id) to put the PNG path beside a prediction.
 
 Workers read raw files and write PNGs through pyarrow's filesystems (local paths, s3://, gs://, hdfs:// with
@@ -66,7 +66,7 @@ def check_explain_args(model_dir: str, explain: int | str | None) -> int | str |
     """Validate before scoring starts (a model Grad-CAM cannot explain is refused with the reason)."""
     explain = parse_explain(explain)
     if explain:
-        from cxr.explain import check_explainable
+        from cxr.explain.gradcam import check_explainable
 
         check_explainable(model_dir)
     return explain
@@ -114,7 +114,7 @@ def explain_frame(frame: pd.DataFrame, model_dir: str, png_dir: str, params_dict
                   batch_size: int = 32, tf_threads: int = 1) -> pd.DataFrame:
     """Rows (path, sha256, label, p_label, and image/height/width for preprocessed input) -> overlay PNGs
     written to png_dir/<sha256>.png and one result row each; a row that fails gets explain_error instead."""
-    from cxr.explain import cam_fractions, gradcam, overlay, png_bytes
+    from cxr.explain.gradcam import cam_fractions, gradcam, overlay, png_bytes
     from cxr.models import store
 
     out = frame[["path", "sha256", "label", "p_label"]].copy()

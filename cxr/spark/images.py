@@ -25,7 +25,7 @@ from cxr.image.pipeline import PreprocessParams
 from cxr.image.source import UNREAD_KINDS, VANISHED, read_bytes
 from cxr.scope.dicom_header import COLUMN_KINDS, DICOM_COLUMNS, PATIENT_KEY, with_column_types
 from cxr.scope.rules import ScopeGate
-from cxr.splits import assign_split
+from cxr.common.splits import assign_split
 from cxr.spark import fs
 
 # Spark types of the row columns that are not strings (every other column of an images or errors row is one)

@@ -28,8 +28,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from cxr.image.pipeline import PreprocessParams
-from cxr.labels import alias_table
-from cxr.provenance import package_versions
+from cxr.common.labels import alias_table
+from cxr.common.provenance import package_versions
 from cxr.score.incremental import list_archive
 from cxr.spark import fs
 from cxr.spark.session import default_parallelism, master_url
@@ -37,7 +37,7 @@ from cxr.scope.dicom_header import DICOM_COLUMNS
 from cxr.scope.rules import STAGE as SCOPE_STAGE, ScopeGate
 from cxr.spark.images import (ERROR_COLUMNS, ImageRows, file_tasks, listing_counts, pack_tasks, preprocess_files, rejected_files,
                               row_schema, split_bytes, unread_rows)
-from cxr.splits import validate_ratios
+from cxr.common.splits import validate_ratios
 
 log = logging.getLogger(__name__)
 

@@ -36,9 +36,9 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from cxr.image.source import local_path
-from cxr.labels import alias_table
+from cxr.common.labels import alias_table
 from cxr.models import store
-from cxr.provenance import package_versions
+from cxr.common.provenance import package_versions
 from cxr.score.frames import (HASH_COLUMNS, OOD_COLUMNS, PROB_COLUMNS, RESULT_COLUMNS, Engine, hash_frame, model_id,
                               params_mismatch, score_preprocessed_frame, score_raw_frame, scoring_params)
 from cxr.scope.dicom_header import DICOM_COLUMNS

@@ -61,12 +61,12 @@ def _log_history(mlflow, history: Mapping[str, list]) -> None:
 
 def example_input(data_dir: str, shape: tuple[int, int], kind: str = "synthetic") -> np.ndarray | None:
     """The logged model's input example, (1, H, W, 1) float32 as the model sees it. Everyone who can read the
-    tracking server can download it, so by default it is a rendered synthetic chest (cxr.synth), never a patient's
+    tracking server can download it, so by default it is a rendered synthetic chest (cxr.datasets.synth), never a patient's
     image; "none" logs no example; "real" the first preprocessed training image (only where that is allowed)."""
     if kind == "none":
         return None
     if kind == "synthetic":
-        from cxr.synth import render_chest
+        from cxr.datasets.synth import render_chest
 
         h, w = shape
         img = render_chest("NORMAL", size=max(h, w), rng=0).astype(np.float32)

@@ -30,7 +30,7 @@ from cxr.data.loader import check_disjoint, load_metadata, read_manifest
 from cxr.models import store
 from cxr.models.keras_models import FAMILIES, OPTIMIZERS
 from cxr.models.onnx_export import export_onnx
-from cxr.provenance import package_versions
+from cxr.common.provenance import package_versions
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def train_and_save(spec: dict, train, val, conf: Mapping[str, Any], cw: dict, ep
         meta = store.read_metadata(target)
     train_s = round(time.perf_counter() - t0, 3) if k > 1 else meta["timings_s"]["train"]
     if len(val) and calibrate_on:  # temperature scaling on val; recorded, applied by score only when trustworthy
-        from cxr.calibration import calibrate_model
+        from cxr.evaluate.calibration import calibrate_model
 
         calibrate_model(target, calibrate_on, val=val)
     last = {key: v[-1] for key, v in meta["history"].items() if v}

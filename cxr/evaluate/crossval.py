@@ -5,7 +5,7 @@ labeled image (all of the preprocess job's splits pooled) is held out once per s
 patient (content hash without one) and stratified by class, repeated over seeds (seed i uses
 train.seed + i for the fold assignment and for the model's initialisation). Models train on the driver
 (cxr.train), the held-out folds are evaluated on the executors (cxr.spark.crossval), and the shortcut probes
-(cxr.probes) run on the same folds, so every number is reported as mean and spread over folds x seeds.
+(cxr.evaluate.probes) run on the same folds, so every number is reported as mean and spread over folds x seeds.
 """
 from __future__ import annotations
 
@@ -21,13 +21,13 @@ import numpy as np
 import pandas as pd
 
 from cxr import CLASSES
-from cxr.calibration import ece
+from cxr.evaluate.calibration import ece
 from cxr.data.loader import images_dataset, read_manifest
-from cxr.folds import assign_folds, check_grouping, fold_key, group_keys
-from cxr.metrics import summarize
-from cxr.probes import REGIONS, metadata_probe, quick_scores, verdict
-from cxr.provenance import package_versions
-from cxr.splits import SPLITS
+from cxr.evaluate.folds import assign_folds, check_grouping, fold_key, group_keys
+from cxr.evaluate.metrics import summarize
+from cxr.evaluate.probes import REGIONS, metadata_probe, quick_scores, verdict
+from cxr.common.provenance import package_versions
+from cxr.common.splits import SPLITS
 from cxr.train import OutputExistsError, _as_list, class_weights, plan, train_and_save
 
 log = logging.getLogger(__name__)

@@ -318,7 +318,7 @@ def shortcut_check(model, images: np.ndarray, labels: Sequence[int] | np.ndarray
 def plot_mean_cams(result: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
     """Mean Grad-CAM per class with the border band and lung box drawn: one glance shows where each class's
     evidence sits."""
-    from cxr.viz import plt, save_figure
+    from cxr.explain.viz import plt, save_figure
 
     pyplot = plt()
     names = list(result["mean_cam"])

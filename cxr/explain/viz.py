@@ -1,8 +1,8 @@
 """Pictures for checking the preprocessing by eye: the study's Figure 1 per image, and a contact sheet.
 
-    python -m cxr.viz preprocess FILE... --out PNG [--conf PROFILE] [--size N] [--method clahe|he|none]
-    python -m cxr.viz preprocess --from-parquet PRE_OUT [--n N] --out PNG
-    python -m cxr.viz samples PRE_OUT [--per-class K] [--splits train,val,test] --out PNG
+    python -m cxr.explain.viz preprocess FILE... --out PNG [--conf PROFILE] [--size N] [--method clahe|he|none]
+    python -m cxr.explain.viz preprocess --from-parquet PRE_OUT [--n N] --out PNG
+    python -m cxr.explain.viz samples PRE_OUT [--per-class K] [--splits train,val,test] --out PNG
 
 `preprocess` shows every step of cxr.image.pipeline (original, equalized, brightness, resized) with its
 intensity histogram underneath: CLAHE's effect is clearer in the histogram than in the picture. With
@@ -314,7 +314,7 @@ def _params_for_files(args):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cxr.viz", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cxr.explain.viz", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("preprocess", help="Figure 1: each preprocessing stage with its histogram")
     p.add_argument("files", nargs="*", help="image files (any format the preprocess job reads)")
@@ -351,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             splits = [x.strip() for x in args.splits.split(",") if x.strip()] if args.splits else None
             path = contact_sheet(args.pre_out, args.per_class, args.out, splits, args.seed)
     except (VizError, FileNotFoundError, ValueError) as exc:
-        print(f"cxr.viz: error: {exc}", file=sys.stderr)
+        print(f"cxr.explain.viz: error: {exc}", file=sys.stderr)
         return 2
     print(path)
     return 0

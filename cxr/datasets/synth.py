@@ -1,6 +1,6 @@
 """Synthetic chest-X-ray-like archive, so that `make demo` and the tests run anywhere without real data.
 
-    python -m cxr.synth OUT [--per-class N] [--size S] [--seed K] [--no-broken] [--json]
+    python -m cxr.datasets.synth OUT [--per-class N] [--size S] [--seed K] [--no-broken] [--json]
 
 writes
 
@@ -601,7 +601,7 @@ _MANIFEST_HEADER = "relative_path,class,patient_id,sha256"
 
 
 def _is_ours(out: Path) -> bool:
-    """An earlier cxr.synth output: a MANIFEST.csv with our header, and no folders but the class folders."""
+    """An earlier cxr.datasets.synth output: a MANIFEST.csv with our header, and no folders but the class folders."""
     try:
         with open(out / MANIFEST, encoding="utf-8") as f:
             header = f.readline().strip()
@@ -616,7 +616,7 @@ def _prepare_out(out: Path) -> None:
         raise NotADirectoryError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         if not _is_ours(out):
-            raise FileExistsError(f"{out} is not empty and does not look like an earlier cxr.synth output "
+            raise FileExistsError(f"{out} is not empty and does not look like an earlier cxr.datasets.synth output "
                                   f"(no {MANIFEST} with header {_MANIFEST_HEADER}); refusing to write into it")
         for cls in CLASSES:
             shutil.rmtree(out / cls, ignore_errors=True)
@@ -625,7 +625,7 @@ def _prepare_out(out: Path) -> None:
 
 
 def generate_archive(out_dir, per_class: int = 40, size: int = 256, seed: int = 0, broken: bool = True) -> dict:
-    """Write the synthetic archive to out_dir; return a summary dict (`python -m cxr.synth OUT --json` prints it).
+    """Write the synthetic archive to out_dir; return a summary dict (`python -m cxr.datasets.synth OUT --json` prints it).
 
     Summary keys: seed, per_class, size, classes (valid files per class, duplicate included),
     formats (valid files per format), n_valid, n_patients, images (one dict per valid file: path,
@@ -715,8 +715,8 @@ def generate_archive(out_dir, per_class: int = 40, size: int = 256, seed: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cxr.synth", description=__doc__.split("\n\n")[0])
-    ap.add_argument("out", help="output directory (created; an earlier cxr.synth output is replaced)")
+    ap = argparse.ArgumentParser(prog="python -m cxr.datasets.synth", description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", help="output directory (created; an earlier cxr.datasets.synth output is replaced)")
     ap.add_argument("--per-class", type=int, default=40, help="valid images per class (default 40)")
     ap.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -727,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         s = generate_archive(args.out, per_class=args.per_class, size=args.size, seed=args.seed,
                              broken=not args.no_broken)
     except (ValueError, FileExistsError, NotADirectoryError) as e:
-        print(f"cxr.synth: {e}", file=sys.stderr)
+        print(f"cxr.datasets.synth: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(s, indent=1))

@@ -184,7 +184,7 @@ def temperature_of(metadata: Mapping[str, Any]) -> float | None:
 def plot_reliability(proba: np.ndarray, y: np.ndarray, temperature: float | None, path: str | Path,
                      title: str = "", n_bins: int = N_BINS) -> Path:
     """Reliability diagram, before and after scaling: accuracy per confidence bin against the diagonal."""
-    from cxr.viz import plt, save_figure
+    from cxr.explain.viz import plt, save_figure
 
     pyplot = plt()
     fig, axes = pyplot.subplots(1, 2, figsize=(6.4, 3.2), sharey=True)
@@ -212,7 +212,7 @@ def calibration_section(evaluation: Mapping[str, Any] | None, metas: Mapping[str
     """Markdown for report.md: per calibrated model, T and ECE on val (where it was fitted) and on the
     evaluated split before/after, with a reliability diagram per model in plots_dir.
 
-    `evaluation` and `metas` are what cxr.report.write_report already holds (evaluation["models"][name]
+    `evaluation` and `metas` are what cxr.evaluate.report.write_report already holds (evaluation["models"][name]
     ["predictions"] = {"y", "proba"}; metas[name] = metrics.json)."""
     plots = Path(plots_dir)
     rows, images, notes = [], [], []

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from cxr import CLASSES
-from cxr.metrics import confusion_matrix, macro_f1, normal_vs_viral
+from cxr.evaluate.metrics import confusion_matrix, macro_f1, normal_vs_viral
 
 BORDER = 0.15                       # band width as a fraction of the side (the "outer 15%")
 REGIONS = ("border_only", "lungs_only")

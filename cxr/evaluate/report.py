@@ -11,10 +11,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from cxr import CLASSES
-from cxr.metrics import roc_curve
+from cxr.evaluate.metrics import roc_curve
 from cxr.models.store import list_models, read_metadata
-from cxr.viz import plt as viz_plt
-from cxr.viz import save_figure
+from cxr.explain.viz import plt as viz_plt
+from cxr.explain.viz import save_figure
 
 STUDY_OPTIMIZERS = ("rmsprop", "sgd", "adadelta", "adagrad", "adam")
 STUDY_LABELS = {"rmsprop": "RMSprop", "sgd": "SGD", "adadelta": "Adadelta", "adagrad": "Adagrad", "adam": "Adam"}
@@ -280,12 +280,12 @@ def write_report(models_dir: str | Path, evaluation: Mapping | None = None, spli
         L.append("")
     L += ensemble_rows(metas, evaluation)
 
-    from cxr.calibration import calibration_section
-    from cxr.explain import shortcut_section
+    from cxr.evaluate.calibration import calibration_section
+    from cxr.explain.gradcam import shortcut_section
 
     L.append(calibration_section(evaluation, metas, plots))  # "" when no model is calibrated
     if data.get("dir"):
-        from cxr.probes import probes_section
+        from cxr.evaluate.probes import probes_section
 
         L.append(probes_section(list_models(root), data["dir"], split)[0])
         for d in list_models(root):
