@@ -110,7 +110,9 @@ def _grid(n: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def plot_confusions(evaluation: Mapping, path: Path) -> Path | None:
+def _model_panels(evaluation: Mapping):
+    """(figure, [(axes, model name), ...]): one small panel per evaluated model, unused panels hidden; None
+    without models."""
     models = list(evaluation["models"])
     if not models:
         return None
@@ -119,7 +121,15 @@ def plot_confusions(evaluation: Mapping, path: Path) -> Path | None:
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, name in zip(axes.ravel(), models):
+    return fig, list(zip(axes.ravel(), models))
+
+
+def plot_confusions(evaluation: Mapping, path: Path) -> Path | None:
+    panels = _model_panels(evaluation)
+    if panels is None:
+        return None
+    fig, pairs = panels
+    for ax, name in pairs:
         cm = np.asarray(evaluation["models"][name]["confusion"])
         ax.axis("on")
         ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(int(cm.sum(axis=1).max()), 1))
@@ -135,15 +145,11 @@ def plot_confusions(evaluation: Mapping, path: Path) -> Path | None:
 
 
 def plot_rocs(evaluation: Mapping, path: Path) -> Path | None:
-    models = list(evaluation["models"])
-    if not models:
+    panels = _model_panels(evaluation)
+    if panels is None:
         return None
-    plt = viz_plt()
-    rows, cols = _grid(len(models))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, name in zip(axes.ravel(), models):
+    fig, pairs = panels
+    for ax, name in pairs:
         pred = evaluation["models"][name]["predictions"]
         y, proba = np.asarray(pred["y"]), np.asarray(pred["proba"]).reshape(-1, len(CLASSES))
         ax.axis("on")
