@@ -110,11 +110,16 @@ def run_child(cmd: list, log: Path, *, env: dict | None = None, cwd: Path | None
                     cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, rss, loads)
 
 
+def child_run(script: str | Path, request, log: Path, **kw) -> ChildRun:
+    """`python SCRIPT --child JSON(request)` in a fresh process (run_child's keywords, e.g. sample). The script's
+    main hands --child to answer_child(); a fresh process is how a bench keeps TensorFlow, thread settings and
+    peak RSS apart."""
+    return run_child([sys.executable, Path(script).resolve(), "--child", json.dumps(request)], log, append=True, **kw)
+
+
 def child_answer(script: str | Path, request, log: Path, **kw) -> Any:
-    """`python SCRIPT --child JSON(request)` in a fresh process: its answer. The script's main hands --child to
-    answer_child(); a fresh process is how a bench keeps TensorFlow, thread settings and peak RSS apart."""
-    return run_child([sys.executable, Path(script).resolve(), "--child", json.dumps(request)], log,
-                     append=True, **kw).answer
+    """child_run's answer: what the child printed as JSON."""
+    return child_run(script, request, log, **kw).answer
 
 
 def answer_child(handle: Callable[[Any], Any], request_json: str) -> int:
