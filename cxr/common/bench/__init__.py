@@ -13,6 +13,7 @@ from cxr.common.bench.proc import (POOL_WORKERS, SPARK_JVM, SPARK_WORKERS, Watch
 from cxr.common.bench.report import (BENCHMARKS, ROOT, bench_parser, command_line, load_range, machine,
                                      versions)
 from cxr.common.bench.runs import (ChildRun, ChildServer, Timer, answer_child, child_answer, child_run,
-                                   deadline_seconds, fastest_cpu, interleaved, rotations, run_child, run_parts, serve)
+                                   deadline_seconds, fastest_cpu, interleaved, rotations, run_child, run_parts, serve,
+                                   throughput)
 
 __all__ = [name for name in dir() if not name.startswith("_")]
