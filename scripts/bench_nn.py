@@ -41,10 +41,9 @@ CASES = [("cnn", 32), ("dnn", 32), ("cnn", 1), ("dnn", 1)]
 
 
 def parse_args(argv=None):
-    p = bench_parser(__doc__)
+    p = bench_parser(__doc__, rounds=2)
     p.add_argument("--data", default=str(ROOT.parent / "shared/data/mnist"),
                    help="MNIST folder (random images of the same shape are used if it is missing)")
-    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2, help="timed epochs per case per round")
     p.add_argument("--batch1-samples", type=int, default=1000)
     p.add_argument("--json", default=None, help="also write the raw timings here")

@@ -23,7 +23,6 @@ one: JVM options only apply when a JVM starts). The section's text is scripts/be
 from __future__ import annotations
 
 import json
-import logging
 import multiprocessing as mp
 import os
 import re
@@ -38,8 +37,8 @@ sys.path.insert(0, str(ROOT))  # also runs in the Pool's spawned children, which
 
 from bench_preprocess_report import MASTER, SECTION, report  # noqa: E402
 from cxr.common.bench import (CACHE, POOL_WORKERS, SPARK_JVM, SPARK_WORKERS, ChildServer, Timer, Watch,  # noqa: E402
-                              bench_parser, describe_files, input_files, job_config, linked_subset, rotations, serve,
-                              synthetic_archive)
+                              bench_parser, describe_files, input_files, job_config, linked_subset, quiet_logging,
+                              rotations, serve, synthetic_archive)
 from cxr.common.markdown import publish  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "cxr"
@@ -47,12 +46,11 @@ WORKERS = 2
 
 
 def parse_args(argv=None):
-    p = bench_parser(__doc__)
+    p = bench_parser(__doc__, rounds=3, rounds_help="timed runs per side and input (median kept)")
     p.add_argument("--sizes", type=int, nargs=2, default=[600, 5000], metavar=("SMALL", "LARGE"),
                    help="synthetic set sizes: the slope between them is the marginal cost per image")
     p.add_argument("--big", type=int, default=20000, help="the one large Spark-only run (0: none)")
     p.add_argument("--size", type=int, default=1024, help="side of the synthetic images in pixels")
-    p.add_argument("--rounds", type=int, default=3, help="timed runs per side and input (median kept)")
     p.add_argument("--skip-shared", action="store_true", help=f"do not run on {SHARED}")
     p.add_argument("--no-reduction", dest="reduction", action="store_false", help="skip the decode_reduction=auto runs")
     p.add_argument("--quick", action="store_true",
@@ -279,7 +277,7 @@ def measure(args, base_conf: dict) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")  # not the job's INFO
+    quiet_logging()
     if args.serve is not None:
         side = SparkSide(json.loads(args.serve))
         return serve(side, args.reply_fd, close=side.close)

@@ -32,9 +32,9 @@ STEPS = ("material", "preprocess", "train", "score", "cost")
 
 
 def parse_args(argv=None):
-    p = bench_parser(__doc__, state="scope/results.json", redo_help="steps to run again", redo_choices=STEPS)
+    p = bench_parser(__doc__, state="scope/results.json", redo_help="steps to run again", redo_choices=STEPS,
+                     rounds=5, rounds_help="cost step: timed rounds per measurement (fastest kept)")
     p.add_argument("--ensemble", type=int, default=3, help="seed ensemble size of the model (recommended: 3)")
-    p.add_argument("--rounds", type=int, default=5, help="cost step: timed rounds per measurement (fastest kept)")
     p.add_argument("--doc", default=str(ROOT / "docs" / "scope_gate.md"), help="its ## Measurement is rewritten")
     return p.parse_args(argv)
 

@@ -31,7 +31,8 @@ from bench_score_baselines import ENGINE, MASTER, predict_batch_udf_vs_ours  # n
 from bench_score_report import SECTION, report  # noqa: E402
 from cxr.common.bench import (CACHE, SPARK_JVM, SPARK_WORKERS, State, Timer, Watch, bench_parser,  # noqa: E402
                               cached, child_answer, command_line, deadline_seconds, describe_files, input_files,
-                              interleaved, job_config, linked_subset, random_cnn, run_parts, synthetic_archive)
+                              interleaved, job_config, linked_subset, quiet_logging, random_cnn, run_parts,
+                              synthetic_archive)
 
 SHARED = ROOT.parent / "shared" / "data" / "cxr"
 BASELINES = ROOT / "scripts" / "bench_score_baselines.py"   # the sides measured in fresh processes
@@ -40,14 +41,14 @@ LOG = CACHE / "logs" / "bench-score-child.log"
 
 
 def parse_args(argv=None):
-    p = bench_parser(__doc__, state="score-results.json", redo_help="parts (or part keys, e.g. d:20000) to measure again")
+    p = bench_parser(__doc__, state="score-results.json", redo_help="parts (or part keys, e.g. d:20000) to measure again",
+                     rounds=2, rounds_help="part a: timed runs per side and input (fastest kept)")
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000], help="part d: synthetic archive sizes")
     p.add_argument("--synthetic", type=int, default=1000, help="part a: synthetic images (the first of the largest set)")
     p.add_argument("--image-size", type=int, default=1024, help="side of the synthetic images in pixels")
     p.add_argument("--model-size", type=int, default=128, help="preprocess.size and CNN input (parts a, b, d)")
     p.add_argument("--predict-sizes", type=int, nargs="+", default=[128, 224], help="part c: CNN input sizes")
     p.add_argument("--predict-images", type=int, default=512, help="part c: images per predictor measurement")
-    p.add_argument("--rounds", type=int, default=2, help="part a: timed runs per side and input (fastest kept)")
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     p.add_argument("--quick", action="store_true", help="synthetic sizes 60/120 at 512 px (also standing in for the "
                    "real set), 1 round, nothing written: does it work?")
@@ -232,7 +233,7 @@ class Bench:
                 continue
             if self.state.done(f"d:{n}") or self.past_deadline(n):
                 continue
-            src = self.synth_all if n == max(sizes + [self.args.synthetic]) else self.first(n)
+            src = self.first(n)
             info = describe_files(input_files(src, self.pre))
             print(f"   d: {n} files ({info['mb']:.0f} MB) ...", flush=True)
             self.state.save(f"d:{n}", {**info, **self.score(src, f"d-{n}", fresh=True, full=False, memory=True)})
@@ -282,8 +283,6 @@ def measure(args, bench: Bench, meta: dict, argv) -> None:
 
 
 def main(argv=None) -> int:
-    import logging
-
     from cxr.common.markdown import publish
 
     argv = sys.argv[1:] if argv is None else argv
@@ -291,7 +290,7 @@ def main(argv=None) -> int:
     if args.generate_only:
         synthetic_archive(args.generate_only)
         return 0
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_logging()
     bench = Bench(args)
     meta = bench.state.data.get("meta", {})
     if not args.report_only:

@@ -11,7 +11,7 @@ from cxr.common.bench.proc import (POOL_WORKERS, SPARK_JVM, SPARK_WORKERS, Watch
                                    cpu_seconds, descendants, loadavg, matching, process_cpu_seconds, reset_peak_rss,
                                    status_kb)
 from cxr.common.bench.report import (BENCHMARKS, ROOT, bench_parser, command_line, load_range, machine,
-                                     versions)
+                                     quiet_logging, versions)
 from cxr.common.bench.runs import (ChildRun, ChildServer, Timer, answer_child, child_answer, child_run,
                                    deadline_seconds, fastest_cpu, interleaved, rotations, run_child, run_parts, serve,
                                    throughput)

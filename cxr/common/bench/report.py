@@ -3,6 +3,7 @@ the load on the shared machine, the command to reproduce it, and the flags of a 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import subprocess
@@ -50,13 +51,17 @@ def command_line(script: str, argv) -> str:
 
 
 def bench_parser(doc: str, *, state: str | None = None, redo_help: str = "measurements to make again",
-                 redo_choices=None) -> argparse.ArgumentParser:
+                 redo_choices=None, rounds: int | None = None, rounds_help: str = "timed runs per side"
+                 ) -> argparse.ArgumentParser:
     """The flags every bench script shares: --out and --no-write (where its section goes); with state (a file name
-    under CACHE), --state, --report-only and --redo of a bench that keeps its measurements; and the hidden --child,
-    --serve and --reply-fd its own child processes are started with (runs.child_answer, runs.ChildServer)."""
+    under CACHE), --state, --report-only and --redo of a bench that keeps its measurements; with rounds (its
+    default), --rounds; and the hidden --child, --serve and --reply-fd its own child processes are started with
+    (runs.child_answer, runs.ChildServer)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--out", default=str(BENCHMARKS), help="BENCHMARKS.md to update")
     p.add_argument("--no-write", action="store_true", help="print the section only")
+    if rounds is not None:
+        p.add_argument("--rounds", type=int, default=rounds, help=rounds_help)
     if state:
         p.add_argument("--state", default=str(CACHE / state), help="measurements cache (resumable)")
         p.add_argument("--report-only", action="store_true", help="write the section from --state, measure nothing")
@@ -65,3 +70,8 @@ def bench_parser(doc: str, *, state: str | None = None, redo_help: str = "measur
     p.add_argument("--serve", help=argparse.SUPPRESS)
     p.add_argument("--reply-fd", type=int, help=argparse.SUPPRESS)
     return p
+
+
+def quiet_logging() -> None:
+    """Warnings only from the jobs' own loggers: their per-stage INFO lines would bury the bench's output."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
