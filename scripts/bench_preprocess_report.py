@@ -94,7 +94,8 @@ def goals(res: dict, spark: str) -> list[str]:
 
     def ratio_line(label: str, r: dict, goal: float) -> str:
         wall, cpu = r["sides"][spark]["ratio"], cpu_ratio(r, spark)
-        return f"- Spark / Pool(2) >= {goal} {label}: wall clock {wall:.2f} {met(wall >= goal)}; CPU {cpu:.2f} {met(cpu >= goal)}"
+        return (f"- Spark / Pool(2) >= {goal} {label}: wall clock {wall:.2f} {met(wall >= goal)}; "
+                f"CPU {cpu:.2f} {met(cpu >= goal)}")
 
     lines = [ratio_line(f"on {large['files']} synthetic", large, GOALS["ratio_big"])]
     if res.get("real"):

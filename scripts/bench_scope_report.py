@@ -98,7 +98,8 @@ def report(args, st: dict) -> str:
               *table(["step", "ms per image", "share of the score cost"], [
                   [f"header read (`HeaderReader.read`), {len(h)} DICOMs: mean (max)",
                    f"{np.mean(list(h.values())):.3f} ({max(h.values()):.3f})",
-                   f"**{100 * np.mean(list(h.values())) / co['score_ms']:.2f}%** ({100 * max(h.values()) / co['score_ms']:.2f}%)"],
+                   f"**{100 * np.mean(list(h.values())) / co['score_ms']:.2f}%** "
+                   f"({100 * max(h.values()) / co['score_ms']:.2f}%)"],
                   *([label, f"{co['onnx_ms'][k]:.3f}", f"{100 * co['onnx_ms'][k] / co['score_ms']:.1f}%"]
                     for label, k in (("ONNX without the ood_distance output", "without"), ("ONNX with it", "with"))),
                   ["**the distance** (with - without)", f"{dist_ms:.3f}", f"**{100 * dist_ms / co['score_ms']:.2f}%**"]]),

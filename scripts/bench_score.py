@@ -119,7 +119,7 @@ class Bench:
         spark, out = self.session(), CACHE / "out" / out_name
         if fresh:
             shutil.rmtree(out, ignore_errors=True)
-        with Watch({"workers": SPARK_WORKERS, "jvm": SPARK_JVM}, interval=0.2, include_self=True,
+        with Watch({"workers": SPARK_WORKERS, "jvm": SPARK_JVM}, {"workers": 0.2, "jvm": 0.5}, include_self=True,
                    reset=("self", "jvm", "workers") if memory else ()) as w:
             record = score.run(spark, str(input_dir), str(self.model), str(out), self.config, engine=engine, full=full)
         res = {"wall_s": w.seconds, "seconds": record["seconds"], "counts": record["counts"],
@@ -132,8 +132,8 @@ class Bench:
         print(f"   spark {record['mode']:12s} {input_dir.name}: {c['scored']} scored of {c['input']} in "
               f"{w.seconds:.1f} s (job {record['seconds']:.1f} s), {c['scored'] / w.seconds:.1f} img/s, bytes read "
               f"{record['bytes_read']:,}" + (f", peak RSS MB: driver {res['peak_driver_py_mb']:.0f} + JVM "
-                                            f"{res['peak_jvm_mb']:.0f}, worker {res['peak_worker_mb']:.0f}" if memory else ""),
-              flush=True)
+                                            f"{res['peak_jvm_mb']:.0f}, worker {res['peak_worker_mb']:.0f}"
+                                            if memory else ""), flush=True)
         return res
 
     def setup_inputs(self):

@@ -164,10 +164,12 @@ class Watch:
     from /proc of each group, the wall clock stops before the CPU is read. self_cpu_s is this process (all
     threads); load is the 1-minute load average at the start and the end."""
 
-    def __init__(self, groups: dict[str, str], interval: float = 0.1, include_self: bool = False,
+    def __init__(self, groups: dict[str, str], interval: float | dict[str, float] = 0.1, include_self: bool = False,
                  reset: tuple[str, ...] = ()):
+        """interval: seconds between two polls of the peak RSS, one for all groups or {group: seconds}."""
         self.groups, self.include_self, self.reset = groups, include_self, reset
-        self.memory = {name: WorkerMemory(pattern, interval, include_self=include_self and i == 0)
+        every = interval if isinstance(interval, dict) else dict.fromkeys(groups, interval)
+        self.memory = {name: WorkerMemory(pattern, every[name], include_self=include_self and i == 0)
                        for i, (name, pattern) in enumerate(groups.items())}
         self.seconds, self.self_cpu_s, self.cpu_s, self.load = 0.0, 0.0, {}, (0.0, 0.0)
 
