@@ -200,29 +200,44 @@ def _wait_for(predicate, seconds: float) -> bool:
     return False
 
 
-def test_a_killed_run_and_its_rerun_leave_each_file_once(spark, archive, model, tmp_path):
-    out = tmp_path / "pred"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def _kill_while_staging(archive, model, out: str, staging: Path, *flags) -> None:
+    """jobs/score.py as spark-submit would run it, SIGKILLed (driver, JVM and workers) while it stages its files."""
     job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "score.py"), "--input", str(archive), "--model",
-                            str(model), "--output", str(out), "--table-format", "delta", "--run-id", "killed",
-                            "--no-tracking"],
-                           env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            str(model), "--output", out, "--run-id", "killed", "--no-tracking", *flags],
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert _wait_for(lambda: (out / "_staging" / "killed").exists(), 180), "the job never started staging"
+        assert _wait_for(lambda: any(staging.glob("**/killed")), 180), "the job never started staging"
     finally:
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
-    # what a kill between moving files in and committing leaves: files of a run the log does not know
-    leftover = out / "predictions" / "run_date=2026-01-01" / "run_id=killed"
-    leftover.mkdir(parents=True)
+
+
+def _leftover(tmp_path: Path) -> bytes:
+    """A data file as a kill between moving files in and committing leaves it: of a run the log does not know."""
     _stage(tmp_path / "junk", 3)
-    os.replace(tmp_path / "junk" / "part-00000-abc-c000.snappy.parquet", leftover / "killed_part-00000-x.parquet")
-    rerun = score.run(spark, str(archive), str(model), str(out), _config(), run_id="rerun")
+    return (tmp_path / "junk" / "part-00000-abc-c000.snappy.parquet").read_bytes()
+
+
+LEFTOVER = "predictions/run_date=2026-01-01/run_id=killed/killed_part-00000-x.parquet"
+
+
+def _rerun_is_exact(spark, archive, model, out: str, config) -> pd.DataFrame:
+    rerun = score.run(spark, str(archive), str(model), out, config, run_id="rerun")
     assert rerun["accounted"] and rerun["counts"]["skipped_unchanged"] == 0
     pred = _delta(out, "predictions")
     assert set(pred.run_id) == {"rerun"} and len(pred) == rerun["counts"]["scored"]
-    assert not pred.duplicated("path").any() and not list(out.rglob("killed_part-*"))
-    assert not (out / "_staging").exists()
+    assert not pred.duplicated("path").any()
+    return pred
+
+
+def test_a_killed_run_and_its_rerun_leave_each_file_once(spark, archive, model, tmp_path):
+    out = tmp_path / "pred"
+    _kill_while_staging(archive, model, str(out), out / "_staging")
+    (out / LEFTOVER).parent.mkdir(parents=True)
+    (out / LEFTOVER).write_bytes(_leftover(tmp_path))
+    pred = _rerun_is_exact(spark, archive, model, str(out), _config())
+    assert not list(out.rglob("killed_part-*")) and not (out / "_staging").exists()
     assert len(pq.read_table(out / "predictions").to_pandas()) == len(pred)
 
 
@@ -316,3 +331,16 @@ def test_s3_runs_commit_incrementally_and_overlapping_runs_fail_cleanly(spark, a
     fs, _ = pafs.FileSystem.from_uri(overlap)
     names = [i.base_name for i in fs.get_file_info(pafs.FileSelector("cxr/overlap", recursive=True))]
     assert not [n for n in names if n.startswith("b_part-")]
+
+
+def test_s3_a_killed_run_and_its_rerun_leave_each_file_once(spark, archive, model, s3, tmp_path):
+    import pyarrow.fs as pafs
+
+    out, staging = f"{s3}/killed", tmp_path / "staging"
+    _kill_while_staging(archive, model, out, staging, "--staging-dir", str(staging))
+    fs, base = pafs.FileSystem.from_uri(out)
+    with fs.open_output_stream(f"{base}/{LEFTOVER}") as stream:
+        stream.write(_leftover(tmp_path))
+    _rerun_is_exact(spark, archive, model, out, _config(**{"score.staging_dir": str(staging)}))
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))]
+    assert not [n for n in names if n.startswith("killed_part-")] and not any(staging.iterdir())
