@@ -112,6 +112,14 @@ def images_dataset(data_dir: str) -> ds.Dataset:
     return ds.dataset(files, format="parquet", filesystem=fs)
 
 
+def side_table(data_dir: str, name: str) -> ds.Dataset | None:
+    """PRE_OUT/errors or PRE_OUT/out_of_scope as a pyarrow dataset; None when the run had no such rows."""
+    fs, root = _filesystem(str(data_dir).rstrip("/"))
+    if fs.get_file_info(f"{root}/{name}").type != pafs.FileType.Directory:
+        return None
+    return ds.dataset(f"{root}/{name}", format="parquet", filesystem=fs, exclude_invalid_files=True)
+
+
 def read_manifest(data_dir: str) -> tuple[dict, str]:
     """The preprocess manifest.json and the sha256 of its bytes (recorded with every model)."""
     fs, root = _filesystem(str(data_dir).rstrip("/"))
