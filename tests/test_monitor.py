@@ -26,7 +26,7 @@ from tests.scoring_models import tiny_keras_cnn
 
 SIZE = 32
 CHROMIUM = Path("/usr/bin/chromium")
-ODD_NAME = "<b>odd&name</b>.png"   # a user's file name with markup in it: the page must show it as text
+ODD_NAME = '<b>odd & "name".png'   # a user's file name with markup in it: the page must show it as text
 
 
 # ------------------------------------------------------------------------------------------ statistics, no Spark
