@@ -14,12 +14,14 @@ import pandas as pd
 import pytest
 
 from cxr.config import load_config
+from cxr.data.stream import open_training_split
 from cxr.models import store
 from cxr.monitor import drift
 from cxr.monitor.assess import assess, metric_values
 from cxr.monitor.reference import read_reference, write_reference
 from cxr.monitor.stats import pooled, reason_key, run_statistics
 from cxr.score.frames import model_id
+from cxr.scope.ood import fit_model
 from cxr.spark import preprocess
 from tests.conftest import load_job, shared_data
 from tests.scoring_models import tiny_keras_cnn
@@ -97,6 +99,7 @@ def scene(spark, tmp_path_factory):
     pre = root / "pre"
     result = preprocess.run(spark, str(_archive(root / "ref", ref_files)), str(pre), config)
     model = tiny_keras_cnn(root / "models" / "cnn-monitor", result["params"], SIZE)
+    fit_model(model, open_training_split(str(pre), "train", config["train"]), None, 0.9)   # an OOD reference
     before = model_id(model)
     write_reference(model, str(pre), config)
     return {"model": model, "id_before_reference": before, "same": _archive(root / "same", run_files),
@@ -134,6 +137,8 @@ def test_same_distribution_does_not_drift_darker_images_do_and_exit_4(nights):
     assert row["value"] >= row["threshold"] and row["p_value"] <= row["p_threshold"] and row["n_run"] == 24
     assert dark["stats"]["categorical"]["status"] == {"rejected": 1, "scored": 24}
     assert dark["baselines"]["last run"]["runs"] == ["night1-same"]
+    ood = next(r for r in dark["drift"] if r["statistic"] == "ood" and r["baseline"] == "reference")
+    assert ood["n_run"] == 24 and ood["value"] is not None   # the model has an OOD reference: its share is tested
 
 
 def test_monitoring_values_reach_mlflow(nights):
@@ -183,4 +188,5 @@ def test_the_run_page_renders_in_chromium_with_the_counts(nights):
     assert "Drift: " in text and "intensity vs reference" in text
     assert ODD_NAME in text                            # listed as text, with its reason
     assert "Grad-CAM" in text                          # least confident thumbnails: --explain all ran
+    assert "Most out-of-distribution images" in text
     assert images and all(w > 0 and src.startswith("data:image/png") for w, src in images)

@@ -27,13 +27,13 @@ def _e(value: Any) -> str:
     return escape("" if value is None else str(value))
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], row_class: Sequence[str] | None = None) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+def _table(header: Sequence[str] | None, rows: Sequence[Sequence[Any]], row_class: Sequence[str] | None = None) -> str:
+    head = "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>" if header else ""
     body = []
     for i, row in enumerate(rows):
         cls = f' class="{row_class[i]}"' if row_class and row_class[i] else ""
         body.append(f"<tr{cls}>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+    return f"<table>{head}{''.join(body)}</table>"
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -123,7 +123,7 @@ def render(record: Mapping[str, Any], monitoring: Mapping[str, Any], baselines: 
              ("mode", record.get("mode")), ("model", model.get("name")), ("model id", model.get("model_id")),
              ("registered", f"{model.get('registered_model')} v{model.get('registered_version')}"
               if model.get("registered_model") else None), ("seconds", record.get("seconds"))]
-    head = _table(("", ""), [(k, v) for k, v in facts if v is not None])
+    head = _table(None, [(k, v) for k, v in facts if v is not None])
     status = (monitoring.get("stats") or {}).get("categorical", {}).get("status", {})
     body = [f"<h1>Score run {_e(record.get('run_id'))}</h1>", head, _counts_section(record),
             _drift_section(monitoring, nights), _plots_section(monitoring, baselines),

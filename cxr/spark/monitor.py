@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -40,6 +41,7 @@ class Watch:
     kept_out: list[dict] = field(default_factory=list)
     least_confident: list[dict] = field(default_factory=list)
     most_ood: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
 
 
 def _rows(spark: SparkSession, staging: str) -> DataFrame | None:
@@ -63,7 +65,7 @@ def _partial_stats(frames):
 
 
 def watch(spark: SparkSession, staging: str, config: Mapping[str, Any]) -> Watch:
-    conf = config["monitor"]
+    conf, started = config["monitor"], time.perf_counter()
     rows = _rows(spark, staging)
     if rows is None:
         return Watch(run_statistics(pd.DataFrame(columns=list(COLUMNS))))
@@ -72,14 +74,15 @@ def watch(spark: SparkSession, staging: str, config: Mapping[str, Any]) -> Watch
     stats = pooled(partials) if partials else run_statistics(pd.DataFrame(columns=list(COLUMNS)))
     stats.pop("runs", None)
     page_rows, k = int(conf["page_rows"]), int(conf["thumbnails"])
-    kept_out = [r.asDict() for r in rows.where(F.col("status") != "ok").select("status", "path", "stage", "reason")
+    status = F.when(F.col("status") == "out_of_scope", "out of scope").otherwise("rejected").alias("status")
+    kept_out = [r.asDict() for r in rows.where(F.col("status") != "ok").select(status, "path", "stage", "reason")
                 .orderBy("status", "path").limit(page_rows).collect()]
     scored = rows.where(F.col("status") == "ok").withColumn("p", F.greatest(*PROB_COLUMNS))
     pick = ("path", "sha256", "label", "p", "ood_distance")
     least = [r.asDict() for r in scored.orderBy("p", "path").select(*pick).limit(k).collect()] if k else []
     most = ([r.asDict() for r in scored.where(F.col("ood_distance").isNotNull())
              .orderBy(F.desc("ood_distance"), "path").select(*pick).limit(k).collect()] if k else [])
-    return Watch(stats, kept_out, least, most)
+    return Watch(stats, kept_out, least, most, round(time.perf_counter() - started, 3))
 
 
 def _earlier_records(spark: SparkSession, out: str, model_id: str, run_id: str) -> list[dict]:
@@ -168,7 +171,7 @@ def _thumbnails(spark, w: Watch, record, input_uri, mode, params) -> tuple[list[
 
 def finish(spark: SparkSession, out: str, record: Mapping[str, Any], w: Watch, model_dir: str,
            config: Mapping[str, Any], input_uri: str, mode: str, params) -> dict[str, Any]:
-    conf = config["monitor"]
+    conf, started = config["monitor"], time.perf_counter()
     run_id, model_id = record["run_id"], record["model"]["model_id"]
     reference = read_reference(model_dir)
     earlier = _earlier_records(spark, out, model_id, run_id)
@@ -190,4 +193,5 @@ def finish(spark: SparkSession, out: str, record: Mapping[str, Any], w: Watch, m
         except Exception as exc:   # the run's tables are in place and valid without their page
             log.exception("run page %s not written", page)
             monitoring["page_error"] = f"{type(exc).__name__}: {exc}"
+    monitoring["seconds"] = {"statistics": w.seconds, "tests_and_page": round(time.perf_counter() - started, 3)}
     return monitoring
