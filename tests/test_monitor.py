@@ -102,7 +102,7 @@ def scene(spark, tmp_path_factory):
     fit_model(model, open_training_split(str(pre), "train", config["train"]), None, 0.9)   # an OOD reference
     before = model_id(model)
     write_reference(model, str(pre), config)
-    return {"model": model, "id_before_reference": before, "same": _archive(root / "same", run_files),
+    return {"model": model, "pre": pre, "id_before_reference": before, "same": _archive(root / "same", run_files),
             "dark": _archive(root / "dark", run_files, darken=0.25), "root": root}
 
 
@@ -126,6 +126,19 @@ def test_the_training_reference_is_part_of_the_model_id(scene):
     assert ref["stats"]["scored"] == ref["images"] and ref["stats"]["categorical"]["formats"]
     assert store.MONITOR_FILE in store.weight_files(scene["model"])
     assert model_id(scene["model"]) != scene["id_before_reference"]
+
+
+def test_preprocessed_input_carries_the_input_statistics(spark, scene):
+    """The preprocessed-input path: format, dtype and size come from the images table, intensity from its pixels."""
+    from cxr.spark import score
+
+    record = score.run(spark, str(scene["pre"]), str(scene["model"]), str(scene["root"] / "pred-pre"), load_config())
+    stats = record["monitoring"]["stats"]
+    assert record["mode"] == "preprocessed" and stats["scored"] == record["counts"]["scored"] == 36
+    for name in ("intensity", "size"):
+        assert sum(stats["binned"][name]["counts"]) == 36
+    assert sum(stats["categorical"]["formats"].values()) == sum(stats["categorical"]["bit_depths"].values()) == 36
+    assert record["monitoring"]["drifted"] == []   # the reference's own images (its train split and the rest)
 
 
 def test_same_distribution_does_not_drift_darker_images_do_and_exit_4(nights):
@@ -189,4 +202,4 @@ def test_the_run_page_renders_in_chromium_with_the_counts(nights):
     assert ODD_NAME in text                            # listed as text, with its reason
     assert "Grad-CAM" in text                          # least confident thumbnails: --explain all ran
     assert "Most out-of-distribution images" in text
-    assert images and all(w > 0 and src.startswith("data:image/png") for w, src in images)
+    assert images and all(w > 0 and src.startswith(("data:image/png", "data:image/jpeg")) for w, src in images)

@@ -24,7 +24,7 @@ from cxr.image.pipeline import preprocess_bytes
 from cxr.monitor.assess import REFERENCE, assess, baselines
 from cxr.monitor.drift import describe
 from cxr.monitor.page import render
-from cxr.monitor.plots import gray_uri
+from cxr.monitor.plots import thumbnail_uri
 from cxr.monitor.reference import read_reference
 from cxr.monitor.stats import COLUMNS, pooled, run_statistics
 from cxr.score.frames import PROB_COLUMNS
@@ -163,7 +163,7 @@ def _thumbnails(spark, w: Watch, record, input_uri, mode, params) -> tuple[list[
     def card(it):
         cam = cams.get(it["sha256"])
         img = cam if cam is not None else images.get(it["sha256"])
-        return {**it, "uri": gray_uri(img, 240 if cam is not None else 160) if img is not None else None,
+        return {**it, "uri": thumbnail_uri(img, 240 if cam is not None else 160) if img is not None else None,
                 "gradcam": cam is not None}
 
     return [card(it) for it in w.least_confident], [card(it) for it in w.most_ood]
