@@ -65,6 +65,15 @@ def test_statistics_pool_and_reasons_group():
     assert metric_values(m)["monitor.share.calls.COVID"] == pytest.approx(a["categorical"]["calls"]["COVID"] / 10)
 
 
+def test_every_profile_inherits_the_monitor_section():
+    from cxr.config import CONF_DIR
+
+    default = load_config()["monitor"]
+    assert default["psi_threshold"] == 0.25 and default["fail_on_drift"] is False
+    for profile in sorted(CONF_DIR.glob("*.yaml")):
+        assert load_config(profile.stem)["monitor"] == default, profile.name
+
+
 # ------------------------------------------------------------------------------------ the score job, real files
 
 def _pick(n_ref: int, n_run: int) -> tuple[list[Path], list[Path]]:
