@@ -4,7 +4,10 @@ with --fail-on-drift, the monitoring values in runs/R.json and in MLflow, and th
 Chromium without console errors. Plus the statistics and tests themselves, without Spark."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -121,12 +124,29 @@ def nights(scene, tmp_path_factory):
     darker (with --explain all, so the page's thumbnails are Grad-CAM overlays)."""
     out = scene["root"] / "pred"
     score = load_job("score")
-    codes = [score(["--input", str(scene["same"]), "--model", str(scene["model"]), "--output", str(out),
-                    "--run-id", "night1-same", "--fail-on-drift"]),
-             score(["--input", str(scene["dark"]), "--model", str(scene["model"]), "--output", str(out),
-                    "--run-id", "night2-dark", "--fail-on-drift", "--explain", "all"])]
+    warnings = _Collect()
+    logging.getLogger("cxr.spark.monitor").addHandler(warnings)
+    codes, printed = [], []
+    try:
+        for run_id, archive, extra in (("night1-same", scene["same"], []),
+                                       ("night2-dark", scene["dark"], ["--explain", "all"])):
+            with contextlib.redirect_stdout(io.StringIO()) as text:
+                codes.append(score(["--input", str(archive), "--model", str(scene["model"]), "--output", str(out),
+                                    "--run-id", run_id, "--fail-on-drift", *extra]))
+            printed.append(text.getvalue())
+    finally:
+        logging.getLogger("cxr.spark.monitor").removeHandler(warnings)
     records = {r: json.loads((out / "runs" / f"{r}.json").read_text()) for r in ("night1-same", "night2-dark")}
-    return {"codes": codes, "out": out, "records": records}
+    return {"codes": codes, "out": out, "records": records, "printed": printed, "warnings": warnings.lines}
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
 
 
 def test_the_training_reference_is_part_of_the_model_id(scene):
@@ -152,6 +172,9 @@ def test_preprocessed_input_carries_the_input_statistics(spark, scene):
 
 def test_same_distribution_does_not_drift_darker_images_do_and_exit_4(nights):
     assert nights["codes"] == [0, 4]
+    assert "monitor: no drift" in nights["printed"][0]
+    assert "monitor: WARN drift in " in nights["printed"][1] and "intensity vs reference" in nights["printed"][1]
+    assert any(line.startswith("drift: intensity vs reference: PSI") for line in nights["warnings"])
     same, dark = (nights["records"][r]["monitoring"] for r in ("night1-same", "night2-dark"))
     assert same["drifted"] == [], same["drift"]
     assert "intensity vs reference" in dark["drifted"] and "intensity vs last run" in dark["drifted"]
