@@ -92,12 +92,12 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
-def parquet_files(data_dir: str) -> tuple[pafs.FileSystem, list[str]]:
-    """PRE_OUT/images/*.parquet in sorted order (so every scan sees rows in the same order)."""
+def parquet_files(data_dir: str, table: str = "images") -> tuple[pafs.FileSystem, list[str]]:
+    """PRE_OUT/images/*.parquet (or another table's) in sorted order (so every scan sees rows in the same order)."""
     fs, root = _filesystem(str(data_dir).rstrip("/"))
-    root = f"{root}/images"
+    root = f"{root}/{table}"
     if fs.get_file_info(root).type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"no images/ folder in {data_dir} (is it the preprocess job's output?)")
+        raise FileNotFoundError(f"no {table}/ folder in {data_dir} (is it the preprocess job's output?)")
     files = sorted(f.path for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
                    if f.type == pafs.FileType.File and f.path.endswith(".parquet")
                    and not os.path.basename(f.path).startswith(("_", ".")))
@@ -114,10 +114,11 @@ def images_dataset(data_dir: str) -> ds.Dataset:
 
 def side_table(data_dir: str, name: str) -> ds.Dataset | None:
     """PRE_OUT/errors or PRE_OUT/out_of_scope as a pyarrow dataset; None when the run had no such rows."""
-    fs, root = _filesystem(str(data_dir).rstrip("/"))
-    if fs.get_file_info(f"{root}/{name}").type != pafs.FileType.Directory:
+    try:
+        fs, files = parquet_files(data_dir, name)
+    except FileNotFoundError:
         return None
-    return ds.dataset(f"{root}/{name}", format="parquet", filesystem=fs, exclude_invalid_files=True)
+    return ds.dataset(files, format="parquet", filesystem=fs)
 
 
 def read_manifest(data_dir: str) -> tuple[dict, str]:
