@@ -105,7 +105,7 @@ def run_job(args: argparse.Namespace, overrides: Mapping[str, Any], body: Callab
         logging.getLogger("cxr").error("%s", exc)
         return 2
     except RuntimeError as exc:
-        code = {"OutputExistsError": 2, "LeaseHeldError": 3, "LeaseLostError": 3,
+        code = {"OutputExistsError": 2, "LeaseHeldError": 3, "LeaseLostError": 3, "ConcurrentRunError": 3,
                 "ConnectUnsupportedError": 2}.get(type(exc).__name__)
         if code is None:
             raise

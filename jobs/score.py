@@ -1,8 +1,9 @@
 """spark-submit jobs/score.py --input ARCHIVE_OR_PREPROCESSED --model MODELS_DIR/NAME --output PRED_DIR [...]
 
-Exit codes: 0 done, 2 bad input or arguments, 3 another run holds PRED_DIR's lease (nothing was written),
-4 (only with --fail-on-drift or conf monitor.fail_on_drift) the run is complete and committed, with its record,
-MLflow run and page, but a monitored statistic drifted beyond its threshold (README "Monitoring")."""
+Exit codes: 0 done, 2 bad input or arguments, 3 another run holds PRED_DIR's lease, or (Delta) committed to
+PRED_DIR after this run started: nothing of this run was committed; 4 (only with --fail-on-drift or conf
+monitor.fail_on_drift) the run is complete and committed, with its record, MLflow run and page, but a monitored
+statistic drifted beyond its threshold (README "Monitoring")."""
 import sys
 from pathlib import Path
 
@@ -29,6 +30,11 @@ def main(argv=None) -> int:
     parser.add_argument("--run-id", help="name of this run (default: UTC time + random suffix)")
     parser.add_argument("--explain", metavar="N|all", help="Grad-CAM overlays for N images per predicted class "
                         "(or all) -> PRED_DIR/explain/run_id=R/, indexed in PRED_DIR/explanations/")
+    parser.add_argument("--table-format", choices=["parquet", "delta"],
+                        help="PRED_DIR's tables: Parquet folders, or Delta tables committed by delta-rs (conf "
+                             "score.table_format)")
+    parser.add_argument("--staging-dir", help="where Spark writes the run's files before the commit (conf "
+                        "score.staging_dir; a local folder when PRED_DIR is on S3 and Spark has no hadoop-aws)")
     parser.add_argument("--on-damaged", choices=["reject", "flag"],
                         help="files the codec reports damaged: errors rows, or predictions with decode_warnings")
     parser.add_argument("--fail-on-drift", action="store_true", default=None,
@@ -73,7 +79,8 @@ def main(argv=None) -> int:
         if m["drifted"] and config["monitor"].get("fail_on_drift"):
             return 4
 
-    return run_job(args, {"score.batch_size": args.batch_size, "preprocess.on_damaged": args.on_damaged,
+    return run_job(args, {"score.batch_size": args.batch_size, "score.table_format": args.table_format,
+                          "score.staging_dir": args.staging_dir, "preprocess.on_damaged": args.on_damaged,
                           "monitor.fail_on_drift": args.fail_on_drift,
                           **scope_overrides(args), **tracking_overrides(args)}, body)
 

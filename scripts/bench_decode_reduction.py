@@ -23,9 +23,11 @@ sys.path.insert(0, str(ROOT))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cxr.common.bench import CACHE, fastest_cpu  # noqa: E402
+from cxr.common.markdown import table  # noqa: E402
 from cxr.image.pipeline import PreprocessParams, preprocess_bytes  # noqa: E402
 
-OUT = Path("/tmp/cxr-bench/decode-reduction.json")
+OUT = CACHE / "decode-reduction.json"
 
 
 def synthetic(n: int, size: int, seed: int = 0) -> dict[str, list[bytes]]:
@@ -49,12 +51,10 @@ def real(folder: Path, every: int) -> dict[str, list[bytes]]:
 
 
 def cpu_ms(data: bytes, params: PreprocessParams, repeats: int) -> tuple[float, np.ndarray]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.thread_time()
-        _, out = preprocess_bytes(data, params)
-        best = min(best, time.thread_time() - t0)
-    return best * 1000.0, out
+    """The least thread CPU ms of `repeats` runs of one image, and its output."""
+    out = []
+    best = fastest_cpu(lambda: out.append(preprocess_bytes(data, params)[1]), repeats, clock=time.thread_time)
+    return best * 1000.0, out[-1]
 
 
 def measure(groups: dict[str, list[bytes]], size: int, repeats: int) -> list[dict]:
@@ -84,14 +84,12 @@ def measure(groups: dict[str, list[bytes]], size: int, repeats: int) -> list[dic
     return rows
 
 
-def table(rows: list[dict], size: int) -> str:
-    lines = [f"| input ({size} px output) | images | ms/image off | ms/image auto | images/core-s off | auto | "
-             "speed-up | corr(off, auto) median / min | mean abs diff |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['input']} | {r['images']} | {r['off_ms']} | {r['auto_ms']} | {r['off_per_core_s']} | "
-                     f"{r['auto_per_core_s']} | {r['speedup']}x | {r['corr_median']} / {r['corr_min']} | "
-                     f"{r['mean_abs_diff']} |")
-    return "\n".join(lines)
+def rows_table(rows: list[dict], size: int) -> str:
+    return "\n".join(table(
+        [f"input ({size} px output)", "images", "ms/image off", "ms/image auto", "images/core-s off", "auto", "speed-up",
+         "corr(off, auto) median / min", "mean abs diff"],
+        [[r["input"], r["images"], r["off_ms"], r["auto_ms"], r["off_per_core_s"], r["auto_per_core_s"],
+          f"{r['speedup']}x", f"{r['corr_median']} / {r['corr_min']}", r["mean_abs_diff"]] for r in rows]))
 
 
 def main(argv=None) -> int:
@@ -107,7 +105,7 @@ def main(argv=None) -> int:
     groups = real(Path(args.real), args.every) if Path(args.real).is_dir() else {}
     groups.update(synthetic(args.synthetic, args.synthetic_size))
     rows = measure(groups, args.size, args.repeats)
-    print(table(rows, args.size))
+    print(rows_table(rows, args.size))
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({"size": args.size, "repeats": args.repeats, "rows": rows}, indent=2))
     return 0

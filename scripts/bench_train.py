@@ -13,11 +13,9 @@ for a shuffle buffer). Splits 80/10/10.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,35 +25,33 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cxr.common.bench import CACHE, Timer, loadavg, machine, status_kb, versions  # noqa: E402
+from cxr.common.bench import (CACHE, State, Timer, answer_child, bench_parser, cached, child_run,  # noqa: E402
+                              machine, status_kb, versions)
+from cxr.common.markdown import publish, table  # noqa: E402
 
 SECTION = "## Training (scripts/bench_train.py)"
 CLASSES = ("COVID", "NORMAL", "VIRAL")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = bench_parser(__doc__, state="train-results.json", redo_help="sizes to measure again")
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000], help="images per archive")
     p.add_argument("--side", type=int, default=224, help="preprocess size (pixels)")
     p.add_argument("--epochs", type=int, default=1, help="epochs per size")
     p.add_argument("--pool", type=int, default=200, help="rendered chests per class (rows are variations of them)")
     p.add_argument("--file-rows", type=int, default=2500, help="rows per Parquet file (one row group)")
     p.add_argument("--buffer", type=int, help="train.shuffle_buffer (default: conf)")
-    p.add_argument("--state", default=str(CACHE / "train-results.json"), help="measurements cache (resumable)")
-    p.add_argument("--redo", nargs="*", type=int, default=[], help="sizes to measure again")
-    p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
-    p.add_argument("--no-write", action="store_true", help="print the section only")
-    p.add_argument("--report-only", action="store_true", help="write the section from --state, measure nothing")
-    p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
 def chest_pool(side: int, per_class: int) -> np.ndarray:
-    """(3, per_class, side, side) uint8 rendered chests, cached."""
-    path = CACHE / f"chest-pool-{side}-{per_class}.npy"
-    if path.is_file():
-        return np.load(path, allow_pickle=False)
+    """(3, per_class, side, side) uint8 rendered chests, made once."""
+    return np.load(cached(CACHE / f"chest-pool-{side}-{per_class}.npy", lambda path: render_pool(path, side, per_class)),
+                   allow_pickle=False)
+
+
+def render_pool(path: Path, side: int, per_class: int) -> None:
     import cv2
 
     from cxr.datasets.synth import render_chest
@@ -68,17 +64,18 @@ def chest_pool(side: int, per_class: int) -> np.ndarray:
             out[ci, i] = np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, out)
-    return out
 
 
 def make_archive(n: int, side: int, pool_per_class: int, file_rows: int) -> Path:
-    """CACHE/train-<n>-<side>/: images/*.parquet + manifest.json (the preprocess job's contract)."""
+    """CACHE/train-<n>-<side>/: images/*.parquet + manifest.json (the preprocess job's contract), made once."""
+    out = CACHE / f"train-{n}-{side}"
+    return cached(out, lambda _: write_archive(out, n, side, pool_per_class, file_rows), out / "manifest.json")
+
+
+def write_archive(out: Path, n: int, side: int, pool_per_class: int, file_rows: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out = CACHE / f"train-{n}-{side}"
-    if (out / "manifest.json").is_file():
-        return out
     pool = chest_pool(side, pool_per_class)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -104,7 +101,6 @@ def make_archive(n: int, side: int, pool_per_class: int, file_rows: int) -> Path
               "brightness_beta": 10.0, "resize_mode": "stretch", "min_side": 64, "max_pixels": 100000000}
     (out / "manifest.json").write_text(json.dumps({"job": "preprocess", "params": params,
                                                    "counts": {"input": n, "written": n}}, indent=1))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ child
@@ -139,22 +135,13 @@ def measure(data: Path, args) -> dict:
     """Run the child for one archive, sampling its RSS and the machine's load average every second."""
     request = {"data": str(data), "out": str(CACHE / f"train-models-{data.name}"), "epochs": args.epochs,
                "buffer": args.buffer}
-    proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(request)], stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    rss, loads = [], []
-    while proc.poll() is None:
-        rss.append(status_kb(proc.pid, "VmRSS:") / 1024)
-        loads.append(loadavg())
-        time.sleep(1.0)
-    out = proc.stdout.read()
-    if proc.returncode:
-        raise RuntimeError(f"child failed ({proc.returncode}) on {data}")
-    result = json.loads(out.strip().splitlines()[-1])
-    result.update(rss_samples_mb=[round(r) for r in rss[::max(1, len(rss) // 60)]], load_mean=float(np.mean(loads)),
-                  load_max=float(np.max(loads)),
-                  # the training epochs fill the middle of the run: the median of all samples is their level
-                  rss_train_mb=float(np.median([r for r in rss if r > 0])))
-    return result
+    run = child_run(__file__, request, CACHE / "logs" / "bench-train-child.log", sample=1.0,
+                    env={"TF_CPP_MIN_LOG_LEVEL": "2"})
+    rss = run.rss_mb
+    return {**run.answer, "rss_samples_mb": [round(r) for r in rss[::max(1, len(rss) // 60)]],
+            "load_mean": float(np.mean(run.loads)), "load_max": float(np.max(run.loads)),
+            # the training epochs fill the middle of the run: the median of all samples is their level
+            "rss_train_mb": float(np.median([r for r in rss if r > 0]))}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -176,16 +163,13 @@ def report(args, st: dict) -> str:
              "calibration at the end). Time per image = the epoch's wall time (training pass and the val pass) "
              "/ train images.",
              "",
-             "| images | train / val | shuffle buffer | peak driver RSS | RSS while training (median) | epoch wall "
-             "time | wall per train image | CPU per train image | load avg (mean / max) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        buf = r["loader"]
-        lines.append(f"| {r['images']:,} | {r['train_images']:,} / {r['val_images']:,} | "
-                     f"{buf['shuffle_buffer']:,} images ({buf['buffer_bytes'] / 1e6:.0f} MB) | "
-                     f"{r['rss_peak_mb'] / 1024:.2f} GB | {r['rss_train_mb'] / 1024:.2f} GB | {r['epoch_s']:.0f} s | "
-                     f"{r['per_image_ms']:.1f} ms | {_ms(r.get('cpu_per_image_ms'))} | "
-                     f"{r['load_mean']:.1f} / {r['load_max']:.1f} |")
+             *table(["images", "train / val", "shuffle buffer", "peak driver RSS", "RSS while training (median)",
+                     "epoch wall time", "wall per train image", "CPU per train image", "load avg (mean / max)"],
+                    [[f"{r['images']:,}", f"{r['train_images']:,} / {r['val_images']:,}",
+                      f"{r['loader']['shuffle_buffer']:,} images ({r['loader']['buffer_bytes'] / 1e6:.0f} MB)",
+                      f"{r['rss_peak_mb'] / 1024:.2f} GB", f"{r['rss_train_mb'] / 1024:.2f} GB", f"{r['epoch_s']:.0f} s",
+                      f"{r['per_image_ms']:.1f} ms", _ms(r.get("cpu_per_image_ms")),
+                      f"{r['load_mean']:.1f} / {r['load_max']:.1f}"] for r in rows])]
     if len(rows) > 1:
         rss = [r["rss_peak_mb"] for r in rows]
         spread = (max(ms) - min(ms)) / min(ms)
@@ -215,33 +199,31 @@ def report(args, st: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
-        return 0
-    state = Path(args.state)
-    st = json.loads(state.read_text()) if state.is_file() else {"results": {}}
-    if not args.report_only:
-        for n in args.sizes:
-            if str(n) in st["results"] and n not in args.redo:
-                continue
-            t0 = time.perf_counter()
-            data = make_archive(n, args.side, args.pool, args.file_rows)
-            print(f"{n}: archive ready in {time.perf_counter() - t0:.0f}s at {data}", flush=True)
-            r = measure(data, args)
-            last = len(r["epoch_times_s"]) - 1   # the last epoch: past the first one's tracing when there are two
-            epoch_s, epoch_cpu = r["epoch_times_s"][last], (r.get("epoch_cpu_s") or [None] * (last + 1))[last]
-            r.update(images=n, epoch_s=epoch_s, per_image_ms=1000 * epoch_s / r["train_images"],
-                     cpu_per_image_ms=None if epoch_cpu is None else 1000 * epoch_cpu / r["train_images"])
-            st["results"][str(n)] = r
-            st.update(date=time.strftime("%Y-%m-%d"), machine=machine(), versions=versions(
-                ("tensorflow-cpu", "keras", "pyarrow", "numpy")))
-            state.parent.mkdir(parents=True, exist_ok=True)
-            state.write_text(json.dumps(st, indent=1))
-            print(f"{n}: peak RSS {r['rss_peak_mb']:.0f} MB, epoch {epoch_s:.0f}s, "
-                  f"{r['per_image_ms']:.1f} ms/image, load {r['load_mean']:.1f}", flush=True)
-    from cxr.common.markdown import publish
-
-    publish(report(args, st), Path(args.out), SECTION, write=not args.no_write)
+        return answer_child(child, args.child)
+    state = State(args.state, args.redo)
+    results = state.data.setdefault("results", {})
+    for n in [] if args.report_only else args.sizes:
+        if str(n) not in results or str(n) in state.redo:
+            results[str(n)] = measure_size(n, args)
+            state.save("results", results, date=time.strftime("%Y-%m-%d"), machine=machine(),
+                       versions=versions(("tensorflow-cpu", "keras", "pyarrow", "numpy")))
+    publish(report(args, state.data), Path(args.out), SECTION, write=not args.no_write)
     return 0
+
+
+def measure_size(n: int, args) -> dict:
+    """One archive size: its input made (once), the child trained on it, time per image of the last epoch."""
+    t0 = time.perf_counter()
+    data = make_archive(n, args.side, args.pool, args.file_rows)
+    print(f"{n}: archive ready in {time.perf_counter() - t0:.0f}s at {data}", flush=True)
+    r = measure(data, args)
+    last = len(r["epoch_times_s"]) - 1   # the last epoch: past the first one's tracing when there are two
+    epoch_s, epoch_cpu = r["epoch_times_s"][last], (r.get("epoch_cpu_s") or [None] * (last + 1))[last]
+    r.update(images=n, epoch_s=epoch_s, per_image_ms=1000 * epoch_s / r["train_images"],
+             cpu_per_image_ms=None if epoch_cpu is None else 1000 * epoch_cpu / r["train_images"])
+    print(f"{n}: peak RSS {r['rss_peak_mb']:.0f} MB, epoch {epoch_s:.0f}s, {r['per_image_ms']:.1f} ms/image, "
+          f"load {r['load_mean']:.1f}", flush=True)
+    return r
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python scripts/build_dist_requirements.py pyproject.toml full|slim
 
 pyspark is left out (Spark puts its own pyspark.zip on the executors' PYTHONPATH); `slim` also leaves out
-TensorFlow, matplotlib and scikit-learn, MLflow (driver-only: tracking and the registry), and tf2onnx + onnx (driver-only: they export model.onnx at training;
+TensorFlow, matplotlib and scikit-learn, MLflow (driver-only: tracking and the registry), deltalake (driver-only: the commit), and tf2onnx + onnx (driver-only: they export model.onnx at training;
 onnxruntime, which stays, does not need them). Enough for preprocessing and for scoring or evaluating any model
 with the ONNX engine (and scratch NumPy models with either engine).
 """
@@ -11,7 +11,7 @@ import re
 import sys
 import tomllib
 
-SLIM_DROP = {"tensorflow-cpu", "tensorflow", "matplotlib", "scikit-learn", "tf2onnx", "onnx", "mlflow"}
+SLIM_DROP = {"tensorflow-cpu", "tensorflow", "matplotlib", "scikit-learn", "tf2onnx", "onnx", "mlflow", "deltalake"}
 
 
 def main(pyproject: str, kind: str) -> int:

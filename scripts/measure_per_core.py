@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
+import sys
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(var, "1")
 
@@ -30,6 +32,7 @@ def main() -> int:
     import cv2
     import numpy as np
 
+    from cxr.common.bench import Timer, throughput
     from cxr.config import load_config
     from cxr.image.pipeline import PreprocessParams, preprocess_bytes
     from cxr.datasets.synth import render_chest
@@ -44,12 +47,9 @@ def main() -> int:
               "mean_file_kb": {k: round(sum(map(len, v)) / len(v) / 1024, 1) for k, v in files.items()}}
     for kind, blobs in files.items():
         preprocess_bytes(blobs[0], params)  # warm-up
-        start, cpu = time.perf_counter(), time.process_time()
-        for blob in blobs:
-            preprocess_bytes(blob, params)
-        result[f"preprocess_{kind}_images_per_s"] = round(len(blobs) / (time.perf_counter() - start), 2)
-        # CPU time is what a dedicated core would take: it does not grow with the machine's other load
-        result[f"preprocess_{kind}_images_per_cpu_s"] = round(len(blobs) / (time.process_time() - cpu), 2)
+        per_s, per_cpu_s = throughput(lambda: [preprocess_bytes(blob, params) for blob in blobs], len(blobs))
+        result[f"preprocess_{kind}_images_per_s"], result[f"preprocess_{kind}_images_per_cpu_s"] = \
+            round(per_s, 2), round(per_cpu_s, 2)
 
     from cxr.models import store
     from cxr.nn import models
@@ -57,11 +57,8 @@ def main() -> int:
     batch = np.random.default_rng(0).random((32, args.size, args.size, 1), dtype=np.float32)
     net = models.dnn((args.size, args.size, 1), 3, hidden=128, seed=0)
     net.predict_proba(batch)
-    start, cpu = time.perf_counter(), time.process_time()
-    for _ in range(4):
-        net.predict_proba(batch)
-    result["scratch_dnn_images_per_s"] = round(4 * len(batch) / (time.perf_counter() - start), 1)
-    result["scratch_dnn_images_per_cpu_s"] = round(4 * len(batch) / (time.process_time() - cpu), 1)
+    rates = throughput(lambda: [net.predict_proba(batch) for _ in range(4)], 4 * len(batch))
+    result["scratch_dnn_images_per_s"], result["scratch_dnn_images_per_cpu_s"] = (round(r, 1) for r in rates)
 
     if args.keras or args.onnx:
         import tensorflow as tf
@@ -74,11 +71,8 @@ def main() -> int:
         model = build("cnn", (args.size, args.size, 1), conf)
     if args.keras:
         model.predict(batch, verbose=0)
-        start, cpu = time.perf_counter(), time.process_time()
-        for _ in range(3):
-            model.predict(batch, verbose=0)
-        result["keras_cnn_images_per_s"] = round(3 * len(batch) / (time.perf_counter() - start), 1)
-        result["keras_cnn_images_per_cpu_s"] = round(3 * len(batch) / (time.process_time() - cpu), 1)
+        rates = throughput(lambda: [model.predict(batch, verbose=0) for _ in range(3)], 3 * len(batch))
+        result["keras_cnn_images_per_s"], result["keras_cnn_images_per_cpu_s"] = (round(r, 1) for r in rates)
     if args.onnx:
         import tempfile
 
@@ -86,9 +80,9 @@ def main() -> int:
 
         with tempfile.TemporaryDirectory() as tmp:
             d = store.save_keras(model, tmp, {"name": "cnn", "input": {"data_size": [args.size, args.size]}})
-            start = time.perf_counter()
-            export_onnx(d, batch)
-            result["onnx_export_s"] = round(time.perf_counter() - start, 2)
+            with Timer() as export:
+                export_onnx(d, batch)
+            result["onnx_export_s"] = round(export.seconds, 2)
             ort = measure_throughput(store.load_predictor(d, batch_size=len(batch), engine="onnx"), batch, 5.0)
         result["onnx_cnn_images_per_s"] = ort["images_per_s"]
         result["onnx_cnn_images_per_cpu_s"] = ort["images_per_core_s"]

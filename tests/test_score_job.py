@@ -31,6 +31,12 @@ def small_config():
 
 
 @pytest.fixture(scope="module")
+def parquet_config():
+    """The Parquet layout (its crash leftovers are whole partitions; Delta's: tests/test_delta_table.py)."""
+    return load_config(overrides={"preprocess.size": SIZE, "score.batch_size": 8, "score.table_format": "parquet"})
+
+
+@pytest.fixture(scope="module")
 def archive(tmp_path_factory):
     from cxr.datasets.synth import generate_archive
 
@@ -224,8 +230,9 @@ def test_rejected_files_are_retried_only_when_changed_or_asked(spark, archive, k
     assert retry["counts"]["rejected"] == rejected and retry["counts"]["scored"] == 0 and retry["accounted"]
 
 
-def test_a_live_lease_refuses_the_run_and_a_stale_one_is_taken_over(spark, archive, keras_model, small_config,
+def test_a_live_lease_refuses_the_run_and_a_stale_one_is_taken_over(spark, archive, keras_model, parquet_config,
                                                                     tmp_path):
+    small_config = parquet_config
     from cxr.score.lease import LeaseHeldError
 
     out = tmp_path / "pred"
@@ -246,7 +253,8 @@ def test_a_live_lease_refuses_the_run_and_a_stale_one_is_taken_over(spark, archi
     assert not (out / "_lease").exists() and record["counts"]["scored"] > 10
 
 
-def test_a_crashed_run_leaves_nothing_visible(spark, archive, keras_model, small_config, tmp_path):
+def test_a_crashed_run_leaves_nothing_visible(spark, archive, keras_model, parquet_config, tmp_path):
+    small_config = parquet_config
     out = tmp_path / "pred"
     score.run(spark, str(archive), str(keras_model), str(out), small_config, run_id="ok1")
     # a run that died after moving its predictions but before writing runs/<id>.json

@@ -26,3 +26,22 @@ def publish(section: str, path: Path, heading: str, write: bool = True) -> None:
         return
     replace_section(Path(path), heading, section)
     print(f"wrote the section to {path}")
+
+
+def table(header: list[str], rows) -> list[str]:
+    """A Markdown table as lines: the header, the |---| rule and one line per row (cells as str())."""
+    return [_row(header), "|" + "---|" * len(header), *(_row(row) for row in rows)]
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def num(x: float, nd: int = 1) -> str:
+    """A number with thousands separators and nd decimals: 12,345.6."""
+    return f"{x:,.{nd}f}"
+
+
+def met(ok: bool) -> str:
+    """A goal's verdict as the reports print it."""
+    return "**met**" if ok else "**not met**"

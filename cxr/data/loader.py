@@ -14,7 +14,6 @@ import json
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
-from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cxr import CLASSES
+from cxr.common.storage import filesystem
 
 META_COLUMNS = ["path", "sha256", "label", "split", "patient_id", "height", "width"]
 
@@ -84,17 +84,9 @@ class SplitData:
             yield self.x[idx, :, :, 0], self.y[idx]
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if not urlparse(uri).scheme or len(urlparse(uri).scheme) == 1:  # a local path (or a Windows drive letter)
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    if uri.startswith("file:") and not uri.startswith("file://"):
-        uri = "file://" + uri[len("file:"):]
-    return pafs.FileSystem.from_uri(uri)
-
-
 def parquet_files(data_dir: str, table: str = "images") -> tuple[pafs.FileSystem, list[str]]:
     """PRE_OUT/images/*.parquet (or another table's) in sorted order (so every scan sees rows in the same order)."""
-    fs, root = _filesystem(str(data_dir).rstrip("/"))
+    fs, root, _ = filesystem(str(data_dir).rstrip("/"))
     root = f"{root}/{table}"
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"no {table}/ folder in {data_dir} (is it the preprocess job's output?)")
@@ -123,7 +115,7 @@ def side_table(data_dir: str, name: str) -> ds.Dataset | None:
 
 def read_manifest(data_dir: str) -> tuple[dict, str]:
     """The preprocess manifest.json and the sha256 of its bytes (recorded with every model)."""
-    fs, root = _filesystem(str(data_dir).rstrip("/"))
+    fs, root, _ = filesystem(str(data_dir).rstrip("/"))
     try:
         with fs.open_input_stream(f"{root}/manifest.json") as stream:
             raw = stream.read()

@@ -12,24 +12,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from cxr.image.source import UNREAD_KINDS, local_path
+from cxr.common.storage import filesystem
+from cxr.image.source import UNREAD_KINDS
 
 LISTING_COLUMNS = ("path", "length", "mtime_ms", "kind")
-
-
-def _filesystem(uri: str):
-    """(pyarrow FileSystem, path inside it, prefix that turns its paths back into the URI form Spark writes)."""
-    import pyarrow.fs as pafs
-
-    local = local_path(uri)
-    if local is not None:
-        return pafs.LocalFileSystem(), local.rstrip("/") or "/", "file:"
-    scheme, rest = uri.split("://", 1)
-    native = {"s3a": "s3", "s3n": "s3", "gcs": "gs"}.get(scheme, scheme)
-    fs, path = pafs.FileSystem.from_uri(f"{native}://{rest}")
-    if native in ("s3", "gs"):
-        return fs, path.rstrip("/"), f"{scheme}://"
-    return fs, path.rstrip("/"), f"{scheme}://{rest.split('/', 1)[0]}"
 
 
 def _hidden(rel: str) -> bool:
@@ -42,7 +28,7 @@ def list_archive(root: str, extensions: Sequence[str], exclude_dirs: Sequence[st
     read | empty | too_large | vanished (listed, then gone or a dangling link) | ignored_extension | ignored_dir."""
     import pyarrow.fs as pafs
 
-    fs, base, prefix = _filesystem(root)
+    fs, base, prefix = filesystem(root)
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
     exts = {"." + e.lstrip(".").lower() for e in extensions}
     excluded = {d.lower() for d in exclude_dirs}
@@ -76,20 +62,28 @@ def list_archive(root: str, extensions: Sequence[str], exclude_dirs: Sequence[st
     return frame.sort_values("path", ignore_index=True)
 
 
-def latest_state(out: str, model_id: str) -> pd.DataFrame | None:
-    """The newest state row per path for this model (s_size, s_mtime_ms, s_status), or None before any."""
+def latest_state(out: str, model_id: str, table_format: str = "parquet") -> pd.DataFrame | None:
+    """The newest state row per path for this model (s_size, s_mtime_ms, s_status), or None before any.
+    Delta: the rows of the table's current files (delta-rs reads its log; no Spark, no Delta jars)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
     import pyarrow.fs as pafs
 
-    fs, base, _ = _filesystem(out)
-    folder = f"{base}/state/model_id={model_id}"
-    if fs.get_file_info(folder).type != pafs.FileType.Directory:
-        return None
-    table = ds.dataset(folder, filesystem=fs, format="parquet", partitioning="hive",
-                       exclude_invalid_files=True).to_table(columns=["path", "size", "mtime", "status", "seen_at",
-                                                                     "run_id"])
+    columns = ["path", "size", "mtime", "status", "seen_at", "run_id"]
+    if table_format == "delta":
+        from cxr.score.delta_table import read_table
+
+        table = read_table(out, "state", columns, filter=ds.field("model_id") == model_id)
+        if table is None or table.num_rows == 0:
+            return None
+    else:
+        fs, base, _ = filesystem(out)
+        folder = f"{base}/state/model_id={model_id}"
+        if fs.get_file_info(folder).type != pafs.FileType.Directory:
+            return None
+        table = ds.dataset(folder, filesystem=fs, format="parquet", partitioning="hive",
+                           exclude_invalid_files=True).to_table(columns=columns)
     mtime_ms = pc.cast(pc.cast(table["mtime"], pa.timestamp("ms")), pa.int64())
     frame = pd.DataFrame({"path": table["path"].to_pandas(), "s_size": table["size"].to_pandas().astype("Int64"),
                           "s_mtime_ms": mtime_ms.to_pandas().astype("Int64"),

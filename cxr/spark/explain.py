@@ -33,6 +33,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from cxr import CLASSES
+from cxr.common.storage import filesystem
 from cxr.score.frames import PROB_COLUMNS
 from cxr.spark import fs
 from cxr.spark.session import default_parallelism
@@ -74,40 +75,21 @@ def check_explain_args(model_dir: str, explain: int | str | None) -> int | str |
 
 # ------------------------------------------------------------------------------------------ worker side
 
-def _local(uri: str) -> str | None:
-    """The local path of a file: URI (file:/x, file:///x) or plain path; None for other schemes."""
-    if uri.startswith("file:"):
-        rest = uri[len("file:"):]
-        while rest.startswith("//"):
-            rest = rest[1:]
-        return rest
-    return None if "://" in uri else uri
-
-
-def _filesystem(uri: str):
-    import pyarrow.fs as pafs
-
-    local = _local(uri)
-    if local is not None:
-        return pafs.LocalFileSystem(), local
-    return pafs.FileSystem.from_uri(uri)
-
-
 def read_bytes(uri: str) -> bytes:
-    filesystem, path = _filesystem(uri)
-    with filesystem.open_input_stream(path) as stream:
+    store, path, _ = filesystem(uri)
+    with store.open_input_stream(path) as stream:
         return stream.read()
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write via a temporary name and a rename, so a reader never sees half a PNG."""
-    filesystem, path = _filesystem(uri)
+    store, path, _ = filesystem(uri)
     parent = path.rsplit("/", 1)[0]
-    filesystem.create_dir(parent, recursive=True)
+    store.create_dir(parent, recursive=True)
     tmp = f"{parent}/.{path.rsplit('/', 1)[-1]}.tmp"
-    with filesystem.open_output_stream(tmp) as stream:
+    with store.open_output_stream(tmp) as stream:
         stream.write(data)
-    filesystem.move(tmp, path)
+    store.move(tmp, path)
 
 
 def explain_frame(frame: pd.DataFrame, model_dir: str, png_dir: str, params_dict: dict | None,

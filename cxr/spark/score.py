@@ -26,6 +26,7 @@ ever deleted by another.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import uuid
@@ -45,6 +46,7 @@ from cxr.score.frames import (HASH_COLUMNS, OOD_COLUMNS, PROB_COLUMNS, RESULT_CO
 from cxr.score.frames import CARRIED_COLUMNS
 from cxr.scope.dicom_header import DICOM_COLUMNS
 from cxr.scope.rules import ScopeGate
+from cxr.score import delta_table
 from cxr.score.incremental import classify, latest_state, list_archive
 from cxr.score.lease import Lease, LocalLeaseFiles
 from cxr.spark import fs
@@ -59,6 +61,7 @@ _TYPES = {**COLUMN_TYPES, "size": T.LongType(), "mtime_ms": T.LongType(), **{c: 
 RESULT_SCHEMA = T.StructType([T.StructField(c, _TYPES.get(c, T.StringType())) for c in RESULT_COLUMNS])
 HASH_SCHEMA = T.StructType([T.StructField(c, _TYPES.get(c, T.StringType())) for c in HASH_COLUMNS])
 TABLES = ("predictions", "errors", "out_of_scope", "state")
+TABLE_FORMATS = ("parquet", "delta")
 STATUS_OF = {"ok": "scored", "error": "rejected", "out_of_scope": "out_of_scope"}   # result status -> state/counts
 
 
@@ -66,19 +69,40 @@ def is_preprocessed(spark: SparkSession, uri: str) -> bool:
     return fs.exists(spark, f"{uri.rstrip('/')}/manifest.json") and fs.exists(spark, f"{uri.rstrip('/')}/images")
 
 
-def _scored_shas(spark: SparkSession, out: str, mid: str) -> DataFrame | None:
-    """Content this model already has a prediction row for (thin: one column of the predictions table)."""
+def _scored_shas(spark: SparkSession, out: str, mid: str, table_format: str) -> DataFrame | None:
+    """Content this model already has a prediction row for (thin: one column of the predictions table).
+    Delta: read on the driver through the table's file list (no Delta jars in Spark)."""
+    if table_format == "delta":
+        import pyarrow.compute as pc
+        import pyarrow.dataset as ds
+
+        table = delta_table.read_table(out, "predictions", ["sha256"], filter=ds.field("model_id") == mid)
+        if table is None:
+            return None
+        shas = pc.unique(table["sha256"]).to_pylist()
+        return spark.createDataFrame([(sha,) for sha in shas], "sha256 string")
     if not fs.exists(spark, f"{out}/predictions"):
         return None
     return (spark.read.parquet(f"{out}/predictions").where(F.col("model_id") == mid)
             .select("sha256").distinct())
 
 
-def _remove_uncommitted(spark: SparkSession, out: str) -> list[str]:
-    """Partitions of runs that never wrote runs/<id>.json (a crash between the renames) and old staging.
-    Called only while holding the lease: no other run can be writing."""
+def _staging_root(out: str, score_conf: Mapping[str, Any]) -> str:
+    """Where Spark writes a run's files before the commit: PRED_DIR/_staging, or under score.staging_dir (for an
+    output store Spark cannot write to, e.g. S3 without the hadoop-aws jars), one folder per PRED_DIR."""
+    if not score_conf.get("staging_dir"):
+        return f"{out}/_staging"
+    return f"{str(score_conf['staging_dir']).rstrip('/')}/cxr-staging-{hashlib.sha1(out.encode()).hexdigest()[:12]}"
+
+
+def _remove_uncommitted(spark: SparkSession, out: str, staging_root: str, table_format: str) -> list[str]:
+    """Files of runs that did not commit (a crash between moving and committing) and old staging. Parquet
+    layout: partitions of runs without runs/<id>.json. Called only while holding the lease: no other run can be
+    writing."""
+    fs.delete(spark, staging_root)
+    if table_format == "delta":
+        return delta_table.remove_uncommitted(out)
     removed = []
-    fs.delete(spark, f"{out}/_staging")
     committed = fs.list_names(spark, f"{out}/runs")
     for table in TABLES:
         for group_dir in fs.list_dirs(spark, f"{out}/{table}"):
@@ -112,6 +136,9 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
     version), recorded in the run record and in every prediction row. `gate`: the scope rules and DICOM header
     reader (default: from config)."""
     score_conf = config.get("score", {})
+    table_format = str(score_conf.get("table_format", "parquet"))
+    if table_format not in TABLE_FORMATS:
+        raise ValueError(f"score.table_format must be one of {TABLE_FORMATS}, not {table_format!r}")
     clock = Stopwatch(log)
     started = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     run_id = run_id or f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
@@ -135,23 +162,27 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
     if not fs.exists(spark, input_uri):
         raise FileNotFoundError(f"input does not exist: {input_uri}")
     out = fs.qualified(spark, output_dir)
+    staging_root = _staging_root(out, score_conf)
+    if table_format == "delta":   # Delta's timestamp is microseconds; Spark's default INT96 is not one
+        spark.conf.set("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
 
     lease = Lease(_lease_files(spark, out), out, run_id, float(score_conf.get("lease_seconds", 300)))
     with lease:
-        removed = _remove_uncommitted(spark, out)
+        start = delta_table.snapshot(out) if table_format == "delta" else None   # what the commit is checked against
+        removed = _remove_uncommitted(spark, out, staging_root, table_format)
         if removed:
-            log.warning("removed %d partitions of runs that did not finish: %s", len(removed), removed)
-        staging = f"{out}/_staging/{run_id}"
+            log.warning("removed %d files or partitions of runs that did not finish: %s", len(removed), removed)
+        staging = f"{staging_root}/{run_id}"
         stamp = F.lit(started.isoformat()).cast("timestamp")
         if is_preprocessed(spark, input_uri):
             mode = "preprocessed"
             counts, bytes_read, flagged = _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, runner,
-                                                     staging, clock, gate.rules.ood)
+                                                     staging, clock, gate.rules.ood, table_format)
         else:
             mode = "raw"
             counts, bytes_read, flagged = _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors,
                                             runner, staging, stamp, clock, int(score_conf.get("files_per_task", 64)),
-                                            gate)
+                                            gate, table_format, run_id)
         results = f"{staging}/results"
         if fs.exists(spark, results):
             rows = spark.read.parquet(results)
@@ -174,13 +205,8 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
         watched = monitor.watch(spark, staging, config)   # run statistics, before the commit removes the staging
 
         lease.check()   # a run presumed dead must not commit over its successor
-        partition = f"run_date={run_date}/run_id={run_id}"
-        for table, target in (("errors", f"errors/{partition}"), ("out_of_scope", f"out_of_scope/{partition}"),
-                              ("predictions", f"predictions/{partition}"),
-                              ("state", f"state/model_id={mid}/run_id={run_id}")):
-            if fs.exists(spark, f"{staging}/{table}"):
-                fs.rename(spark, f"{staging}/{table}", f"{out}/{target}")
-        fs.delete(spark, f"{out}/_staging")
+        versions = _commit(spark, out, staging, run_id, run_date, mid, table_format, start)
+        fs.delete(spark, staging_root)
         accounted = counts["input"] == sum(counts[k] for k in ("scored", "rejected", "out_of_scope",
                                                                 "skipped_unchanged", "skipped_already_scored"))
         if not accounted:
@@ -199,6 +225,7 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
                       "uri": registry.get("uri"), "registered_model": registry.get("name"),
                       "registered_version": registry.get("version")},
             "engine": {"name": runner.name, "onnx_threads": runner.onnx_threads, "tf_threads": runner.tf_threads},
+            "table_format": table_format, "delta_versions": versions,
             "counts": counts, "accounted": accounted, "bytes_read": bytes_read, "batch_size": runner.batch_size,
             "params": params.to_dict(), "scope": gate.rules.to_dict(), "ood": meta.get("ood"),
             "scored_out_of_distribution": flagged,   # of counts.scored: in_distribution false (scope.ood: flag)
@@ -211,6 +238,22 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
         record["monitoring"] = monitor.finish(spark, out, record, watched, model_path, config, input_uri, mode, params)
         fs.write_text(spark, f"{out}/runs/{run_id}.json", json.dumps(record, indent=2, sort_keys=True))
     return record
+
+
+def _commit(spark: SparkSession, out: str, staging: str, run_id: str, run_date: str, mid: str, table_format: str,
+            start) -> dict[str, int | None] | None:
+    """Make the staged tables visible: one Delta transaction per table, or (Parquet layout) directory renames.
+    Delta: {table: its version after the commit}."""
+    partition = {"run_date": run_date, "run_id": run_id}
+    placed = {"errors": partition, "out_of_scope": partition, "predictions": partition, "state": {"model_id": mid}}
+    staged = [(table, values) for table, values in placed.items() if fs.exists(spark, f"{staging}/{table}")]
+    if table_format == "delta":
+        return delta_table.commit_run(out, run_id, [delta_table.Staged(t, f"{staging}/{t}", v) for t, v in staged],
+                                      start)
+    for table, values in staged:
+        values = {**values, "run_id": run_id} if table == "state" else values
+        fs.rename(spark, f"{staging}/{table}", f"{out}/{table}/" + "/".join(f"{k}={v}" for k, v in values.items()))
+    return None
 
 
 def _error_rows(spark: SparkSession, staging: str) -> DataFrame | None:
@@ -226,13 +269,13 @@ def _error_rows(spark: SparkSession, staging: str) -> DataFrame | None:
 
 
 def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, runner, staging, stamp, clock,
-               files_per_task, gate) -> tuple[dict, int]:
+               files_per_task, gate, table_format, run_id) -> tuple[dict, int]:
     pre = config["preprocess"]
     root = fs.qualified(spark, input_uri)
     max_file_mb = pre["max_file_mb"]
     max_bytes = int(float(max_file_mb) * 1024 * 1024)
     listing = list_archive(root, list(pre["extensions"]), list(pre.get("exclude_dirs") or []), max_bytes)
-    plan = classify(listing, None if full else latest_state(out, mid), retry_errors)
+    plan = classify(listing, None if full else latest_state(out, mid, table_format), retry_errors)
     n = {k: int((plan["todo"] == k).sum()) for k in ("ignored", "unchanged", "unread", "read")}
     clock.lap("list", "raw input: %d files, %d unchanged since the last run, %d to read", n["unchanged"] + n["unread"]
               + n["read"], n["unchanged"], n["read"])
@@ -253,7 +296,7 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
     if n["read"]:
         to_read = frame_of("read").select("path", F.col("length").alias("size"), "mtime_ms")
         bytes_read = int(plan.loc[plan["todo"] == "read", "length"].sum())
-        scored = None if full else _scored_shas(spark, out, mid)
+        scored = None if full else _scored_shas(spark, out, mid, table_format)
         if scored is not None:
             # changed files: hash first; content this model already scored is not decoded again
             hashed = (to_read.repartition(_tasks(spark, n["read"], files_per_task * 4))
@@ -284,8 +327,9 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
         frame = state_rows[0]
         for more in state_rows[1:]:
             frame = frame.unionByName(more)
+        in_file = [F.lit(run_id).alias("run_id")] if table_format == "delta" else []   # Delta: not a partition
         (frame.select("path", "size", F.timestamp_millis("mtime_ms").alias("mtime"), "sha256", "status",
-                      stamp.alias("seen_at"))
+                      stamp.alias("seen_at"), *in_file)
          .coalesce(1).write.parquet(f"{staging}/state"))
     if hashed is not None:
         hashed.unpersist()
@@ -312,7 +356,8 @@ def _result_counts(spark: SparkSession, staging: str) -> tuple[dict[str, int], i
     return counts, size, flagged
 
 
-def _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, runner, staging, clock, ood):
+def _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, runner, staging, clock, ood,
+                        table_format):
     data_params = json.loads(fs.read_text(spark, f"{input_uri.rstrip('/')}/manifest.json")).get("params", {})
     mismatch = params_mismatch(model_params, data_params)
     if mismatch:
@@ -321,7 +366,7 @@ def _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, ru
     images = spark.read.parquet(f"{fs.qualified(spark, input_uri)}/images")
     keys = images.select("path", "sha256")   # thin: the image column is read only if something is new
     n_input = keys.count()
-    scored = None if full else _scored_shas(spark, out, mid)
+    scored = None if full else _scored_shas(spark, out, mid, table_format)
     new = keys if scored is None else keys.join(scored, "sha256", "left_anti")
     n_new = n_input if scored is None else new.count()
     clock.lap("list", "preprocessed input: %d images, %d not yet scored by this model", n_input, n_new)

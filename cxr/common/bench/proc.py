@@ -1,22 +1,16 @@
-"""Shared helpers of the benchmark scripts (scripts/bench_*.py): timing, CPU seconds and peak memory from /proc.
+"""CPU seconds and peak memory of the processes a benchmark runs, read from /proc (Linux only; psutil is not a
+dependency).
 
-No psutil (not a dependency): everything is read from /proc, so these helpers work on Linux only.
-
-    with WorkerMemory(SPARK_WORKERS) as mem, Timer() as t:   # peak RSS of the Spark Python workers
-        cpu0 = cpu_seconds(SPARK_WORKERS)
+    with Watch({"workers": SPARK_WORKERS, "jvm": SPARK_JVM}, include_self=True) as w:
         ...
-    print(t.seconds, mem.peak_mb, cpu_delta(cpu0, cpu_seconds(SPARK_WORKERS)))
+    w.seconds, w.cpu_s["workers"], w.peak_mb["jvm"], w.self_peak_mb, w.load
 """
 from __future__ import annotations
 
 import os
-import platform
 import re
-import shutil
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 # cmdline patterns of the processes the benchmarks watch (all below the benchmark's own process)
 SPARK_WORKERS = r"pyspark[./](daemon|worker)"
@@ -24,18 +18,6 @@ SPARK_JVM = r"org\.apache\.spark\.deploy\.SparkSubmit"
 POOL_WORKERS = r"multiprocessing\.spawn|spawn_main"
 
 _TICK = os.sysconf("SC_CLK_TCK")
-
-
-class Timer:
-    """Wall clock around a block: `with Timer() as t: ...; t.seconds`."""
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-        self.seconds = 0.0
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
 
 
 def status_kb(pid: int | str, field: str) -> int:
@@ -51,6 +33,7 @@ def status_kb(pid: int | str, field: str) -> int:
 
 
 def cmdline(pid: int) -> str:
+    """The command line of pid, words joined by spaces ("" if it is gone): what the patterns above match."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
@@ -107,12 +90,8 @@ def cpu_seconds(pattern: str) -> dict[int, float]:
 
 
 def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two cpu_seconds() snapshots; a process new in `after` counts from 0."""
     return sum(t - before.get(pid, 0.0) for pid, t in after.items())
-
-
-def self_cpu_seconds() -> float:
-    """CPU seconds of this process, all threads (time.process_time)."""
-    return time.process_time()
 
 
 class WorkerMemory:
@@ -131,7 +110,7 @@ class WorkerMemory:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _poll(self):
-        for pid in _descendants_matching(self.pattern):
+        for pid in matching(self.pattern.pattern):
             self.peaks[pid] = max(self.peaks.get(pid, 0), status_kb(pid, "VmHWM:"))
         if self.include_self:
             self.peaks["self"] = max(self.peaks.get("self", 0), status_kb("self", "VmHWM:"))
@@ -160,33 +139,8 @@ class WorkerMemory:
         return self.peaks.get("self", 0) / 1024
 
 
-def _descendants_matching(regex: re.Pattern) -> list[int]:
-    return [pid for pid in descendants(os.getpid()) if regex.search(cmdline(pid))]
-
-
-def versions(packages=("pyspark", "pyarrow", "opencv-python-headless", "numpy", "pandas")) -> dict:
-    """Python, the given packages' versions (those installed) and Java's."""
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for name in packages:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    try:
-        java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()
-    except OSError:
-        java = []
-    out["java"] = java[0].split('"')[1] if java and '"' in java[0] else "?"
-    return out
-
-
-def machine() -> str:
-    return f"{os.cpu_count()} cores (os.cpu_count(), {platform.machine()}, {platform.system()})"
-
-
 def loadavg() -> float:
+    """The 1-minute load average: the benchmarks note it beside their times (the machine is shared)."""
     return os.getloadavg()[0]
 
 
@@ -201,31 +155,53 @@ def reset_peak_rss(pid: int | str = "self") -> bool:
         return False
 
 
-# ----------------------------------------------------------------------------- benchmark inputs
-CACHE = Path("/tmp/cxr-bench")   # generated inputs and measurements, made once and reused
+class Watch:
+    """Wall clock, CPU seconds and peak RSS of groups of processes (cmdline patterns) around one block.
 
+    One object for what every benchmark run needs, so that each measures the same way: the peak RSS is the
+    kernel's VmHWM (the groups named in `reset`, and "self", are reset first, so their peak belongs to this
+    block; the others keep the peak since they started), CPU is user + system
+    from /proc of each group, the wall clock stops before the CPU is read. self_cpu_s is this process (all
+    threads); load is the 1-minute load average at the start and the end."""
 
-def linked_subset(src: Path, n: int, name: str) -> Path:
-    """The first n files of src by index (classes take turns, so they stay balanced), hard-linked under
-    CACHE/name: no copy, the same bytes and modification times."""
-    out = CACHE / name
-    files = sorted((p for p in src.rglob("*") if p.is_file() and not p.name.startswith(".")),
-                   key=lambda p: (p.stem.rsplit("_", 1)[-1], p.name))[:n]
-    wanted = {f.relative_to(src) for f in files}
-    if out.is_dir() and {p.relative_to(out) for p in out.rglob("*") if p.is_file()} == wanted:
-        return out
-    shutil.rmtree(out, ignore_errors=True)
-    for f in files:
-        dest = out / f.relative_to(src)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.link(f, dest)
-    return out
+    def __init__(self, groups: dict[str, str], interval: float | dict[str, float] = 0.1, include_self: bool = False,
+                 reset: tuple[str, ...] = ()):
+        """interval: seconds between two polls of the peak RSS, one for all groups or {group: seconds}."""
+        self.groups, self.include_self, self.reset = groups, include_self, reset
+        every = interval if isinstance(interval, dict) else dict.fromkeys(groups, interval)
+        self.memory = {name: WorkerMemory(pattern, every[name], include_self=include_self and i == 0)
+                       for i, (name, pattern) in enumerate(groups.items())}
+        self.seconds, self.self_cpu_s, self.cpu_s, self.load = 0.0, 0.0, {}, (0.0, 0.0)
 
+    def __enter__(self):
+        for name in self.reset:
+            for pid in ["self"] if name == "self" else matching(self.groups[name]):
+                reset_peak_rss(pid)
+        self.load = (loadavg(), 0.0)
+        for memory in self.memory.values():
+            memory.__enter__()
+        self._cpu0 = {name: cpu_seconds(pattern) for name, pattern in self.groups.items()}
+        self._self0, self.start = time.process_time(), time.perf_counter()
+        return self
 
-def input_files(root: Path, pre: dict) -> list[str]:
-    """The files the jobs read under root: the jobs' own listing (extensions, excluded folders, size limits)."""
-    from cxr.score.incremental import list_archive
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+        self.cpu_s = {name: cpu_delta(self._cpu0[name], cpu_seconds(pattern)) for name, pattern in self.groups.items()}
+        self.self_cpu_s = time.process_time() - self._self0
+        for memory in self.memory.values():
+            memory.__exit__(*exc)
+        self.load = (self.load[0], loadavg())
 
-    listing = list_archive(f"file:{Path(root).resolve()}", list(pre["extensions"]), list(pre.get("exclude_dirs") or []),
-                           int(float(pre["max_file_mb"]) * 1024 * 1024))
-    return sorted(p[len("file:"):] for p in listing.loc[listing["kind"] == "read", "path"])
+    @property
+    def peak_mb(self) -> dict[str, float]:
+        """The largest peak of any one process of each group (MB)."""
+        return {name: memory.peak_mb for name, memory in self.memory.items()}
+
+    @property
+    def self_peak_mb(self) -> float:
+        return next(iter(self.memory.values())).self_peak_mb if self.include_self and self.memory else 0.0
+
+    @property
+    def seen(self) -> dict[str, int]:
+        """How many processes of each group were seen (a check that the pattern matched what ran)."""
+        return {name: len([k for k in memory.peaks if k != "self"]) for name, memory in self.memory.items()}

@@ -1,0 +1,116 @@
+"""The "## Scope gate and OOD" section of BENCHMARKS.md (and "## Measurement" of docs/scope_gate.md) from
+scripts/bench_scope.py's measurements, so that `bench_scope.py --report-only` rewrites both without measuring."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+
+from cxr.common.bench import CACHE, machine
+from cxr.common.markdown import table
+
+SECTION = "## Scope gate and OOD (scripts/bench_scope.py)"
+WORK = CACHE / "scope"   # the bench's inputs, model and measurements
+BATCH = 32   # the model's batch in the score job and in the cost step
+
+
+def pct(a: int, n: int) -> str:
+    return f"{100 * a / n:.1f}% ({a}/{n})" if n else "n/a"
+
+
+def report(args, st: dict) -> str:
+    from cxr.quality.out_of_scope import KINDS, MANIFEST
+
+    kinds = {r["relative_path"]: r["kind"] for r in csv.DictReader(open(WORK / "material" / MANIFEST))}
+    tr, sc, co = st["train"], st["score"], st["cost"]
+    ood, inside, thr = tr["ood"], sc["inscope"]["files"], tr["ood"]["threshold"]
+    shrink = ", ".join(f"{r['shrinkage']:.3f}" for r in ood["layers"])
+    d_in = np.array([v["distance"] for v in inside.values()])
+    auroc = lambda d: float(np.mean(np.asarray(d)[None, :] > d_in[:, None]))  # noqa: E731 (P(farther than in-scope))
+    lines = [SECTION, "", f"Measured {st['date']} on {machine()}, shared with other developers' jobs; "
+             f"{st['minutes']:.1f} min in all. Python {st['versions']['python']}, onnxruntime "
+             f"{st['versions'].get('onnxruntime', '?')}, pydicom {st['versions'].get('pydicom', '?')}. Model: the "
+             f"recommended profile (96 px `pad`, CNN + Adam, 10 epochs, seed ensemble of {tr['ensemble']}) trained by "
+             "`jobs/train.py` on the 450 shared X-rays split by patient; its OOD reference: the "
+             f"{ood['dims']} features of model.onnx in {len(ood['layers'])} layers of "
+             f"{', '.join(str(r['dims']) for r in ood['layers'])} dims (each conv block's activations averaged over "
+             "the image, then the penultimate activations; a layer pools that layer of every member), one Mahalanobis "
+             "distance per layer (Ledoit-Wolf, shrinkage "
+             f"{shrink}) "
+             f"fitted on {ood['n_train']} train images, each divided by its median out-of-fold distance, summed; "
+             f"threshold **{thr:.2f}** = the {100 * ood['quantile']:.1f}% quantile of {ood['n_calibration']} scores "
+             f"({ood['threshold_on']}). Scored by `jobs/score.py` (raw files, scope.ood: flag, local[2]).", "",
+             "**In-scope images** (goal: <= 2% of val and test flagged):", ""]
+    d = sc["parquet_distances"]["train"]
+    rows = [["train (the reference's own images; preprocess Parquet, not scored)", len(d),
+             pct(sum(x > thr for x in d), len(d)), f"{np.median(d):.2f} / {max(d):.2f}"]]
+    for split in ("val", "test", None):
+        rs = [v for k, v in inside.items() if split is None or k.startswith(split + "/")]
+        d = [v["distance"] for v in rs]
+        rows.append([split or "**val + test** (scored files)", len(rs),
+                     f"**{pct(sum(v['outcome'] == 'ood' for v in rs), len(rs))}**", f"{np.median(d):.2f} / {max(d):.2f}"])
+    lines += table(["split", "images", "flagged out of distribution", "median / max distance"], rows)
+    flagged = sorted((k for k, v in inside.items() if v["outcome"] == "ood"), key=lambda k: -inside[k]["distance"])
+    lines += ["", "Flagged: " + (", ".join(f"`{k}` ({inside[k]['distance']:.1f})" for k in flagged) or "none") +
+              f". The threshold rests on {ood['n_calibration']} scores: each train image's from a reference fitted "
+              f"on the other {ood['folds'] - 1} of {ood['folds']} folds, and the val images'; the train row above "
+              "is the final reference's own images, test is the independent check.", "",
+              "**Out-of-scope material** (`cxr.quality.out_of_scope`; goal: >= 95% caught). AUROC: the chance that "
+              "a file of the kind lies farther than an in-scope val/test image (1 = always, 0.5 = no better than "
+              "chance).", ""]
+    mat, groups = sc["material"]["files"], {"header-rule kinds (a, c)": [], "OOD-only kinds (b, d, e)": [], "all": []}
+
+    def row(name, group, rs):
+        c = {o: sum(r["outcome"] == o for r in rs) for o in ("header", "ood", "decoder", "missed")}
+        d = [r["distance"] for r in rs if r.get("distance") is not None]
+        return [name, group, len(rs), c["header"], c["ood"], c["decoder"], c["missed"],
+                f"**{pct(sum(c.values()) - c['missed'], len(rs))}**", f"{np.median(d):.1f}" if d else "-",
+                f"{auroc(d):.2f}" if d else "-"]
+    rows = []
+    for kind, spec in KINDS.items():
+        rs = [mat.get(p, {"outcome": "absent"}) for p, k in kinds.items() if k == kind]
+        if rs:
+            rows.append(row(kind, spec.group, rs))
+            groups["all"].extend(rs)
+            groups["header-rule kinds (a, c)" if spec.catch == "header" else "OOD-only kinds (b, d, e)"].extend(rs)
+    lines += table(["kind", "group", "files", "caught by the header rules", "caught by the OOD distance",
+                    "rejected by the decoder", "missed (scored as in distribution)", "**caught**", "median distance",
+                    "AUROC"], rows + [row(f"**{name}**", "", rs) for name, rs in groups.items()])
+    d_out = [r["distance"] for r in groups["OOD-only kinds (b, d, e)"]]
+    t95, t2 = np.quantile(d_out, 0.05), np.quantile(d_in, 0.98)
+    lines += ["", f"No threshold meets both goals on the OOD-only kinds: catching 95% of them takes a threshold of "
+              f"{t95:.2f}, which flags **{pct(sum(d > t95 for d in d_in), len(d_in))}** of the in-scope val + test "
+              f"images; flagging <= 2% of those ({t2:.2f}) catches **{pct(sum(d > t2 for d in d_out), len(d_out))}** "
+              "of the OOD-only files." if t95 < t2 else "A threshold between "
+              f"{t2:.2f} and {t95:.2f} would meet both goals on this material."]
+    cal = tr.get("calibration") or []
+    if cal:
+        alt = [(q, float(np.quantile(cal, q))) for q in (0.99, 0.98, 0.95) if q < ood["quantile"]]
+        lines += ["", "Other values of `scope.ood_quantile` (the threshold from the same calibration scores): " +
+                  "; ".join(f"{q} gives {t:.2f}, which flags {pct(sum(d > t for d in d_in), len(d_in))} of the "
+                            f"in-scope val + test images and catches {pct(sum(d > t for d in d_out), len(d_out))} of the "
+                            "OOD-only files" for q, t in alt) + "."]
+    h = co["header_ms"]
+    dist_ms = co["onnx_ms"]["with"] - co["onnx_ms"]["without"]
+    lines += ["", f"**Cost per image, one core** (CPU; goal: each < 5% of the per-image score cost). Score cost: "
+              f"read, sha256, scope gate, decode, CLAHE, 96 px, ONNX with the distance (batch {BATCH}, 1 thread) "
+              f"over the {co['files']} val + test files in one process: **{co['score_ms']:.1f} ms**.", "",
+              *table(["step", "ms per image", "share of the score cost"], [
+                  [f"header read (`HeaderReader.read`), {len(h)} DICOMs: mean (max)",
+                   f"{np.mean(list(h.values())):.3f} ({max(h.values()):.3f})",
+                   f"**{100 * np.mean(list(h.values())) / co['score_ms']:.2f}%** "
+                   f"({100 * max(h.values()) / co['score_ms']:.2f}%)"],
+                  *([label, f"{co['onnx_ms'][k]:.3f}", f"{100 * co['onnx_ms'][k] / co['score_ms']:.1f}%"]
+                    for label, k in (("ONNX without the ood_distance output", "without"), ("ONNX with it", "with"))),
+                  ["**the distance** (with - without)", f"{dist_ms:.3f}", f"**{100 * dist_ms / co['score_ms']:.2f}%**"]]),
+              "",
+              f"Header reads: the bytes in memory (the job reads them anyway), the {co['shared_dicoms']} DICOMs of "
+              f"../shared/data/dicom and the {len(h) - co['shared_dicoms']} written ones (group c), 20 reads each. "
+              f"ONNX: the {co['images']} val + test images repeated to >= 512 a round, the two graphs alternated. "
+              f"Fastest of {args.rounds} rounds each. The score cost is that of JPEG/PNG files (a DICOM's decode costs "
+              f"more), so the shares are upper bounds. Runs: preprocess {st['preprocess']['wall_s']:.0f} s, train "
+              f"{tr['wall_s'] / 60:.1f} min ({tr['cpu_s'] / 60:.1f} CPU min), score in-scope "
+              f"{sc['inscope']['wall_s']:.0f} s, score material {sc['material']['wall_s']:.0f} s.", "",
+              f"Reproduce: `{st['command']}` (inputs, model and results cached in {WORK}; `--redo train score cost` "
+              "retrains and measures again).", ""]
+    return "\n".join(lines)
