@@ -74,7 +74,8 @@ def main(argv=None) -> int:
             print(f"explain: {e.get('images', 0)} overlays in {e.get('png_dir')}" if "error" not in e
                   else f"explain: failed ({e['error']}); predictions are unaffected")
         m = r["monitoring"]
-        print(f"monitor: {'WARN drift in ' + ', '.join(m['drifted']) if m['drifted'] else 'no drift'} "
+        print(f"monitor: failed ({m['error']}); predictions are unaffected" if "error" in m else
+              f"monitor: {'WARN drift in ' + ', '.join(m['drifted']) if m['drifted'] else 'no drift'} "
               f"({sum(t['value'] is not None for t in m['drift'])} tests); page {m.get('page', 'not written')}")
         if m["drifted"] and config["monitor"].get("fail_on_drift"):
             return 4

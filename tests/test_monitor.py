@@ -68,6 +68,15 @@ def test_statistics_pool_and_reasons_group():
     assert metric_values(m)["monitor.share.calls.COVID"] == pytest.approx(a["categorical"]["calls"]["COVID"] / 10)
 
 
+def test_a_monitoring_failure_is_recorded_and_never_fails_the_run():
+    """After the commit the record must be written (a run without runs/R.json counts as crashed)."""
+    from cxr.spark import monitor
+
+    m = monitor.finish(None, "/nowhere", {"run_id": "r"}, monitor.Watch({}), "/nowhere", load_config(), "", "raw", None)
+    assert m["error"].startswith("KeyError") and m["drifted"] == [] and metric_values(m)["monitor.rows"] == 0
+    assert monitor.finish(None, "/nowhere", {}, monitor.Watch({}, error="boom"), "", {}, "", "raw", None)["error"] == "boom"
+
+
 def test_every_profile_inherits_the_monitor_section():
     from cxr.config import CONF_DIR
 

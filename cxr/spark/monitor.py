@@ -42,6 +42,7 @@ class Watch:
     least_confident: list[dict] = field(default_factory=list)
     most_ood: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    error: str | None = None
 
 
 def _rows(spark: SparkSession, staging: str) -> DataFrame | None:
@@ -65,6 +66,15 @@ def _partial_stats(frames):
 
 
 def watch(spark: SparkSession, staging: str, config: Mapping[str, Any]) -> Watch:
+    """Never raises: monitoring must not cost a night its predictions (a failure is recorded instead)."""
+    try:
+        return _watch(spark, staging, config)
+    except Exception as exc:
+        log.exception("run statistics failed; the run goes on without monitoring")
+        return Watch({}, error=f"{type(exc).__name__}: {exc}")
+
+
+def _watch(spark: SparkSession, staging: str, config: Mapping[str, Any]) -> Watch:
     conf, started = config["monitor"], time.perf_counter()
     rows = _rows(spark, staging)
     if rows is None:
@@ -171,6 +181,19 @@ def _thumbnails(spark, w: Watch, record, input_uri, mode, params) -> tuple[list[
 
 def finish(spark: SparkSession, out: str, record: Mapping[str, Any], w: Watch, model_dir: str,
            config: Mapping[str, Any], input_uri: str, mode: str, params) -> dict[str, Any]:
+    """The record's `monitoring` field. Never raises: the run is committed by then and its record must be
+    written (a run without runs/R.json counts as crashed), so a failure is recorded instead."""
+    if w.error:
+        return {"error": w.error, "drifted": [], "drift": []}
+    try:
+        return _finish(spark, out, record, w, model_dir, config, input_uri, mode, params)
+    except Exception as exc:
+        log.exception("run monitoring failed; the run's tables are unaffected")
+        return {"error": f"{type(exc).__name__}: {exc}", "drifted": [], "drift": []}
+
+
+def _finish(spark: SparkSession, out: str, record: Mapping[str, Any], w: Watch, model_dir: str,
+            config: Mapping[str, Any], input_uri: str, mode: str, params) -> dict[str, Any]:
     conf, started = config["monitor"], time.perf_counter()
     run_id, model_id = record["run_id"], record["model"]["model_id"]
     reference = read_reference(model_dir)
