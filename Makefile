@@ -11,7 +11,7 @@ export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN)/python)
 export SPARK_LOCAL_IP        ?= 127.0.0.1
 export TF_CPP_MIN_LOG_LEVEL  ?= 2
 
-.PHONY: demo test test-cluster test-connect test-airflow venv clean dist cluster-up cluster-down
+.PHONY: demo test test-cluster test-connect test-airflow venv clean dist cluster-up cluster-down chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,18 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
+
+# Headless Chromium for the run-page test (tests/test_monitor.py): Debian's package, installed only when missing;
+# where apt-get is unavailable (or fails: not root, no network) the test skips and says why.
+chromium:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		(apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 || \
+		 (apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends chromium >/dev/null 2>&1)) || \
+		echo "make chromium: could not install Debian's chromium (not root or offline): the run-page test will skip"; \
+	else echo "make chromium: no apt-get here: install chromium yourself, or the run-page test skips"; fi
 
 demo: $(STAMP)
 	DEMO_OUT=$(DEMO_OUT) bash scripts/demo.sh

@@ -1,7 +1,9 @@
 """spark-submit jobs/score.py --input ARCHIVE_OR_PREPROCESSED --model MODELS_DIR/NAME --output PRED_DIR [...]
 
 Exit codes: 0 done, 2 bad input or arguments, 3 another run holds PRED_DIR's lease, or (Delta) committed to
-PRED_DIR after this run started: nothing of this run was committed."""
+PRED_DIR after this run started: nothing of this run was committed; 4 (only with --fail-on-drift or conf
+monitor.fail_on_drift) the run is complete and committed, with its record, MLflow run and page, but a monitored
+statistic drifted beyond its threshold (README "Monitoring")."""
 import sys
 from pathlib import Path
 
@@ -35,6 +37,9 @@ def main(argv=None) -> int:
                         "score.staging_dir; a local folder when PRED_DIR is on S3 and Spark has no hadoop-aws)")
     parser.add_argument("--on-damaged", choices=["reject", "flag"],
                         help="files the codec reports damaged: errors rows, or predictions with decode_warnings")
+    parser.add_argument("--fail-on-drift", action="store_true", default=None,
+                        help="exit 4 when a monitored statistic drifted (after everything is written; conf "
+                             "monitor.fail_on_drift)")
     add_scope_flags(parser)
     add_tracking_flags(parser)
     args = parser.parse_args(argv)
@@ -68,9 +73,16 @@ def main(argv=None) -> int:
             e = r["explain"]
             print(f"explain: {e.get('images', 0)} overlays in {e.get('png_dir')}" if "error" not in e
                   else f"explain: failed ({e['error']}); predictions are unaffected")
+        m = r["monitoring"]
+        print(f"monitor: failed ({m['error']}); predictions are unaffected" if "error" in m else
+              f"monitor: {'WARN drift in ' + ', '.join(m['drifted']) if m['drifted'] else 'no drift'} "
+              f"({sum(t['value'] is not None for t in m['drift'])} tests); page {m.get('page', 'not written')}")
+        if m["drifted"] and config["monitor"].get("fail_on_drift"):
+            return 4
 
     return run_job(args, {"score.batch_size": args.batch_size, "score.table_format": args.table_format,
                           "score.staging_dir": args.staging_dir, "preprocess.on_damaged": args.on_damaged,
+                          "monitor.fail_on_drift": args.fail_on_drift,
                           **scope_overrides(args), **tracking_overrides(args)}, body)
 
 

@@ -6,6 +6,14 @@ version (`python -m cxr.tracking.registry promote cxr VERSION`) changes what the
 here. Paths and URIs are DAG params: change their defaults below or per run (trigger with config). Nothing is
 looked up when the file is parsed (no Variables, no connections): the scheduler parses it often.
 
+Exit codes of jobs/score.py (spark-submit passes them on in client deploy mode, the default): 0 done; 2 bad input
+or arguments; 3 the previous night still holds PRED_DIR's lease (nothing written: the retries below are meant for
+this); 4 only with `--fail-on-drift` (or conf monitor.fail_on_drift): the night is scored and committed, with its
+runs/R.json, MLflow run and page PRED_DIR/reports/R.html, but a monitored statistic drifted (README "Monitoring").
+This DAG does not pass the flag: drift is a WARN line in the task log and `monitoring.drifted` in the run record.
+If you add it, alert on the failure (email_on_failure, on_failure_callback): a retry after exit 4 finds nothing new
+to score, so it has nothing to test and succeeds.
+
 `make test-airflow` loads this file with Airflow's DagBag and checks the command it renders against the README.
 Needs apache-airflow 3 and apache-airflow-providers-apache-spark (the project's `airflow` extra).
 """
@@ -50,6 +58,7 @@ with DAG(
             "--run-id", "{{ ts_nodash }}",
         ],
         conf={"spark.sql.execution.arrow.maxRecordsPerBatch": "16"},
-        retries=2,          # a rerun is safe: crashed runs are cleaned up and scored files skipped
+        retries=2,          # a rerun is safe: crashed runs are cleaned up and scored files skipped (exit 3: the
+                            # lease is held, try later; exit 4 with --fail-on-drift: see the docstring)
         retry_delay=pendulum.duration(minutes=10),
     )

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Nightly incremental scoring: files unchanged since the last run (path, size, mtime) are not even opened, only
 # new or changed ones are read; a failed night is simply rerun (no duplicates). Exit code 3: the previous run
-# still holds PRED_DIR's lease (nothing was written; try again later). Example crontab line (02:30 every night, log kept per day):
+# still holds PRED_DIR's lease (nothing was written; try again later). Exit code 4 (only with --fail-on-drift or conf
+# monitor.fail_on_drift): the night was scored and committed (predictions, runs/R.json, MLflow, the page
+# PRED_DIR/reports/R.html) but a monitored statistic drifted beyond its threshold: look at the page, not a failure to
+# rerun (a rerun finds nothing new and exits 0). Without the flag drift is only a WARN line. Example crontab line (02:30 every night, log kept per day):
 #   30 2 * * * cd /opt/cxr-spark && scripts/nightly_score.sh /data/xray-archive models/cnn-adam /data/predictions >> /var/log/cxr/score-$(date +\%F).log 2>&1
 # Extra spark-submit options go in SPARK_SUBMIT_OPTS_CXR, e.g. "--master spark://host:7077 --archives dist/cxr-env.tar.gz#environment".
 set -euo pipefail

@@ -56,7 +56,8 @@ def images(pre_out):
 
 
 def _without_onnx(model_dir: Path, dest: Path) -> Path:
-    shutil.copytree(model_dir, dest, ignore=shutil.ignore_patterns(store.ONNX_FILE, store.OOD_FILE))  # as before OOD
+    shutil.copytree(model_dir, dest,   # as trained before ONNX export (so before OOD and monitoring references)
+                    ignore=shutil.ignore_patterns(store.ONNX_FILE, store.OOD_FILE, store.MONITOR_FILE))
     return dest
 
 

@@ -89,6 +89,7 @@ def test_train_logs_params_metrics_per_epoch_and_the_model(trained, pre_out, cli
     evaluation = json.loads((trained / "evaluation_test.json").read_text())["models"]["cnn-adam"]
     assert child.data.metrics["test.macro_f1"] == pytest.approx(evaluation["macro_f1"])
     assert child.data.tags["cxr.model_id"] == model_id(str(trained / "cnn-adam"))
+    assert (trained / "cnn-adam" / "monitor_reference.json").is_file()   # run monitoring's reference, in the id
     parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert {"report.md", "evaluation_test.json", "plots"} <= parent_files
     assert "metrics.json" in {f.path for f in client.list_artifacts(child.info.run_id)}

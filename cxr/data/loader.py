@@ -84,12 +84,12 @@ class SplitData:
             yield self.x[idx, :, :, 0], self.y[idx]
 
 
-def parquet_files(data_dir: str) -> tuple[pafs.FileSystem, list[str]]:
-    """PRE_OUT/images/*.parquet in sorted order (so every scan sees rows in the same order)."""
+def parquet_files(data_dir: str, table: str = "images") -> tuple[pafs.FileSystem, list[str]]:
+    """PRE_OUT/images/*.parquet (or another table's) in sorted order (so every scan sees rows in the same order)."""
     fs, root, _ = filesystem(str(data_dir).rstrip("/"))
-    root = f"{root}/images"
+    root = f"{root}/{table}"
     if fs.get_file_info(root).type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"no images/ folder in {data_dir} (is it the preprocess job's output?)")
+        raise FileNotFoundError(f"no {table}/ folder in {data_dir} (is it the preprocess job's output?)")
     files = sorted(f.path for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
                    if f.type == pafs.FileType.File and f.path.endswith(".parquet")
                    and not os.path.basename(f.path).startswith(("_", ".")))
@@ -101,6 +101,15 @@ def parquet_files(data_dir: str) -> tuple[pafs.FileSystem, list[str]]:
 def images_dataset(data_dir: str) -> ds.Dataset:
     """PRE_OUT/images as a pyarrow dataset (for metadata-only scans)."""
     fs, files = parquet_files(data_dir)
+    return ds.dataset(files, format="parquet", filesystem=fs)
+
+
+def side_table(data_dir: str, name: str) -> ds.Dataset | None:
+    """PRE_OUT/errors or PRE_OUT/out_of_scope as a pyarrow dataset; None when the run had no such rows."""
+    try:
+        fs, files = parquet_files(data_dir, name)
+    except FileNotFoundError:
+        return None
     return ds.dataset(files, format="parquet", filesystem=fs)
 
 

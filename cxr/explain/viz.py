@@ -54,7 +54,7 @@ def save_figure(fig, path, title: str | None = None, dpi: int = 80) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt().close(fig)
-    return Path(path)
+    return Path(path) if isinstance(path, (str, Path)) else path   # or the file object it was given
 
 
 def _px(inches: float) -> int:

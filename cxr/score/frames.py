@@ -27,8 +27,14 @@ from cxr.scope.rules import OOD_STAGE, ScopeGate
 
 PROB_COLUMNS = tuple(f"p_{c.lower()}" for c in CLASSES)
 OOD_COLUMNS = ("ood_distance", "in_distribution")
+# what run monitoring (cxr.monitor.stats) needs of each input image beyond the prediction: the decoder's format,
+# stored dtype and size, and the mean pixel value of the preprocessed image (what the model saw)
+INPUT_COLUMNS = ("source_format", "orig_dtype", "orig_height", "orig_width")
+MONITOR_COLUMNS = (*INPUT_COLUMNS, "mean_intensity")
 RESULT_COLUMNS = ("path", "sha256", "folder_label", "status", "stage", "reason", "label", *PROB_COLUMNS,
-                  *OOD_COLUMNS, "size", "mtime_ms", "decode_warnings", *DICOM_COLUMNS)
+                  *OOD_COLUMNS, "size", "mtime_ms", "decode_warnings", *DICOM_COLUMNS, *MONITOR_COLUMNS)
+# columns of a preprocess job's images table that scoring it carries into its results (older tables lack some)
+CARRIED_COLUMNS = ("decode_warnings", *DICOM_COLUMNS, *INPUT_COLUMNS)
 HASH_COLUMNS = ("path", "sha256", "size", "mtime_ms")
 
 # What must match between the preprocessing a model was trained on and the one it is fed.
@@ -119,7 +125,9 @@ def _with_predictions(rows: list[dict], images: list[np.ndarray], engine: Engine
     ok = (frame["status"] == "ok").to_numpy()
     if ok.any():
         predictor = engine.predictor()
-        proba, dist = predict_fixed_batches(predictor, np.stack(images), engine.batch_size)
+        stack = np.stack(images)
+        frame.loc[ok, "mean_intensity"] = stack.reshape(len(stack), -1).mean(axis=1)
+        proba, dist = predict_fixed_batches(predictor, stack, engine.batch_size)
         proba = apply_temperature(proba, temperature_of(predictor.metadata))  # None (uncalibrated): unchanged
         for j, col in enumerate(PROB_COLUMNS):
             frame.loc[ok, col] = proba[:, j]
@@ -135,11 +143,13 @@ def _with_predictions(rows: list[dict], images: list[np.ndarray], engine: Engine
                 frame.loc[away, "reason"] = [f"out of distribution: distance {d:.2f} over the model's threshold "
                                              f"{threshold:.2f} (scope.ood: skip)" for d in dist[~inside]]
                 frame.loc[away, ["label", *PROB_COLUMNS]] = None
-    for col in (*PROB_COLUMNS, "ood_distance"):
+    for col in (*PROB_COLUMNS, "ood_distance", "mean_intensity"):
         frame[col] = frame[col].astype("float32")
     frame["in_distribution"] = frame["in_distribution"].astype("boolean")
     for col in ("size", "mtime_ms"):
         frame[col] = frame[col].astype("Int64")
+    for col in ("orig_height", "orig_width"):
+        frame[col] = frame[col].astype("Int32")
     return with_column_types(frame)
 
 
@@ -181,7 +191,8 @@ def score_raw_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, al
             done = process_file(path, content, root, params, aliases, gate)
             row.update({c: done[c] for c in DICOM_COLUMNS})
             row.update(sha256=done["sha256"], folder_label=done["label"], status=done["status"],
-                       stage=done["stage"], reason=done["reason"], decode_warnings=done["decode_warnings"])
+                       stage=done["stage"], reason=done["reason"], decode_warnings=done["decode_warnings"],
+                       **{c: done[c] for c in INPUT_COLUMNS})
             if done["status"] == "ok":
                 images.append(np.frombuffer(done["image"], np.uint8).reshape(done["height"], done["width"]))
         rows.append(row)
@@ -192,7 +203,7 @@ def score_preprocessed_frame(frame: pd.DataFrame, engine: Engine, ood: str = "fl
     """Rows of a preprocess job's images table -> predictions (no image steps: they were done there; DICOM
     columns carried over where the table has them)."""
     rows, images = [], []
-    carried = [c for c in ("decode_warnings", *DICOM_COLUMNS) if c in frame]   # older tables lack them
+    carried = [c for c in CARRIED_COLUMNS if c in frame]   # older tables lack some
     for i, (path, sha, label, image, h, w) in enumerate(zip(frame["path"], frame["sha256"], frame["label"],
                                                             frame["image"], frame["height"], frame["width"])):
         row = dict.fromkeys(RESULT_COLUMNS)

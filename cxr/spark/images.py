@@ -32,7 +32,7 @@ from cxr.spark import fs
 COLUMN_TYPES = {"image": T.BinaryType(), "height": T.IntegerType(), "width": T.IntegerType(),
           "orig_height": T.IntegerType(), "orig_width": T.IntegerType(), "length": T.LongType(),
           "mtime_ms": T.LongType(), "task": T.LongType(), "ood_distance": T.FloatType(),
-          "in_distribution": T.BooleanType(),
+          "in_distribution": T.BooleanType(), "mean_intensity": T.FloatType(),
           **{c: {"int": T.IntegerType(), "date": T.DateType(), "spacing0": T.DoubleType(),
                  "spacing1": T.DoubleType()}.get(k, T.StringType()) for c, k in COLUMN_KINDS.items()}}
 # errors and out_of_scope rows: which file, why, and its DICOM identity (null for other formats)

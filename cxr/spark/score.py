@@ -8,7 +8,8 @@ Layout of PRED_DIR, queryable by any Parquet/SQL engine:
                                                          pixels; out of distribution with scope.ood: skip), why
     state/model_id=M/run_id=R/*.parquet                  what run R learnt of each file it looked at (raw input):
                                                          path, size, mtime, sha256, status, seen_at
-    runs/R.json                                          counts, timings, throughput of run R
+    runs/R.json                                          counts, timings, throughput, monitoring of run R
+    reports/R.html                                       the run's page (cxr/spark/monitor.py)
     _lease                                               the running run's lease (cxr/score/lease.py)
 
 A night costs what changed: the archive is listed and compared with the state table on the driver
@@ -42,12 +43,14 @@ from cxr.models import store
 from cxr.common.provenance import package_versions
 from cxr.score.frames import (HASH_COLUMNS, OOD_COLUMNS, PROB_COLUMNS, RESULT_COLUMNS, Engine, hash_frame, model_id,
                               params_mismatch, score_preprocessed_frame, score_raw_frame, scoring_params)
+from cxr.score.frames import CARRIED_COLUMNS
 from cxr.scope.dicom_header import DICOM_COLUMNS
 from cxr.scope.rules import ScopeGate
 from cxr.score import delta_table
 from cxr.score.incremental import classify, latest_state, list_archive
 from cxr.score.lease import Lease, LocalLeaseFiles
 from cxr.spark import fs
+from cxr.spark import monitor
 from cxr.spark.images import COLUMN_TYPES, unread_reason
 from cxr.spark.preprocess import Stopwatch
 from cxr.spark.session import default_parallelism, master_url
@@ -199,6 +202,7 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
         if errors is not None:
             errors.coalesce(1).write.parquet(f"{staging}/errors")
         clock.lap("write", "predictions, errors and state of run %s", run_id)
+        watched = monitor.watch(spark, staging, config)   # run statistics, before the commit removes the staging
 
         lease.check()   # a run presumed dead must not commit over its successor
         versions = _commit(spark, out, staging, run_id, run_date, mid, table_format, start)
@@ -231,6 +235,7 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
             "images_per_s": round(counts["scored"] / max(seconds, 1e-9), 2),
             "versions": package_versions(), "spark": {"version": spark.version, "master": master_url(spark)},
         }
+        record["monitoring"] = monitor.finish(spark, out, record, watched, model_path, config, input_uri, mode, params)
         fs.write_text(spark, f"{out}/runs/{run_id}.json", json.dumps(record, indent=2, sort_keys=True))
     return record
 
@@ -367,7 +372,7 @@ def _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, ru
     clock.lap("list", "preprocessed input: %d images, %d not yet scored by this model", n_input, n_new)
     if n_new:
         todo = images.select("path", "sha256", "label", "image", "height", "width",
-                             *[c for c in ("decode_warnings", *DICOM_COLUMNS) if c in images.columns])
+                             *[c for c in CARRIED_COLUMNS if c in images.columns])
         if scored is not None:
             todo = todo.join(new, ["path", "sha256"], "left_semi")
         (todo.mapInPandas(lambda frames: (score_preprocessed_frame(f, runner, ood) for f in frames),

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from cxr.models import store
+from cxr.monitor.assess import metric_values
 from cxr.tracking.registry import CXR_ARTIFACT, register
 from cxr.tracking.settings import TrackingSettings
 
@@ -214,5 +215,7 @@ def log_score(settings: TrackingSettings, record: Mapping[str, Any]) -> str:
         mlflow.log_params(as_params(record.get("engine") or {}, "engine"))
         mlflow.log_metrics(as_metrics({k: record.get(k) for k in ("counts", "bytes_read", "seconds", "images_per_s",
                                                                   "scored_out_of_distribution")}))
+        if record.get("monitoring"):   # shares, counts, PSI and p-values: charted night over night
+            mlflow.log_metrics(metric_values(record["monitoring"]))
         mlflow.log_dict(dict(record), f"runs/{record['run_id']}.json")
         return run.info.run_id

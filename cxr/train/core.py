@@ -11,7 +11,9 @@ After a model (single, scratch or ensemble) is saved and exported, its out-of-di
 through model.onnx, one Ledoit-Wolf Mahalanobis distance per layer, threshold at scope.ood_quantile of the
 out-of-fold train scores pooled with the val split's (the out-of-fold scores alone in cross-validation folds),
 ood.npz written and "ood_distance" added to model.onnx. An ensemble gets one reference on its members'
-concatenated features (each layer pooled over the members); members get none.
+concatenated features (each layer pooled over the members); members get none. Last, the train job writes each
+model's run-monitoring reference (cxr.monitor.reference: monitor_reference.json, the score job's statistics of
+the val split).
 """
 from __future__ import annotations
 
@@ -297,5 +299,10 @@ def run(data_dir: str, out_dir: str, config: Mapping[str, Any], models: Sequence
     quantile = float((config.get("scope") or {}).get("ood_quantile", DEFAULT_OOD_QUANTILE))
     results = [train_and_save(spec, train, val, conf, cw, epochs, seed, out / spec["name"], data_record, manifest,
                               calibrate_on=data_dir, ood_quantile=quantile) for spec in todo]
+    if config.get("monitor"):   # run monitoring's training reference (part of the model id): after calibration
+        from cxr.monitor.reference import write_reference
+
+        for r in results:
+            write_reference(r["dir"], data_dir, config)
     return {"models": results, "data": data_record, "class_weight": cw, "seed": seed, "epochs": epochs,
             "total_s": round(time.perf_counter() - t0, 3)}

@@ -1,0 +1,1 @@
+"""Run monitoring: statistics of a score run's rows, the training reference, drift tests and the per-run HTML page."""
