@@ -206,12 +206,13 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
 
         lease.check()   # a run presumed dead must not commit over its successor
         versions = _commit(spark, out, staging, run_id, run_date, mid, table_format, start)
+        clock.lap("commit", "run %s committed (%s): %s", run_id, table_format, versions or "renamed into place")
         fs.delete(spark, staging_root)
         accounted = counts["input"] == sum(counts[k] for k in ("scored", "rejected", "out_of_scope",
                                                                 "skipped_unchanged", "skipped_already_scored"))
         if not accounted:
             log.error("accounting mismatch: %s", counts)
-        clock.lap("commit", "run %s: %s", run_id, counts)
+        clock.lap("cleanup", "run %s: %s", run_id, counts)
         seconds = sum(clock.timings.values())
         explained = None
         if explain:
