@@ -145,14 +145,14 @@ def _remove(uri: str, rels: Iterable[str]) -> None:
             pass
 
 
-def _commit_one(staged: Staged, uri: str, start, run_id: str) -> int | None:
-    """Commit one table's files; the new version, or None when this run was already committed there."""
+def _commit_one(staged: Staged, uri: str, start, latest, run_id: str) -> int | None:
+    """Commit one table's files (start: the version the run began from, latest: the newest, seen just before);
+    the new version, or None when this run was already committed there."""
     from deltalake import CommitProperties, Transaction
     from deltalake.exceptions import CommitFailedError, DeltaError
     from deltalake.transaction import AddAction, create_table_with_add_actions
 
     partition_by = PARTITIONS[staged.table]
-    latest = open_table(uri)
     if latest is not None and latest.transaction_version(app_id(run_id)) is not None:
         log.info("%s: run %s is already committed (version %s): nothing to do", uri, run_id, latest.version())
         return None
@@ -177,16 +177,16 @@ def _commit_one(staged: Staged, uri: str, start, run_id: str) -> int | None:
     except Exception:
         _remove(uri, [m[0] for m in moved])
         raise
-    return open_table(uri).version()
+    return 0 if start is None else start.version() + 1   # no retries: exactly the next version, or a failure
 
 
 def commit_run(out: str, run_id: str, staged: Sequence[Staged], start: Mapping[str, object]) -> dict[str, int | None]:
     """Commit the run's tables (COMMIT_ORDER), each against the version `start` saw. Raises ConcurrentRunError,
     committing nothing, when any table moved on since; {table: version after the commit}."""
-    by_table = {s.table: s for s in staged}
+    by_table, latest = {s.table: s for s in staged}, {}
     for table in by_table:
         uri, was = table_uri(out, table), start.get(table)
-        now = open_table(uri)
+        now = latest[table] = open_table(uri)
         moved_on = (now is not None) if was is None else (now is None or now.version() != was.version())
         if moved_on and not (now is not None and now.transaction_version(app_id(run_id)) is not None):
             raise ConcurrentRunError(
@@ -197,7 +197,7 @@ def commit_run(out: str, run_id: str, staged: Sequence[Staged], start: Mapping[s
     for table in COMMIT_ORDER:
         if table in by_table:
             uri = table_uri(out, table)
-            versions[table] = _commit_one(by_table[table], uri, start.get(table), run_id)
+            versions[table] = _commit_one(by_table[table], uri, start.get(table), latest[table], run_id)
     return versions
 
 
