@@ -41,16 +41,15 @@ from cxr.image.source import local_path
 from cxr.common.labels import alias_table
 from cxr.models import store
 from cxr.common.provenance import package_versions
-from cxr.score.frames import (HASH_COLUMNS, OOD_COLUMNS, PROB_COLUMNS, RESULT_COLUMNS, Engine, hash_frame, model_id,
-                              params_mismatch, score_preprocessed_frame, score_raw_frame, scoring_params)
-from cxr.score.frames import CARRIED_COLUMNS
+from cxr.score.frames import (CARRIED_COLUMNS, HASH_COLUMNS, OOD_COLUMNS, PROB_COLUMNS, RESULT_COLUMNS, Engine,
+                              hash_frame, model_id, params_mismatch, score_preprocessed_frame, score_raw_frame,
+                              scoring_params)
 from cxr.scope.dicom_header import DICOM_COLUMNS
 from cxr.scope.rules import ScopeGate
 from cxr.score import delta_table
 from cxr.score.incremental import classify, latest_state, list_archive
 from cxr.score.lease import Lease, LocalLeaseFiles
-from cxr.spark import fs
-from cxr.spark import monitor
+from cxr.spark import fs, monitor
 from cxr.spark.images import COLUMN_TYPES, unread_reason
 from cxr.spark.preprocess import Stopwatch
 from cxr.spark.session import default_parallelism, master_url
@@ -203,6 +202,7 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
             errors.coalesce(1).write.parquet(f"{staging}/errors")
         clock.lap("write", "predictions, errors and state of run %s", run_id)
         watched = monitor.watch(spark, staging, config)   # run statistics, before the commit removes the staging
+        clock.lap("monitor", "run statistics of run %s", run_id)
 
         lease.check()   # a run presumed dead must not commit over its successor
         versions = _commit(spark, out, staging, run_id, run_date, mid, table_format, start)
