@@ -108,6 +108,9 @@ def report(args, st: dict) -> str:
              f"{args.files:,} synthetic files ({args.image_px} px PNG/JPEG/DICOM mix), the random study CNN at "
              f"{args.model_px} px, local[2] in one process; {machine()}; load {st.get('load', '?')}; "
              f"{st.get('date', '?')}. `{command_line('bench_delta.py', st.get('argv', []))}`", "",
+             "Wall: `score.run` in one process, its session already up (the score section's (b) times whole "
+             "spark-submits); commit: the run's `commit` lap, moving the staged files in and the Delta "
+             "transactions (or the renames), without the staging clean-up and the monitoring.", "",
              *table(["run", "wall s", "commit s", "scored", "goal"], [
                  ["first run, Delta", num(d["wall_s"]), num(d["commit_s"], 2), d["counts"]["scored"],
                   f"commit <= 1 s: **{'met' if d['commit_s'] <= 1 else 'not met'}**"],
