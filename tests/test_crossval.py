@@ -152,19 +152,42 @@ def test_crossval_on_local_spark(spark, pre_out, train_config, tmp_path):
         run(spark, str(pre_out), str(out), config, folds=3, seeds=1, epochs=1)
 
 
-def test_ablation_calls_a_change_only_when_the_paired_folds_agree():
-    import importlib.util
+@pytest.mark.slow
+def test_crossval_members_give_single_and_ensembles_on_the_same_folds(spark, pre_out, train_config, tmp_path):
+    """crossval.members: an ensemble of 2 and each member evaluated on the same folds; the mean of the members'
+    saved probabilities scores what the ensemble model scored (so smaller ensembles need no retraining), and
+    per_seed holds each seed's CV mean and their spread."""
+    from cxr.evaluate.crossval import PREDICTIONS_FILE, ensemble_of_members, run
 
-    from tests.conftest import ROOT
+    config = {**train_config, "train": {**train_config["train"], "ensemble": 2}}
+    out = tmp_path / "cv"
+    result = run(spark, str(pre_out), str(out), config, folds=2, seeds=2, epochs=1, models="cnn", probes=False,
+                 members=True)
+    names = {"cnn-adam", "cnn-adam:member0", "cnn-adam:member1"}
+    assert set(result["summary"]) == names and all(result["summary"][n]["runs"] == 4 for n in names)
+    assert result["members_evaluated"] and result["train"]["ensemble"] == 2
+    predictions = pd.read_csv(out / PREDICTIONS_FILE)
+    assert set(predictions["model"]) == names and len(predictions) == 3 * 2 * result["data"]["images"]
+    runs = pd.DataFrame(result["runs"]).set_index(["model", "seed", "fold"]).sort_index()
+    for k, model in ((2, "cnn-adam"), (1, "cnn-adam:member0")):
+        again = ensemble_of_members(predictions, "cnn-adam", k).set_index(["seed", "fold"]).sort_index()
+        assert np.allclose(again["accuracy"], runs.loc[model, "accuracy"])
+        assert np.allclose(again["macro_f1"], runs.loc[model, "macro_f1"], atol=1e-6)
+    seeds = result["per_seed"]["cnn-adam"]
+    means = runs.loc["cnn-adam"].groupby("seed")["macro_f1"].mean()
+    assert seeds["seeds"] == 2 and seeds["macro_f1"]["mean"] == pytest.approx(means.mean())
+    assert seeds["macro_f1"]["sd"] == pytest.approx(means.std(ddof=1))
+    assert "## Across seeds" in (out / "crossval.md").read_text()
 
-    spec = importlib.util.spec_from_file_location("ablation", ROOT / "scripts" / "ablation.py")
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
+
+def test_paired_calls_a_change_only_when_the_paired_folds_agree():
+    from cxr.evaluate.crossval import paired
+
     base = [{"seed": 0, "fold": f, "macro_f1": v} for f, v in enumerate([0.90, 0.80, 0.95, 0.85, 0.70])]
     shifted = [{**r, "macro_f1": r["macro_f1"] + 0.03 + 0.002 * r["fold"]} for r in base]   # always better
     noisy = [{**r, "macro_f1": r["macro_f1"] + d} for r, d in zip(base, [0.05, -0.06, 0.04, -0.05, 0.03])]
-    assert ablation.paired(base, shifted)["call"] == "helped"
-    assert ablation.paired(shifted, base)["call"] == "hurt"
-    assert ablation.paired(base, noisy)["call"] == "no clear difference"
+    assert paired(base, shifted)["call"] == "helped"
+    assert paired(shifted, base)["call"] == "hurt"
+    assert paired(base, noisy)["call"] == "no clear difference"
     # folds of very different difficulty do not hide a consistent gain: the comparison is per fold
-    assert abs(ablation.paired(base, shifted)["mean"] - 0.034) < 1e-9
+    assert abs(paired(base, shifted)["mean"] - 0.034) < 1e-9
