@@ -191,3 +191,43 @@ def test_paired_calls_a_change_only_when_the_paired_folds_agree():
     assert paired(base, noisy)["call"] == "no clear difference"
     # folds of very different difficulty do not hide a consistent gain: the comparison is per fold
     assert abs(paired(base, shifted)["mean"] - 0.034) < 1e-9
+
+
+def _fake_cv(root, seeds, shift: float = 0.0, folds_seed: int = 0):
+    """A crossval output folder holding only what scripts/cv_compare.py reads: runs and folds.csv."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(folds_seed)
+    runs = [{"seed": s, "fold": f, "model": "cnn-adam", "macro_f1": 0.9 + 0.01 * f + shift,
+             "normal_vs_viral": 0.9 + shift, "accuracy": 0.9, "ece": 0.05} for s in seeds for f in range(3)]
+    (root / "crossval.json").write_text(json.dumps({"models": ["cnn-adam"], "runs": runs}))
+    pd.DataFrame([{"seed": s, "sha256": f"{i:04d}", "fold": int(rng.integers(3))} for s in seeds for i in range(12)]
+                 ).to_csv(root / "folds.csv", index=False)
+    return root
+
+
+def test_cv_compare_joins_seed_chunks_and_refuses_other_folds(tmp_path):
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("cv_compare", ROOT / "scripts" / "cv_compare.py")
+    cv_compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cv_compare)
+    base = _fake_cv(tmp_path / "base", [42, 43, 44])
+    chunk_a = _fake_cv(tmp_path / "a", [42, 43], shift=0.02)
+    chunk_b = _fake_cv(tmp_path / "b", [44], shift=0.02)
+    # folds.csv of one seed depends on the seed only: the chunks repeat the base's assignment
+    for d in (chunk_a, chunk_b):
+        folds = pd.read_csv(base / "folds.csv")
+        folds[folds["seed"].isin(pd.read_csv(d / "folds.csv")["seed"])].to_csv(d / "folds.csv", index=False)
+    label, dirs, model = cv_compare.parse_row(f"new={chunk_a}+{chunk_b}:cnn-adam")
+    assert (label, dirs, model) == ("new", [chunk_a, chunk_b], "cnn-adam")
+    cv_compare.check_same_folds([[base], dirs])
+    rows = cv_compare.compare([("base", cv_compare.load_runs([base], None)[0]),
+                               ("new", cv_compare.load_runs(dirs, model)[0])])
+    assert rows[1]["n"] == "3 x 3" and rows[1]["across_seeds"]["seeds"] == 3
+    assert rows[1]["paired"]["macro_f1"]["mean"] == pytest.approx(0.02)
+    assert "| new | 3 x 3 |" in cv_compare.table(rows)
+    other = _fake_cv(tmp_path / "other", [42], folds_seed=1)
+    with pytest.raises(SystemExit):
+        cv_compare.check_same_folds([[base], [other]])
