@@ -27,9 +27,13 @@ def main(argv=None) -> int:
     parser.add_argument("--engine", choices=("onnx", "keras"),
                         help="inference engine on the executors: onnx (model.onnx in ONNX Runtime) or keras (the "
                              "model's own framework: Keras or cxr.nn); default: conf inference.engine")
+    parser.add_argument("--train-fraction", type=float,
+                        help="train on this fraction of each training fold's patients per class (a learning "
+                             "curve's point; default: conf crossval.train_fraction, 1.0)")
     add_tracking_flags(parser)
     args = parser.parse_args(argv)
     overrides = {"crossval.keep_models": True if args.keep_models else None, "inference.engine": args.engine,
+                 "crossval.train_fraction": args.train_fraction,
                  **tracking_overrides(args)}
 
     def body(spark, config):

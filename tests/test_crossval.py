@@ -39,6 +39,22 @@ def test_folds_keep_every_patient_in_one_fold_and_balance_classes():
     assert (assign_folds(y, groups, 5, seed=43) != folds).any()          # another seed gives another
 
 
+def test_train_subsample_keeps_whole_patients_and_a_fraction_of_each_class():
+    from cxr.evaluate.crossval import train_subsample
+
+    y, groups = _patients(200)
+    keep = train_subsample(y, groups, 0.5, seed=42, fold=1)
+    kept = pd.DataFrame({"g": groups, "k": keep, "y": y})
+    assert (kept.groupby("g")["k"].nunique() == 1).all()                     # a patient is kept whole
+    per_class = kept.drop_duplicates("g").groupby("y")["k"].mean()
+    assert np.allclose(per_class, 0.5, atol=0.02)
+    assert np.array_equal(keep, train_subsample(y, groups, 0.5, seed=42, fold=1))      # seeded
+    assert not np.array_equal(keep, train_subsample(y, groups, 0.5, seed=42, fold=2))
+    assert train_subsample(y, groups, 1.0, seed=42, fold=1).all()
+    with pytest.raises(ValueError):
+        train_subsample(y, groups, 0.0, seed=42, fold=1)
+
+
 def test_check_grouping_catches_a_patient_in_two_folds():
     with pytest.raises(AssertionError, match="span several folds"):
         check_grouping(np.array([0, 1, 1]), np.array(["a", "a", "b"], dtype=object))
@@ -156,13 +172,19 @@ def test_crossval_on_local_spark(spark, pre_out, train_config, tmp_path):
 def test_crossval_members_give_single_and_ensembles_on_the_same_folds(spark, pre_out, train_config, tmp_path):
     """crossval.members: an ensemble of 2 and each member evaluated on the same folds; the mean of the members'
     saved probabilities scores what the ensemble model scored (so smaller ensembles need no retraining), and
-    per_seed holds each seed's CV mean and their spread."""
+    per_seed holds each seed's CV mean and their spread; train_fraction trains on half of each fold's patients."""
     from cxr.evaluate.crossval import PREDICTIONS_FILE, ensemble_of_members, run
 
-    config = {**train_config, "train": {**train_config["train"], "ensemble": 2}}
+    config = {**train_config, "train": {**train_config["train"], "ensemble": 2},
+              "crossval": {**train_config["crossval"], "train_fraction": 0.5, "keep_models": True}}
     out = tmp_path / "cv"
     result = run(spark, str(pre_out), str(out), config, folds=2, seeds=2, epochs=1, models="cnn", probes=False,
                  members=True)
+    record = json.loads((out / "models" / "seed42" / "fold0" / "cnn-adam" / "metrics.json").read_text())
+    folds = pd.read_csv(out / "folds.csv")
+    trainable = int(((folds["seed"] == 42) & (folds["fold"] != 0)).sum())
+    assert result["train_fraction"] == 0.5                 # a learning curve's point: half the patients
+    assert abs(record["data"]["crossval"]["train_images"] - trainable / 2) <= 4
     names = {"cnn-adam", "cnn-adam:member0", "cnn-adam:member1"}
     assert set(result["summary"]) == names and all(result["summary"][n]["runs"] == 4 for n in names)
     assert result["members_evaluated"] and result["train"]["ensemble"] == 2

@@ -162,6 +162,23 @@ def ensemble_of_members(predictions: pd.DataFrame, name: str, k: int) -> pd.Data
     return pd.DataFrame(rows)
 
 
+def train_subsample(y: np.ndarray, groups: np.ndarray, fraction: float, seed: int, fold: int) -> np.ndarray:
+    """Boolean mask keeping about `fraction` of a training fold's patients (groups) in each class, seeded by
+    (seed, fold): the learning curve's smaller training sets (crossval.train_fraction). Whole patients are kept
+    or dropped, so the training set shrinks in patients, not only in images."""
+    if fraction >= 1.0:
+        return np.ones(len(y), dtype=bool)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"crossval.train_fraction must be in (0, 1], got {fraction}")
+    rng = np.random.default_rng([int(seed), int(fold), 2])
+    first = pd.DataFrame({"g": groups, "y": y}).drop_duplicates("g")
+    keep = []
+    for _, part in first.groupby("y", sort=True):
+        names = part["g"].to_numpy()
+        keep += list(rng.choice(names, size=max(1, int(round(fraction * len(names)))), replace=False))
+    return np.isin(groups, np.asarray(keep, dtype=object))
+
+
 def fold_table(assignment: pd.DataFrame, data) -> list[dict]:
     """Images per class in each fold of the first seed (to see the stratification)."""
     first = assignment[assignment["seed"] == assignment["seed"].min()]
@@ -202,6 +219,7 @@ def run(spark, data_dir: str, out_dir: str, config: Mapping[str, Any], folds: in
     epochs = int(epochs or cv.get("epochs") or tconf["epochs"])
     probes = bool(cv.get("probes", True) if probes is None else probes)
     members = bool(cv.get("members", False) if members is None else members)
+    fraction = float(cv.get("train_fraction") or 1.0)
     todo = plan(_as_list(models) or _as_list(cv.get("models", ["cnn"])),
                 _as_list(optimizers) or _as_list(cv.get("optimizers", ["adam"])),
                 tconf.get("default_optimizer", "adam"))
@@ -231,9 +249,11 @@ def run(spark, data_dir: str, out_dir: str, config: Mapping[str, Any], folds: in
     train_rows, meta_rows = [], []
     for seed in seed_values:
         fold_of = assignment.loc[assignment["seed"] == seed, "fold"].to_numpy()
+        group_of = assignment.loc[assignment["seed"] == seed, "group"].to_numpy()
         for fold in range(k):
             held = fold_of == fold
-            train = data.subset(~held)
+            kept = train_subsample(data.y[~held], group_of[~held], fraction, seed, fold)
+            train = data.subset(np.flatnonzero(~held)[kept])
             cw = class_weights(train.y, tconf.get("class_weight", "balanced"))
             record = {"dir": str(data_dir), "manifest_sha256": manifest_sha,
                       "image_size": list(data.image_size),
@@ -276,7 +296,7 @@ def run(spark, data_dir: str, out_dir: str, config: Mapping[str, Any], folds: in
         "folds": k, "seeds": seed_values, "epochs": epochs, "models": [t["name"] for t in todo],
         "train": {key: tconf.get(key) for key in ("batch_size", "class_weight", "augment", "optimizer_config",
                                                   "ensemble")},
-        "members_evaluated": members,
+        "members_evaluated": members, "train_fraction": fraction,
         "fold_sizes": fold_table(assignment, data),
         "grouping_checked": True,
         "summary": aggregate(full.drop(columns=["train_s"]), ["model"]),
