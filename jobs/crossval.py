@@ -20,13 +20,20 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, help="epochs per fit")
     parser.add_argument("--no-probes", action="store_true", help="skip the metadata and region-mask probes")
     parser.add_argument("--keep-models", action="store_true", help="keep every fold's model under DIR/models")
+    parser.add_argument("--members", action="store_true",
+                        help="also evaluate each member of a seed ensemble (train.ensemble > 1) as a model of its "
+                             "own: single model and ensemble on the same folds (default: conf crossval.members)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier cross-validation in DIR")
     parser.add_argument("--engine", choices=("onnx", "keras"),
                         help="inference engine on the executors: onnx (model.onnx in ONNX Runtime) or keras (the "
                              "model's own framework: Keras or cxr.nn); default: conf inference.engine")
+    parser.add_argument("--train-fraction", type=float,
+                        help="train on this fraction of each training fold's patients per class (a learning "
+                             "curve's point; default: conf crossval.train_fraction, 1.0)")
     add_tracking_flags(parser)
     args = parser.parse_args(argv)
     overrides = {"crossval.keep_models": True if args.keep_models else None, "inference.engine": args.engine,
+                 "crossval.train_fraction": args.train_fraction,
                  **tracking_overrides(args)}
 
     def body(spark, config):
@@ -36,12 +43,16 @@ def main(argv=None) -> int:
 
         result = run(spark, args.data, args.out, config, folds=args.folds, seeds=args.seeds, models=args.models,
                      optimizers=args.optimizers, epochs=args.epochs, probes=False if args.no_probes else None,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, members=True if args.members else None)
         for name, s in result["summary"].items():
             print(f"crossval {name}: macro-F1 {s['macro_f1']['mean']:.3f} ± {s['macro_f1']['sd']:.3f}, "
                   f"accuracy {s['accuracy']['mean']:.3f} ± {s['accuracy']['sd']:.3f}, NORMAL vs VIRAL "
                   f"{s['normal_vs_viral']['mean']:.3f} ± {s['normal_vs_viral']['sd']:.3f} "
                   f"({s['runs']} held-out folds)")
+        for name, s in (result.get("per_seed") or {}).items():
+            print(f"crossval {name} across {s['seeds']} seeds (each seed's CV mean): macro-F1 "
+                  f"{s['macro_f1']['mean']:.3f} ± {s['macro_f1']['sd']:.3f}, NORMAL vs VIRAL "
+                  f"{s['normal_vs_viral']['mean']:.3f} ± {s['normal_vs_viral']['sd']:.3f}")
         for warning in [w for ws in (result.get("warnings") or {}).values() for w in ws]:
             print(warning)
         print(f"crossval: {result['timings_s']['total']:.0f}s -> {Path(args.out) / REPORT_FILE}")

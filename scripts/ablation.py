@@ -48,24 +48,6 @@ def variant_key(pre: dict) -> str:
     return "default" if not pre else "-".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(pre.items()))
 
 
-def paired(base: list[dict], row: list[dict], metric: str = "macro_f1") -> dict:
-    """Mean and standard error of row - baseline over the (seed, fold) pairs both have."""
-    import numpy as np
-
-    b = {(r["seed"], r["fold"]): r[metric] for r in base}
-    diffs = np.asarray([r[metric] - b[(r["seed"], r["fold"])] for r in row
-                        if (r["seed"], r["fold"]) in b and r[metric] is not None and b[(r["seed"], r["fold"])] is not None])
-    if len(diffs) < 2:
-        return {"mean": float(diffs.mean()) if len(diffs) else None, "se": None, "n": int(len(diffs)), "call": "n/a"}
-    from scipy.stats import t
-
-    se = float(diffs.std(ddof=1) / np.sqrt(len(diffs)))
-    mean = float(diffs.mean())
-    bound = float(t.ppf(0.975, len(diffs) - 1)) * se   # a paired t-test at 5%, two-sided
-    call = "helped" if mean > bound else "hurt" if mean < -bound else "no clear difference"
-    return {"mean": mean, "se": se, "n": int(len(diffs)), "t_bound": bound, "call": call}
-
-
 def plot(rows: list[dict], path: Path) -> Path:
     import matplotlib
 
@@ -175,7 +157,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from cxr.cli import setup_logging
     from cxr.config import load_config
-    from cxr.evaluate.crossval import RESULT_FILE
+    from cxr.evaluate.crossval import RESULT_FILE, paired
     from cxr.evaluate.crossval import run as crossval
     from cxr.spark.preprocess import run as preprocess
     from cxr.spark.session import get_spark

@@ -6,7 +6,8 @@ brightness, resize: what the Spark workers call) `--repeats` times per setting a
 (JPEG and PNG, as they are) and synthetic 1024 px radiographs written both as JPEG and as PNG (same pixels).
 Also reports how close the two settings' outputs are (correlation, mean |difference| in grey levels).
 
-    python scripts/bench_decode_reduction.py [--real ../shared/data/cxr] [--every 1] [--synthetic 40]
+    python scripts/bench_decode_reduction.py [--real ../shared/data/cxr] [--every 1] [--synthetic 40] \
+        [--size 224] [--resize-mode stretch]
 """
 from __future__ import annotations
 
@@ -57,9 +58,9 @@ def cpu_ms(data: bytes, params: PreprocessParams, repeats: int) -> tuple[float, 
     return best * 1000.0, out[-1]
 
 
-def measure(groups: dict[str, list[bytes]], size: int, repeats: int) -> list[dict]:
-    off = PreprocessParams(size=size, decode_reduction="off")
-    auto = PreprocessParams(size=size, decode_reduction="auto")
+def measure(groups: dict[str, list[bytes]], size: int, repeats: int, resize_mode: str = "stretch") -> list[dict]:
+    off = PreprocessParams(size=size, resize_mode=resize_mode, decode_reduction="off")
+    auto = PreprocessParams(size=size, resize_mode=resize_mode, decode_reduction="auto")
     rows = []
     for name, files in groups.items():
         if not files:
@@ -99,15 +100,17 @@ def main(argv=None) -> int:
     p.add_argument("--synthetic", type=int, default=40, help="synthetic images per format")
     p.add_argument("--synthetic-size", type=int, default=1024)
     p.add_argument("--size", type=int, default=224, help="output side")
+    p.add_argument("--resize-mode", default="stretch", help="stretch | pad | crop (the recommended profile: pad)")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
     cv2.setNumThreads(1)
     groups = real(Path(args.real), args.every) if Path(args.real).is_dir() else {}
     groups.update(synthetic(args.synthetic, args.synthetic_size))
-    rows = measure(groups, args.size, args.repeats)
+    rows = measure(groups, args.size, args.repeats, args.resize_mode)
     print(rows_table(rows, args.size))
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"size": args.size, "repeats": args.repeats, "rows": rows}, indent=2))
+    OUT.write_text(json.dumps({"size": args.size, "resize_mode": args.resize_mode, "repeats": args.repeats,
+                               "rows": rows}, indent=2))
     return 0
 
 

@@ -39,6 +39,22 @@ def test_folds_keep_every_patient_in_one_fold_and_balance_classes():
     assert (assign_folds(y, groups, 5, seed=43) != folds).any()          # another seed gives another
 
 
+def test_train_subsample_keeps_whole_patients_and_a_fraction_of_each_class():
+    from cxr.evaluate.crossval import train_subsample
+
+    y, groups = _patients(200)
+    keep = train_subsample(y, groups, 0.5, seed=42, fold=1)
+    kept = pd.DataFrame({"g": groups, "k": keep, "y": y})
+    assert (kept.groupby("g")["k"].nunique() == 1).all()                     # a patient is kept whole
+    per_class = kept.drop_duplicates("g").groupby("y")["k"].mean()
+    assert np.allclose(per_class, 0.5, atol=0.02)
+    assert np.array_equal(keep, train_subsample(y, groups, 0.5, seed=42, fold=1))      # seeded
+    assert not np.array_equal(keep, train_subsample(y, groups, 0.5, seed=42, fold=2))
+    assert train_subsample(y, groups, 1.0, seed=42, fold=1).all()
+    with pytest.raises(ValueError):
+        train_subsample(y, groups, 0.0, seed=42, fold=1)
+
+
 def test_check_grouping_catches_a_patient_in_two_folds():
     with pytest.raises(AssertionError, match="span several folds"):
         check_grouping(np.array([0, 1, 1]), np.array(["a", "a", "b"], dtype=object))
@@ -152,19 +168,88 @@ def test_crossval_on_local_spark(spark, pre_out, train_config, tmp_path):
         run(spark, str(pre_out), str(out), config, folds=3, seeds=1, epochs=1)
 
 
-def test_ablation_calls_a_change_only_when_the_paired_folds_agree():
+@pytest.mark.slow
+def test_crossval_members_give_single_and_ensembles_on_the_same_folds(spark, pre_out, train_config, tmp_path):
+    """crossval.members: an ensemble of 2 and each member evaluated on the same folds; the mean of the members'
+    saved probabilities scores what the ensemble model scored (so smaller ensembles need no retraining), and
+    per_seed holds each seed's CV mean and their spread; train_fraction trains on half of each fold's patients."""
+    from cxr.evaluate.crossval import PREDICTIONS_FILE, ensemble_of_members, run
+
+    config = {**train_config, "train": {**train_config["train"], "ensemble": 2},
+              "crossval": {**train_config["crossval"], "train_fraction": 0.5, "keep_models": True}}
+    out = tmp_path / "cv"
+    result = run(spark, str(pre_out), str(out), config, folds=2, seeds=2, epochs=1, models="cnn", probes=False,
+                 members=True)
+    record = json.loads((out / "models" / "seed42" / "fold0" / "cnn-adam" / "metrics.json").read_text())
+    folds = pd.read_csv(out / "folds.csv")
+    trainable = int(((folds["seed"] == 42) & (folds["fold"] != 0)).sum())
+    assert result["train_fraction"] == 0.5                 # a learning curve's point: half the patients
+    assert abs(record["data"]["crossval"]["train_images"] - trainable / 2) <= 4
+    names = {"cnn-adam", "cnn-adam:member0", "cnn-adam:member1"}
+    assert set(result["summary"]) == names and all(result["summary"][n]["runs"] == 4 for n in names)
+    assert result["members_evaluated"] and result["train"]["ensemble"] == 2
+    predictions = pd.read_csv(out / PREDICTIONS_FILE)
+    assert set(predictions["model"]) == names and len(predictions) == 3 * 2 * result["data"]["images"]
+    runs = pd.DataFrame(result["runs"]).set_index(["model", "seed", "fold"]).sort_index()
+    for k, model in ((2, "cnn-adam"), (1, "cnn-adam:member0")):
+        again = ensemble_of_members(predictions, "cnn-adam", k).set_index(["seed", "fold"]).sort_index()
+        assert np.allclose(again["accuracy"], runs.loc[model, "accuracy"])
+        assert np.allclose(again["macro_f1"], runs.loc[model, "macro_f1"], atol=1e-6)
+    seeds = result["per_seed"]["cnn-adam"]
+    means = runs.loc["cnn-adam"].groupby("seed")["macro_f1"].mean()
+    assert seeds["seeds"] == 2 and seeds["macro_f1"]["mean"] == pytest.approx(means.mean())
+    assert seeds["macro_f1"]["sd"] == pytest.approx(means.std(ddof=1))
+    assert "## Across seeds" in (out / "crossval.md").read_text()
+
+
+def test_paired_calls_a_change_only_when_the_paired_folds_agree():
+    from cxr.evaluate.crossval import paired
+
+    base = [{"seed": 0, "fold": f, "macro_f1": v} for f, v in enumerate([0.90, 0.80, 0.95, 0.85, 0.70])]
+    shifted = [{**r, "macro_f1": r["macro_f1"] + 0.03 + 0.002 * r["fold"]} for r in base]   # always better
+    noisy = [{**r, "macro_f1": r["macro_f1"] + d} for r, d in zip(base, [0.05, -0.06, 0.04, -0.05, 0.03])]
+    assert paired(base, shifted)["call"] == "helped"
+    assert paired(shifted, base)["call"] == "hurt"
+    assert paired(base, noisy)["call"] == "no clear difference"
+    # folds of very different difficulty do not hide a consistent gain: the comparison is per fold
+    assert abs(paired(base, shifted)["mean"] - 0.034) < 1e-9
+
+
+def _fake_cv(root, seeds, shift: float = 0.0, folds_seed: int = 0):
+    """A crossval output folder holding only what scripts/cv_compare.py reads: runs and folds.csv."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(folds_seed)
+    runs = [{"seed": s, "fold": f, "model": "cnn-adam", "macro_f1": 0.9 + 0.01 * f + shift,
+             "normal_vs_viral": 0.9 + shift, "accuracy": 0.9, "ece": 0.05} for s in seeds for f in range(3)]
+    (root / "crossval.json").write_text(json.dumps({"models": ["cnn-adam"], "runs": runs}))
+    pd.DataFrame([{"seed": s, "sha256": f"{i:04d}", "fold": int(rng.integers(3))} for s in seeds for i in range(12)]
+                 ).to_csv(root / "folds.csv", index=False)
+    return root
+
+
+def test_cv_compare_joins_seed_chunks_and_refuses_other_folds(tmp_path):
     import importlib.util
 
     from tests.conftest import ROOT
 
-    spec = importlib.util.spec_from_file_location("ablation", ROOT / "scripts" / "ablation.py")
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
-    base = [{"seed": 0, "fold": f, "macro_f1": v} for f, v in enumerate([0.90, 0.80, 0.95, 0.85, 0.70])]
-    shifted = [{**r, "macro_f1": r["macro_f1"] + 0.03 + 0.002 * r["fold"]} for r in base]   # always better
-    noisy = [{**r, "macro_f1": r["macro_f1"] + d} for r, d in zip(base, [0.05, -0.06, 0.04, -0.05, 0.03])]
-    assert ablation.paired(base, shifted)["call"] == "helped"
-    assert ablation.paired(shifted, base)["call"] == "hurt"
-    assert ablation.paired(base, noisy)["call"] == "no clear difference"
-    # folds of very different difficulty do not hide a consistent gain: the comparison is per fold
-    assert abs(ablation.paired(base, shifted)["mean"] - 0.034) < 1e-9
+    spec = importlib.util.spec_from_file_location("cv_compare", ROOT / "scripts" / "cv_compare.py")
+    cv_compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cv_compare)
+    base = _fake_cv(tmp_path / "base", [42, 43, 44])
+    chunk_a = _fake_cv(tmp_path / "a", [42, 43], shift=0.02)
+    chunk_b = _fake_cv(tmp_path / "b", [44], shift=0.02)
+    # folds.csv of one seed depends on the seed only: the chunks repeat the base's assignment
+    for d in (chunk_a, chunk_b):
+        folds = pd.read_csv(base / "folds.csv")
+        folds[folds["seed"].isin(pd.read_csv(d / "folds.csv")["seed"])].to_csv(d / "folds.csv", index=False)
+    label, dirs, model = cv_compare.parse_row(f"new={chunk_a}+{chunk_b}:cnn-adam")
+    assert (label, dirs, model) == ("new", [chunk_a, chunk_b], "cnn-adam")
+    cv_compare.check_same_folds([[base], dirs])
+    rows = cv_compare.compare([("base", cv_compare.load_runs([base], None)[0]),
+                               ("new", cv_compare.load_runs(dirs, model)[0])])
+    assert rows[1]["n"] == "3 x 3" and rows[1]["across_seeds"]["seeds"] == 3
+    assert rows[1]["paired"]["macro_f1"]["mean"] == pytest.approx(0.02)
+    assert "| new | 3 x 3 |" in cv_compare.table(rows)
+    other = _fake_cv(tmp_path / "other", [42], folds_seed=1)
+    with pytest.raises(SystemExit):
+        cv_compare.check_same_folds([[base], [other]])

@@ -180,7 +180,8 @@ def test_the_recommended_profile_runs_end_to_end(spark, tmp_path):
     generate_archive(archive, per_class=8, size=128, seed=21)
     assert job("preprocess")(["--conf", "recommended", "--input", str(archive), "--output", str(pre)]) == 0
     params = json.loads((pre / "manifest.json").read_text())["params"]
-    assert (params["size"], params["resize_mode"]) == (profile["preprocess"]["size"], "pad")
+    assert (params["size"], params["resize_mode"], params["decode_reduction"]) == \
+        (profile["preprocess"]["size"], "pad", profile["preprocess"]["decode_reduction"])
     assert job("train")(["--conf", "recommended", "--data", str(pre), "--out", str(models), "--epochs", "1",
                          "--no-tracking"]) == 0
     meta = store.read_metadata(models / "cnn-adam")

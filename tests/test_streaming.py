@@ -57,16 +57,18 @@ def test_keras_streamed_fit_equals_in_memory_fit(pre_out):
     set_seeds(42)
     model = build("cnn", (*x.image_size, 1), CONF["keras"]["cnn"], augment={"enabled": False})
     model.compile(optimizer=optimizer("adam"), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    losses = []
+    losses, train_losses = [], []
     for epoch in range(2):
         o = epoch_order(len(x), 42, epoch)
         h = model.fit(x.x[o], x.y[o].astype(np.int64), batch_size=16, epochs=epoch + 1, initial_epoch=epoch,
                       shuffle=False, class_weight={i: CW[c] for i, c in enumerate(CLASSES)}, verbose=0,
                       validation_data=(xv.x, xv.y.astype(np.int64)))
         losses += h.history["val_loss"]
+        train_losses += h.history["loss"]
     for a, b in zip(streamed.get_weights(), model.get_weights()):
         assert np.array_equal(a, b)
     assert history["val_loss"] == pytest.approx(losses, abs=1e-7)
+    assert history["loss"] == pytest.approx(train_losses, abs=1e-7)     # the training loss, epoch by epoch
     probs = predict_source(lambda t: streamed(t, training=False).numpy(), val)
     assert np.array_equal(probs, model.predict(xv.x, batch_size=256, verbose=0))
     keras.backend.clear_session()
@@ -117,6 +119,68 @@ def _write_sorted(root, n: int, side: int, row_group: int) -> None:
         pq.write_table(table, images / f"part-{f}.parquet", row_group_size=row_group,
                        use_dictionary=["path", "sha256", "label", "split", "patient_id"])
     (root / "manifest.json").write_text('{"params": {"size": %d}}' % side)
+
+
+def _row_ids(batches) -> np.ndarray:
+    """Which row each streamed image is, by its first 8 random pixels (_write_sorted's rows are random)."""
+    return np.concatenate([images.reshape(len(images), -1)[:, :8].copy() for images, _ in batches])
+
+
+def test_a_split_that_fits_the_buffer_is_a_full_permutation_every_epoch(tmp_path):
+    """A fold that fits the shuffle buffer (as every cross-validation fold of the 450 shared X-rays does) from
+    class-sorted files: every row exactly once per epoch, in epoch_order (a permutation of the whole fold, not a
+    local shuffle: the first and the last row of the files swap places in about half the epochs), a new order
+    every epoch, and the first minibatch already holds every class."""
+    n, side = 120, 8
+    _write_sorted(tmp_path, n, side, row_group=16)
+    whole = ParquetSplit.open(str(tmp_path), "train", buffer=4096, batch_rows=8)
+    fold = whole.subset(np.arange(n) % 5 != 0)                 # a training fold: 4 of every 5 rows
+    file_order = _row_ids([(load_split(str(tmp_path), "train", dtype="uint8").x[np.arange(n) % 5 != 0, :, :, 0],
+                            None)])
+    position = {bytes(r): i for i, r in enumerate(file_order)}
+    orders, swapped = [], 0
+    for epoch in range(200):
+        got = [position[bytes(r)] for r in _row_ids(fold.batches(32, epoch=epoch, shuffle=True, seed=3))]
+        assert sorted(got) == list(range(len(fold)))            # every row once
+        if epoch < 3:
+            assert got == epoch_order(len(fold), 3, epoch).tolist()
+            first_batch = next(iter(fold.batches(32, epoch=epoch, shuffle=True, seed=3)))[1]
+            assert set(first_batch.tolist()) == {0, 1, 2}
+        orders.append(tuple(got))
+        swapped += got.index(len(fold) - 1) < got.index(0)
+    assert len(set(orders)) == 200                              # a new order every epoch
+    assert 0.35 < swapped / 200 < 0.65                          # far-apart rows mix as in a uniform permutation
+
+
+def test_balanced_class_weights_make_every_class_weigh_the_same_in_the_loss(pre_out):
+    """class_weight 'balanced' gives each class the same total weight (n / 3), and the loss Keras reports for a
+    streamed epoch is the class-weighted mean cross-entropy over the split (sum of w[y] * CE over n): with the
+    learning rate at 0 the model does not move, so the reported loss equals that mean computed from its
+    predictions."""
+    import keras
+
+    from cxr.train import class_weights, set_seeds
+    from cxr.train.keras_fit import train_keras
+
+    train = ParquetSplit.open(str(pre_out), "train", buffer=10_000, batch_rows=5)
+    y = np.r_[train.y, train.y[train.y == 0]]                   # unbalanced: COVID twice
+    cw = class_weights(y, "balanced")["weights"]
+    totals = [cw[c] * (y == i).sum() for i, c in enumerate(CLASSES)]
+    assert totals == pytest.approx([len(y) / 3] * 3)
+
+    conf = {**CONF, "keras": {"cnn": {**CONF["keras"]["cnn"], "dropout": 0.0}},
+            "optimizer_config": {"adam": {"learning_rate": 0.0}}}
+    weights = CW                                                # far from 1, so the weighting shows
+    spec = {"name": "cnn-adam", "family": "cnn", "optimizer": "adam"}
+    set_seeds(42)
+    model, history, _, _ = train_keras(spec, train, train.subset(np.zeros(len(train), bool)), conf, weights, 1, 42)
+    memory = load_split(str(pre_out), "train")
+    p = model.predict(memory.x, batch_size=64, verbose=0)
+    ce = -np.log(p[np.arange(len(memory)), memory.y])
+    w = np.asarray([weights[c] for c in CLASSES])[memory.y]
+    assert history["loss"][0] == pytest.approx(float((w * ce).mean()), rel=1e-4)
+    assert history["loss"][0] != pytest.approx(float(ce.mean()), rel=1e-2)   # not the unweighted mean
+    keras.backend.clear_session()
 
 
 def test_larger_than_the_buffer_memory_stays_flat_and_every_row_comes_once(tmp_path):

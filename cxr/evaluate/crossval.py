@@ -6,6 +6,12 @@ patient (content hash without one) and stratified by class, repeated over seeds 
 train.seed + i for the fold assignment and for the model's initialisation). Models train on the driver
 (cxr.train), the held-out folds are evaluated on the executors (cxr.spark.crossval), and the shortcut probes
 (cxr.evaluate.probes) run on the same folds, so every number is reported as mean and spread over folds x seeds.
+
+Two spreads are reported because they answer different questions: over folds x seeds (how much one held-out
+fold of ~90 images moves) and across seeds of each seed's CV mean (`per_seed`: how much the whole procedure,
+i.e. one user's training on all the data, moves with the seed; issue 21). With crossval.members, the members of
+a seed ensemble are evaluated as models of their own (`<name>:member<i>`), so one run gives the single model,
+the ensemble and, from predictions.csv.gz, every smaller ensemble of its first members on the same folds.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from cxr.data.loader import images_dataset, read_manifest
 from cxr.evaluate.folds import assign_folds, check_grouping, fold_key, group_keys
 from cxr.evaluate.metrics import summarize
 from cxr.evaluate.probes import REGIONS, metadata_probe, quick_scores, verdict
+from cxr.models import store
 from cxr.common.provenance import package_versions
 from cxr.common.splits import SPLITS
 from cxr.train import OutputExistsError, _as_list, class_weights, plan, train_and_save
@@ -36,6 +43,7 @@ HEADLINE = ("accuracy", "macro_f1", "normal_vs_viral", "ece")
 RESULT_FILE = "crossval.json"
 REPORT_FILE = "crossval.md"
 FOLDS_FILE = "folds.csv"         # sha256, seed, fold, group, label: which image was held out where
+PREDICTIONS_FILE = "predictions.csv.gz"   # seed, fold, model, sha256, y, p_<CLASS>: every held-out probability
 
 
 def load_pool(data_dir: str, batch_rows: int = 64, conf: Mapping[str, Any] | None = None):
@@ -92,6 +100,85 @@ def aggregate(runs: pd.DataFrame, by: Sequence[str]) -> dict[str, dict]:
     return out
 
 
+def per_seed(runs: pd.DataFrame, metrics: Sequence[str] = HEADLINE) -> dict[str, dict]:
+    """{model: {"seed_means": {metric: {seed: mean over that seed's folds}}, metric: spread of those means}}.
+    The spread across seeds is what one training on all the data varies by (issue 21), which the spread over
+    folds x seeds (dominated by which ~90 patients a fold holds) is not."""
+    out = {}
+    for model, part in runs.groupby("model", sort=True):
+        means = part.groupby("seed")[list(metrics)].mean()
+        out[model] = {"seed_means": {m: {int(k): float(v) for k, v in means[m].items()} for m in metrics},
+                      **{m: spread(means[m].tolist()) for m in metrics}, "seeds": int(len(means))}
+    return out
+
+
+def paired(base: Sequence[Mapping], row: Sequence[Mapping], metric: str = "macro_f1") -> dict:
+    """Mean and standard error of row - base over the (seed, fold) pairs both have, called helped/hurt only when
+    a two-sided paired t-test rejects 'no difference' at 5%."""
+    from scipy.stats import t
+
+    b = {(r["seed"], r["fold"]): r[metric] for r in base}
+    diffs = np.asarray([r[metric] - b[(r["seed"], r["fold"])] for r in row
+                        if (r["seed"], r["fold"]) in b and r[metric] is not None and b[(r["seed"], r["fold"])] is not None])
+    if len(diffs) < 2:
+        return {"mean": float(diffs.mean()) if len(diffs) else None, "se": None, "n": int(len(diffs)), "call": "n/a"}
+    se = float(diffs.std(ddof=1) / np.sqrt(len(diffs)))
+    mean = float(diffs.mean())
+    bound = float(t.ppf(0.975, len(diffs) - 1)) * se
+    call = "helped" if mean > bound else "hurt" if mean < -bound else "no clear difference"
+    return {"mean": mean, "se": se, "n": int(len(diffs)), "t_bound": bound, "call": call}
+
+
+def member_label(name: str, index: int) -> str:
+    """How the i-th member of ensemble `name` is reported (the member folders' own names carry their seed,
+    which differs from one cross-validation seed to the next)."""
+    return f"{name}:member{int(index)}"
+
+
+def predictions_table(evaluated: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per held-out image and model (full images only): seed, fold, model, sha256, y, p_<CLASS>."""
+    parts = []
+    for r in evaluated:
+        if r["region"] != "full":
+            continue
+        proba = np.asarray(r["proba"], np.float32)
+        parts.append(pd.DataFrame({"seed": r["seed"], "fold": r["fold"], "model": r["model"], "sha256": r["sha256"],
+                                   "y": np.asarray(r["y"], np.int64),
+                                   **{f"p_{c}": proba[:, i] for i, c in enumerate(CLASSES)}}))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def ensemble_of_members(predictions: pd.DataFrame, name: str, k: int) -> pd.DataFrame:
+    """Per (seed, fold), the metrics of the mean of the first k members' probabilities: what an ensemble of k
+    (train.ensemble: k, members seeded seed..seed+k-1) scores on those folds, without training it again."""
+    labels = [member_label(name, i) for i in range(int(k))]
+    part = predictions[predictions["model"].isin(labels)]
+    if part["model"].nunique() < k:
+        raise ValueError(f"{name}: fewer than {k} members in the predictions")
+    cols = [f"p_{c}" for c in CLASSES]
+    mean = part.groupby(["seed", "fold", "sha256", "y"], sort=True)[cols].mean().reset_index()
+    rows = [{"seed": int(seed), "fold": int(fold), "model": f"{name}:first{k}",
+             **run_metrics(g["y"].to_numpy(), g[cols].to_numpy())} for (seed, fold), g in mean.groupby(["seed", "fold"])]
+    return pd.DataFrame(rows)
+
+
+def train_subsample(y: np.ndarray, groups: np.ndarray, fraction: float, seed: int, fold: int) -> np.ndarray:
+    """Boolean mask keeping about `fraction` of a training fold's patients (groups) in each class, seeded by
+    (seed, fold): the learning curve's smaller training sets (crossval.train_fraction). Whole patients are kept
+    or dropped, so the training set shrinks in patients, not only in images."""
+    if fraction >= 1.0:
+        return np.ones(len(y), dtype=bool)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"crossval.train_fraction must be in (0, 1], got {fraction}")
+    rng = np.random.default_rng([int(seed), int(fold), 2])
+    first = pd.DataFrame({"g": groups, "y": y}).drop_duplicates("g")
+    keep = []
+    for _, part in first.groupby("y", sort=True):
+        names = part["g"].to_numpy()
+        keep += list(rng.choice(names, size=max(1, int(round(fraction * len(names)))), replace=False))
+    return np.isin(groups, np.asarray(keep, dtype=object))
+
+
 def fold_table(assignment: pd.DataFrame, data) -> list[dict]:
     """Images per class in each fold of the first seed (to see the stratification)."""
     first = assignment[assignment["seed"] == assignment["seed"].min()]
@@ -103,7 +190,8 @@ def fold_table(assignment: pd.DataFrame, data) -> list[dict]:
 
 def score_evaluations(evaluated: Sequence[Mapping[str, Any]], assignment: pd.DataFrame, n_models: int) -> pd.DataFrame:
     """The executors' per-(seed, fold, model, region) predictions -> one row of metrics each, after checking that
-    every image came back exactly once per seed and model (nothing lost or doubled in the join)."""
+    every image came back exactly once per seed and model (nothing lost or doubled in the join). n_models counts
+    what each fold evaluates, ensemble members included when they are evaluated too."""
     rows = []
     for r in evaluated:
         scores = run_metrics if r["region"] == "full" else quick_scores
@@ -120,15 +208,18 @@ def score_evaluations(evaluated: Sequence[Mapping[str, Any]], assignment: pd.Dat
 def run(spark, data_dir: str, out_dir: str, config: Mapping[str, Any], folds: int | None = None,
         seeds: int | None = None, models: Sequence[str] | str | None = None,
         optimizers: Sequence[str] | str | None = None, epochs: int | None = None, probes: bool | None = None,
-        overwrite: bool = False) -> dict:
-    """Train every (seed, fold, model), evaluate the held-out folds on the executors, write out_dir/crossval.json
-    and out_dir/crossval.md, and return the result."""
+        overwrite: bool = False, members: bool | None = None) -> dict:
+    """Train every (seed, fold, model), evaluate the held-out folds on the executors (and, with members, each
+    ensemble member as a model of its own), write out_dir/crossval.json, crossval.md, folds.csv and
+    predictions.csv.gz, and return the result."""
     cv = config.get("crossval") or {}
     tconf = dict(config["train"])
     k = int(folds or cv.get("folds", 5))
     n_seeds = int(seeds or cv.get("seeds", 3))
     epochs = int(epochs or cv.get("epochs") or tconf["epochs"])
     probes = bool(cv.get("probes", True) if probes is None else probes)
+    members = bool(cv.get("members", False) if members is None else members)
+    fraction = float(cv.get("train_fraction") or 1.0)
     todo = plan(_as_list(models) or _as_list(cv.get("models", ["cnn"])),
                 _as_list(optimizers) or _as_list(cv.get("optimizers", ["adam"])),
                 tconf.get("default_optimizer", "adam"))
@@ -154,12 +245,15 @@ def run(spark, data_dir: str, out_dir: str, config: Mapping[str, Any], folds: in
 
     empty = data.subset(np.zeros(len(data), dtype=bool))
     fold_models: dict[str, list[str]] = {}
+    labels: dict[tuple[int, str], str] = {}      # (seed, member folder name) -> member_label
     train_rows, meta_rows = [], []
     for seed in seed_values:
         fold_of = assignment.loc[assignment["seed"] == seed, "fold"].to_numpy()
+        group_of = assignment.loc[assignment["seed"] == seed, "group"].to_numpy()
         for fold in range(k):
             held = fold_of == fold
-            train = data.subset(~held)
+            kept = train_subsample(data.y[~held], group_of[~held], fraction, seed, fold)
+            train = data.subset(np.flatnonzero(~held)[kept])
             cw = class_weights(train.y, tconf.get("class_weight", "balanced"))
             record = {"dir": str(data_dir), "manifest_sha256": manifest_sha,
                       "image_size": list(data.image_size),
@@ -171,6 +265,10 @@ def run(spark, data_dir: str, out_dir: str, config: Mapping[str, Any], folds: in
                 target = model_root / f"seed{seed}" / f"fold{fold}" / spec["name"]
                 result = train_and_save(spec, train, empty, tconf, cw, epochs, seed, target, record, manifest)
                 fold_models[key].append(result["dir"])
+                if members:
+                    for i, d in enumerate(store.ensemble_members(result["dir"])):
+                        fold_models[key].append(str(d))
+                        labels[(seed, d.name)] = member_label(spec["name"], i)
                 train_rows.append({"seed": seed, "fold": fold, "model": spec["name"], "train_s": result["train_s"]})
             if probes:
                 scores = metadata_probe(meta[~held], meta[held], seed=seed)
@@ -184,7 +282,9 @@ def run(spark, data_dir: str, out_dir: str, config: Mapping[str, Any], folds: in
     evaluated = evaluate_folds(spark, data_dir, assignment[["sha256", "seed", "fold"]], fold_models, config,
                                regions=("full", *REGIONS) if probes else ("full",))
     eval_s = round(time.perf_counter() - t_eval, 3)
-    runs = score_evaluations(evaluated, assignment, len(todo))
+    for r in evaluated:
+        r["model"] = labels.get((r["seed"], r["model"]), r["model"])
+    runs = score_evaluations(evaluated, assignment, len(fold_models[fold_key(seed_values[0], 0)]))
     timing = pd.DataFrame(train_rows)
     full = runs[runs["region"] == "full"].merge(timing, on=["seed", "fold", "model"], how="left")
     result = {
@@ -194,10 +294,13 @@ def run(spark, data_dir: str, out_dir: str, config: Mapping[str, Any], folds: in
                  "classes": data.class_counts(), "image_size": list(data.image_size)},
         "preprocess": manifest.get("params", {}),
         "folds": k, "seeds": seed_values, "epochs": epochs, "models": [t["name"] for t in todo],
-        "train": {key: tconf.get(key) for key in ("batch_size", "class_weight", "augment", "optimizer_config")},
+        "train": {key: tconf.get(key) for key in ("batch_size", "class_weight", "augment", "optimizer_config",
+                                                  "ensemble")},
+        "members_evaluated": members, "train_fraction": fraction,
         "fold_sizes": fold_table(assignment, data),
         "grouping_checked": True,
         "summary": aggregate(full.drop(columns=["train_s"]), ["model"]),
+        "per_seed": per_seed(full),
         "probes": {},
         "runs": [{k2: (None if isinstance(v, float) and np.isnan(v) else v) for k2, v in r.items()}
                  for r in full.to_dict("records")],
@@ -225,6 +328,7 @@ def run(spark, data_dir: str, out_dir: str, config: Mapping[str, Any], folds: in
         result["models_kept"] = str(model_root)
     assignment.merge(pd.DataFrame({"sha256": data.sha256, "label": np.asarray(CLASSES)[data.y]}), on="sha256") \
         .to_csv(out / FOLDS_FILE, index=False)
+    predictions_table(evaluated).to_csv(out / PREDICTIONS_FILE, index=False)
     (out / RESULT_FILE).write_text(json.dumps(result, indent=1, default=_json_default))
     (out / REPORT_FILE).write_text(format_report(result))
     return result
@@ -248,6 +352,23 @@ def _fmt(s: Mapping[str, Any] | None, digits: int = 3) -> str:
     return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f}"
 
 
+def across_seeds_section(result: Mapping[str, Any]) -> list[str]:
+    """crossval.md's lines on the spread across seeds of each seed's CV mean (what one training run varies by)."""
+    seeds = result.get("per_seed") or {}
+    if len(result["seeds"]) < 2 or not seeds:
+        return []
+    lines = ["", "## Across seeds", "",
+             f"Each seed's mean over its {result['folds']} folds is one estimate of what a training on all the data "
+             "scores on new patients; their mean ± sd over the seeds is what one such training is predicted to "
+             "score, and by how much it varies.", "",
+             "| model | seeds | macro-F1 | NORMAL vs VIRAL acc. | accuracy | ECE | macro-F1 per seed |", "|---|---|---|---|---|---|---|"]
+    for name, s in seeds.items():
+        per = ", ".join(f"{v:.3f}" for _, v in sorted(s["seed_means"]["macro_f1"].items()))
+        lines.append(f"| {name} | {s['seeds']} | {_fmt(s['macro_f1'])} | {_fmt(s['normal_vs_viral'])} | "
+                     f"{_fmt(s['accuracy'])} | {_fmt(s['ece'])} | {per} |")
+    return lines
+
+
 def format_report(result: Mapping[str, Any]) -> str:
     """crossval.md: the per-model table (mean ± sd over folds x seeds), the probes, the folds, the caveats."""
     d = result["data"]
@@ -260,7 +381,8 @@ def format_report(result: Mapping[str, Any]) -> str:
         f"{d['groups']} groups (patients, or single images without a patient id: {d['images_without_patient_id']}), "
         f"{d['image_size'][0]}x{d['image_size'][1]} px; the preprocess job's train/val/test splits are pooled",
         f"- preprocessing: method {p.get('method')}, clip {p.get('clip_limit')}, tiles {p.get('tile_grid')}, "
-        f"brightness alpha {p.get('brightness_alpha')} beta {p.get('brightness_beta')}, resize {p.get('resize_mode')}",
+        f"brightness alpha {p.get('brightness_alpha')} beta {p.get('brightness_beta')}, resize {p.get('resize_mode')}, "
+        f"decode reduction {p.get('decode_reduction', 'off')}; ensemble {result.get('train', {}).get('ensemble') or 1}",
         f"- {result['folds']} folds grouped by patient and stratified by class x seeds {result['seeds']} "
         f"= {runs_per} held-out evaluations per model; {result['epochs']} epochs; no patient is in a fold's "
         "training and test part (checked)",
@@ -292,6 +414,7 @@ def format_report(result: Mapping[str, Any]) -> str:
         lines += [""] + ([f"- **{w}**" for w in warnings] if warnings else ["- No probe came within 0.05 of a model's accuracy, and no model kept more than half of its gain over "
               "chance on the border band alone. Read the numbers above all the same: any score well above chance "
               "(0.33) without pixels or without lungs is information the data set gives away."])
+    lines += across_seeds_section(result)
     lines += ["", "## Folds (first seed)", "", "| fold | " + " | ".join(CLASSES) + " | groups |",
               "|---|" + "---|" * (len(CLASSES) + 1)]
     for f in result["fold_sizes"]:

@@ -1,0 +1,147 @@
+"""Rows of grouped cross-validations compared on the same folds: spread over folds x seeds, spread across seeds of
+each seed's CV mean (what one training run varies by), paired differences against the first row, and the
+held-out confusion matrix.
+
+    python scripts/cv_compare.py LABEL=CV_DIR[+CV_DIR...][:MODEL] ... [--errors LABEL] [--json OUT.json]
+
+MODEL defaults to the run's first model; `cnn-adam:member0` is one member of an ensemble run with
+crossval.members, `cnn-adam:first3` the mean of its first 3 members (an ensemble of 3 on the same folds,
+recomputed from predictions.csv.gz). Several CV_DIRs joined by + are one row: cross-validations of other seeds
+(train.seed 45 --seeds 2 adds seeds 45 and 46 to a --seeds 3 run from 42; a seed's folds depend on the seed
+only). Rows are compared on the (seed, fold) pairs they share, which must hold the same images (checked from
+folds.csv). Prints markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from cxr import CLASSES  # noqa: E402
+from cxr.evaluate.crossval import (FOLDS_FILE, HEADLINE, PREDICTIONS_FILE, RESULT_FILE, aggregate,  # noqa: E402
+                                   ensemble_of_members, paired, per_seed)
+
+METRICS = ("macro_f1", "normal_vs_viral", "accuracy", "ece")
+
+
+def parse_row(spec: str) -> tuple[str, list[Path], str | None]:
+    label, _, rest = spec.partition("=")
+    paths, _, model = rest.partition(":")
+    return label, [Path(p) for p in paths.split("+")], model or None
+
+
+def read_many(dirs: list[Path], name: str) -> pd.DataFrame:
+    return pd.concat([pd.read_csv(d / name) for d in dirs], ignore_index=True)
+
+
+def load_runs(dirs: list[Path], model: str | None) -> tuple[pd.DataFrame, str]:
+    """One row of metrics per (seed, fold) for `model` of the cross-validations in dirs."""
+    results = [json.loads((d / RESULT_FILE).read_text()) for d in dirs]
+    model = model or results[0]["models"][0]
+    if ":first" in model:
+        name, k = model.split(":first")
+        return ensemble_of_members(read_many(dirs, PREDICTIONS_FILE), name, int(k)), model
+    runs = pd.concat([pd.DataFrame(r["runs"]) for r in results], ignore_index=True)
+    if model not in set(runs["model"]):
+        raise SystemExit(f"{dirs}: no model {model!r}; it has {sorted(set(runs['model']))}")
+    return runs[runs["model"] == model].reset_index(drop=True), model
+
+
+def check_same_folds(rows: list[list[Path]]) -> None:
+    """Refuse rows that share a seed but did not hold out the same images in its folds."""
+    first = read_many(rows[0], FOLDS_FILE).set_index(["seed", "sha256"])["fold"]
+    for dirs in rows[1:]:
+        other = read_many(dirs, FOLDS_FILE).set_index(["seed", "sha256"])["fold"]
+        common = first.index.intersection(other.index)
+        if not len(common) or not first.loc[common].equals(other.loc[common]):
+            raise SystemExit(f"{dirs} does not share the first row's folds: rows are not paired")
+
+
+def confusion(dirs: list[Path], model: str) -> np.ndarray:
+    """Held-out confusion matrix (rows true, columns predicted) per complete cross-validation (summed over the
+    folds, averaged over the seeds)."""
+    pred = read_many(dirs, PREDICTIONS_FILE)
+    cols = [f"p_{c}" for c in CLASSES]
+    if ":first" in model:
+        name, k = model.split(":first")
+        part = pred[pred["model"].isin([f"{name}:member{i}" for i in range(int(k))])]
+        part = part.groupby(["seed", "sha256", "y"])[cols].mean().reset_index()
+    else:
+        part = pred[pred["model"] == model]
+    m = np.zeros((len(CLASSES), len(CLASSES)))
+    np.add.at(m, (part["y"].to_numpy(), part[cols].to_numpy().argmax(1)), 1)
+    return m / part["seed"].nunique()
+
+
+def fmt(s) -> str:
+    return "n/a" if not s or s.get("mean") is None else f"{s['mean']:.3f} ± {s['sd']:.3f}"
+
+
+def fmt_paired(p: dict) -> str:
+    return "—" if p is None else ("n/a" if p.get("se") is None else f"{p['mean']:+.3f} ± {p['se']:.3f} ({p['call']})")
+
+
+def compare(rows: list[tuple[str, pd.DataFrame]]) -> list[dict]:
+    out = []
+    base = rows[0][1].to_dict("records")
+    for i, (label, runs) in enumerate(rows):
+        recs = runs.to_dict("records")
+        out.append({"row": label, "n": f"{runs['seed'].nunique()} x {runs['fold'].nunique()}",
+                    "folds_x_seeds": aggregate(runs.assign(model=label)[["model", "seed", "fold", *HEADLINE]],
+                                               ["model"])[label],
+                    "across_seeds": per_seed(runs.assign(model=label))[label],
+                    "paired": None if i == 0 else {m: paired(base, recs, m) for m in ("macro_f1", "normal_vs_viral")}})
+    return out
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| row | seeds x folds | macro-F1 (folds x seeds) | NORMAL vs VIRAL | ECE | macro-F1 across seeds "
+             "| NvV across seeds | macro-F1 per seed | vs first row: macro-F1 | NvV |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        f, s, p = r["folds_x_seeds"], r["across_seeds"], r["paired"] or {}
+        per = ", ".join(f"{v:.3f}" for _, v in sorted(s["seed_means"]["macro_f1"].items()))
+        lines.append(f"| {r['row']} | {r['n']} | {fmt(f['macro_f1'])} | {fmt(f['normal_vs_viral'])} | {fmt(f['ece'])} "
+                     f"| {fmt(s['macro_f1'])} | {fmt(s['normal_vs_viral'])} | {per} | "
+                     f"{fmt_paired(p.get('macro_f1'))} | {fmt_paired(p.get('normal_vs_viral'))} |")
+    return "\n".join(lines)
+
+
+def errors_table(label: str, m: np.ndarray) -> str:
+    lines = [f"Held-out confusion of {label} (rows: true class, columns: predicted; images per complete CV, "
+             "mean over seeds):", "", "| true \\ predicted | " + " | ".join(CLASSES) + " | sensitivity |",
+             "|---|" + "---|" * (len(CLASSES) + 1)]
+    for i, c in enumerate(CLASSES):
+        lines.append(f"| {c} | " + " | ".join(f"{v:.1f}" for v in m[i]) + f" | {m[i, i] / m[i].sum():.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("rows", nargs="+", help="LABEL=CV_DIR[:MODEL]; the first row is the paired baseline")
+    parser.add_argument("--errors", action="append", default=[], help="LABEL of a row to print the confusion of")
+    parser.add_argument("--json", help="also write the comparison here")
+    args = parser.parse_args(argv)
+    specs = [parse_row(r) for r in args.rows]
+    check_same_folds([d for _, d, _ in specs])
+    loaded = [(label, *load_runs(d, model)) for label, d, model in specs]
+    results = compare([(label, runs) for label, runs, _ in loaded])
+    print(table(results))
+    for label in args.errors:
+        _, d, _ = next(s for s in specs if s[0] == label)
+        model = next(m for lab, _, m in loaded if lab == label)
+        print("\n" + errors_table(label, confusion(d, model)))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
