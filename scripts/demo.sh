@@ -33,10 +33,11 @@ see the README). Results:
   preprocess manifest   $out/preprocessed/manifest.json
   models                $out/models/<name>/            (model.keras or model.npz + model.json, model.onnx, metrics.json)
   training report       $out/models/report.md          (the study's optimizer table, evaluation, plots)
-  predictions           $out/predictions/predictions/  (Parquet, partitioned by run_date and run_id; calls,
+  predictions           $out/predictions/predictions/  (a Delta table, partitioned by run_date and run_id; calls,
                         probabilities, ood_distance / in_distribution, DICOM identity; errors/ and out_of_scope/
                         beside it)
   score run record      $(ls "$out"/predictions/runs/*.json)
+  run page              $(ls "$out"/predictions/reports/*.html)   (counts, drift, least confident images)
   Figure 1 panel        $out/figures/figure1.png     (each preprocessing step with its histogram)
   sample sheet          $out/figures/samples.png     (4 preprocessed images per class and split)
   MLflow runs + registry ${MLFLOW_TRACKING_URI:-sqlite:///$here/mlflow.db} (see them: .venv/bin/mlflow ui, then
