@@ -12,26 +12,39 @@ from cxr import CLASSES
 from cxr.data.stream import as_unit_float
 
 
-def tf_dataset(source, batch_size: int, shuffle: bool = False, seed: int = 0):
-    """A tf.data.Dataset of (float32 (b, H, W, 1) in [0, 1], int64 labels) minibatches. Each iteration (one
-    per epoch: Keras starts a new iterator every epoch) reads the source again, epoch number e shuffled with
-    (seed, e) as the source defines; the cardinality is known, so Keras shows steps and needs no first pass."""
+def tf_dataset(source, batch_size: int, shuffle: bool = False, seed: int = 0, one_hot: bool = False):
+    """A tf.data.Dataset of (float32 (b, H, W, 1) in [0, 1], int64 labels) minibatches (float32 one-hot
+    labels with `one_hot`, which label smoothing needs). Each iteration (one per epoch: Keras starts a new
+    iterator every epoch) reads the source again, epoch number e shuffled with (seed, e) as the source
+    defines; the cardinality is known, so Keras shows steps and needs no first pass."""
     import tensorflow as tf
 
     h, w = source.image_size
     started = {"epochs": 0}
+    eye = np.eye(len(CLASSES), dtype=np.float32)
 
     def generate():
         epoch = started["epochs"]
         started["epochs"] += 1
         for images, labels in source.batches(batch_size, epoch=epoch, shuffle=shuffle, seed=seed):
-            yield as_unit_float(images), labels.astype(np.int64)
+            labels = labels.astype(np.int64)
+            yield as_unit_float(images), (eye[labels] if one_hot else labels)
 
-    spec = (tf.TensorSpec((None, h, w, 1), tf.float32), tf.TensorSpec((None,), tf.int64))
+    label_spec = tf.TensorSpec((None, len(CLASSES)), tf.float32) if one_hot else tf.TensorSpec((None,), tf.int64)
+    spec = (tf.TensorSpec((None, h, w, 1), tf.float32), label_spec)
     ds = tf.data.Dataset.from_generator(generate, output_signature=spec)
     n_batches = -(-len(source) // int(batch_size))
     ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
     return ds.prefetch(1)  # one minibatch ahead: reading overlaps the step, memory stays one batch
+
+
+def label_smoothing(conf: Mapping) -> float:
+    """train.label_smoothing: the target mass moved from the true class to all classes evenly (0 = plain
+    cross-entropy). Softer targets keep a small training set from driving the logits to extremes."""
+    value = float(conf.get("label_smoothing") or 0.0)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"train.label_smoothing must be in [0, 1), got {value}")
+    return value
 
 
 def train_keras(spec: dict, train, val, conf: Mapping, weights: dict | None, epochs: int,
@@ -47,7 +60,10 @@ def train_keras(spec: dict, train, val, conf: Mapping, weights: dict | None, epo
     aug = augmentation(conf.get("augment"))
     model = build(family, (*train.image_size, 1), arch, augment={**aug, "seed": seed})
     opt = optimizer(spec["optimizer"], (conf.get("optimizer_config") or {}).get(spec["optimizer"]))
-    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    smoothing = label_smoothing(conf)
+    loss = (keras.losses.CategoricalCrossentropy(label_smoothing=smoothing) if smoothing
+            else "sparse_categorical_crossentropy")
+    model.compile(optimizer=opt, loss=loss, metrics=["accuracy"])
     times: list[float] = []
     cpu: list[float] = []
 
@@ -64,12 +80,14 @@ def train_keras(spec: dict, train, val, conf: Mapping, weights: dict | None, epo
 
     bs = int(conf["batch_size"])
     cw = {i: weights[c] for i, c in enumerate(CLASSES)} if weights else None
-    history = model.fit(tf_dataset(train, bs, shuffle=True, seed=seed), epochs=epochs,
-                        validation_data=tf_dataset(val, bs) if len(val) else None,
+    one_hot = bool(smoothing)
+    history = model.fit(tf_dataset(train, bs, shuffle=True, seed=seed, one_hot=one_hot), epochs=epochs,
+                        validation_data=tf_dataset(val, bs, one_hot=one_hot) if len(val) else None,
                         class_weight=cw, shuffle=False,  # the dataset shuffles (cxr.data.stream)
                         verbose=int(conf.get("verbose", 2)),
                         callbacks=[EpochTimer()])
     details = {"architecture": {"family": family, **arch, "params": int(model.count_params())},
                "optimizer": {"name": spec["optimizer"], "config": optimizer_config(opt)},
-               "augment": {**aug, "seed": seed} if aug["enabled"] else {"enabled": False}, "epoch_cpu_s": cpu}
+               "augment": {**aug, "seed": seed} if aug["enabled"] else {"enabled": False}, "epoch_cpu_s": cpu,
+               "label_smoothing": smoothing}
     return model, history_dict(history.history), times, details
