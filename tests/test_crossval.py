@@ -253,3 +253,20 @@ def test_cv_compare_joins_seed_chunks_and_refuses_other_folds(tmp_path):
     other = _fake_cv(tmp_path / "other", [42], folds_seed=1)
     with pytest.raises(SystemExit):
         cv_compare.check_same_folds([[base], [other]])
+
+
+def test_cv_tta_shifts_move_the_image_and_fill_the_edge():
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("cv_tta", ROOT / "scripts" / "cv_tta.py")
+    cv_tta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cv_tta)
+    x = np.arange(2 * 6 * 7, dtype=np.float32).reshape(2, 6, 7, 1)
+    down_left = cv_tta.shifted(x, 2, -1)
+    assert down_left.shape == x.shape
+    assert np.array_equal(down_left[:, 2:, :-1], x[:, :-2, 1:])         # content moved 2 down, 1 left
+    assert np.array_equal(down_left[:, 0, :-1], x[:, 0, 1:])            # the uncovered top row repeats the edge
+    assert np.array_equal(cv_tta.shifted(x, 0, 0), x)
+    assert cv_tta.plus_shifts(3) == [(0, 0), (3, 0), (-3, 0), (0, 3), (0, -3)]
