@@ -169,7 +169,7 @@ def test_train_job_with_a_profile_and_the_ensemble_flag(spark, pre_out, tmp_path
 
 
 def test_the_recommended_profile_runs_end_to_end(spark, tmp_path):
-    """`--conf recommended` as the README's quick start runs it (one epoch instead of ten): preprocess at its size
+    """`--conf recommended` as the README's quick start runs it (one epoch instead of twenty): preprocess at its size
     and resize mode, a 3-seed ensemble trained, evaluated and reported, then the raw archive scored with it."""
     from cxr.config import load_config
     from cxr.datasets.synth import generate_archive
