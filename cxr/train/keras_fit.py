@@ -48,6 +48,26 @@ def label_smoothing(conf: Mapping) -> float:
     return value
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(conf: Mapping, overrides: Mapping | None, epochs: int, steps_per_epoch: int) -> dict:
+    """The optimizer's settings with train.lr_schedule applied: `cosine` decays the configured (or Keras'
+    default 0.001) learning rate to 0 over the whole fit, so the last epochs take small steps instead of
+    bouncing around at full size; `constant` leaves it as configured."""
+    name = str(conf.get("lr_schedule") or "constant")
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {name!r}")
+    settings = dict(overrides or {})
+    if name == "cosine":
+        import keras
+
+        start = float(settings.get("learning_rate", 0.001))
+        settings["learning_rate"] = keras.optimizers.schedules.CosineDecay(
+            start, decay_steps=max(1, int(epochs) * int(steps_per_epoch)))
+    return settings
+
+
 def train_keras(spec: dict, train, val, conf: Mapping, weights: dict | None, epochs: int,
                 seed: int) -> tuple[Any, dict, list[float], dict]:
     """Build, compile and fit one Keras model on the train source (val for the curves)."""
@@ -60,7 +80,10 @@ def train_keras(spec: dict, train, val, conf: Mapping, weights: dict | None, epo
     arch = architecture(family, (conf.get("keras") or {}).get(family))
     aug = augmentation(conf.get("augment"))
     model = build(family, (*train.image_size, 1), arch, augment={**aug, "seed": seed})
-    opt = optimizer(spec["optimizer"], (conf.get("optimizer_config") or {}).get(spec["optimizer"]))
+    bs = int(conf["batch_size"])
+    steps = -(-len(train) // bs)
+    opt = optimizer(spec["optimizer"], learning_rate(
+        conf, (conf.get("optimizer_config") or {}).get(spec["optimizer"]), epochs, steps))
     smoothing = label_smoothing(conf)
     loss = (keras.losses.CategoricalCrossentropy(label_smoothing=smoothing) if smoothing
             else "sparse_categorical_crossentropy")
@@ -79,7 +102,6 @@ def train_keras(spec: dict, train, val, conf: Mapping, weights: dict | None, epo
             times.append(round(time.perf_counter() - self._t, 3))
             cpu.append(round(time.process_time() - self._c, 3))
 
-    bs = int(conf["batch_size"])
     cw = {i: weights[c] for i, c in enumerate(CLASSES)} if weights else None
     one_hot = bool(smoothing)
     history = model.fit(tf_dataset(train, bs, shuffle=True, seed=seed, one_hot=one_hot), epochs=epochs,
@@ -90,5 +112,5 @@ def train_keras(spec: dict, train, val, conf: Mapping, weights: dict | None, epo
     details = {"architecture": {"family": family, **arch, "params": int(model.count_params())},
                "optimizer": {"name": spec["optimizer"], "config": optimizer_config(opt)},
                "augment": {**aug, "seed": seed} if aug["enabled"] else {"enabled": False}, "epoch_cpu_s": cpu,
-               "label_smoothing": smoothing}
+               "label_smoothing": smoothing, "lr_schedule": str(conf.get("lr_schedule") or "constant")}
     return model, history_dict(history.history), times, details
