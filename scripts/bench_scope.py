@@ -34,7 +34,7 @@ STEPS = ("material", "preprocess", "train", "score", "cost")
 def parse_args(argv=None):
     p = bench_parser(__doc__, state="scope/results.json", redo_help="steps to run again", redo_choices=STEPS,
                      rounds=5, rounds_help="cost step: timed rounds per measurement (fastest kept)")
-    p.add_argument("--ensemble", type=int, default=3, help="seed ensemble size of the model (recommended: 3)")
+    p.add_argument("--ensemble", type=int, help="seed ensemble size of the model (default: the recommended profile's)")
     p.add_argument("--doc", default=str(ROOT / "docs" / "scope_gate.md"), help="its ## Measurement is rewritten")
     return p.parse_args(argv)
 
@@ -171,12 +171,15 @@ def measure(args, state: State) -> None:
         save(state, "preprocess", job("preprocess", "preprocess", "--conf", "recommended", "--input", SHARED / "cxr",
                                "--output", pre, "--manifest", SHARED / "cxr" / "MANIFEST.csv", "--overwrite"))
     if not state.done("train"):
-        r = job("train", "train", "--conf", "recommended", "--data", pre, "--out", models, "--ensemble",
-                args.ensemble, "--no-tracking", "--no-evaluate", "--overwrite")
+        size = ["--ensemble", args.ensemble] if args.ensemble else []
+        r = job("train", "train", "--conf", "recommended", "--data", pre, "--out", models, *size, "--no-tracking",
+                "--no-evaluate", "--overwrite")
         meta = json.loads((model / "metrics.json").read_text())
         from cxr.scope.reference import load_reference
 
-        save(state, "train", {**r, "ensemble": args.ensemble, "ood": meta["ood"],
+        members = meta.get("ensemble", {}).get("members") or [meta]
+        save(state, "train", {**r, "ensemble": len(members), "epochs": len(members[0]["history"]["loss"]),
+                              "ood": meta["ood"],
                        "calibration": [float(v) for v in load_reference(model).calibration]})
     todo = not state.done("score")
     files, inscope = in_scope_files(pre, WORK / "inscope" if todo else None), WORK / "inscope"

@@ -30,7 +30,7 @@ def report(args, st: dict) -> str:
     lines = [SECTION, "", f"Measured {st['date']} on {machine()}, shared with other developers' jobs; "
              f"{st['minutes']:.1f} min in all. Python {st['versions']['python']}, onnxruntime "
              f"{st['versions'].get('onnxruntime', '?')}, pydicom {st['versions'].get('pydicom', '?')}. Model: the "
-             f"recommended profile (96 px `pad`, CNN + Adam, 10 epochs, seed ensemble of {tr['ensemble']}) trained by "
+             f"recommended profile (96 px `pad`, CNN + Adam, {tr.get('epochs', 10)} epochs, seed ensemble of {tr['ensemble']}) trained by "
              "`jobs/train.py` on the 450 shared X-rays split by patient; its OOD reference: the "
              f"{ood['dims']} features of model.onnx in {len(ood['layers'])} layers of "
              f"{', '.join(str(r['dims']) for r in ood['layers'])} dims (each conv block's activations averaged over "
