@@ -7,27 +7,17 @@ import pytest
 
 from cxr import CLASSES
 from cxr.data.loader import load_split
-from cxr.data.stream import ParquetSplit
-from tests.train_data import pre_out  # noqa: F401 (fixture)
+from tests.train_data import fit_tiny_cnn, pre_out  # noqa: F401 (fixture)
 
 CW = {"COVID": 1.0, "NORMAL": 2.0, "VIRAL": 0.5}
-CONF = {"batch_size": 16, "verbose": 0, "keras": {"cnn": {"filters": [4, 8], "kernel_size": 3, "dense": 16,
-                                                          "dropout": 0.0}},
-        "optimizer_config": {"adam": {"learning_rate": 0.0}}}    # the model does not move: one fixed p
+FROZEN = {"optimizer_config": {"adam": {"learning_rate": 0.0}}}    # the model does not move: one fixed p
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 def test_reported_loss_is_the_weighted_cross_entropy_against_smoothed_targets(pre_out, smoothing):
     import keras
 
-    from cxr.train import set_seeds
-    from cxr.train.keras_fit import train_keras
-
-    train = ParquetSplit.open(str(pre_out), "train", buffer=10_000, batch_rows=5)
-    spec = {"name": "cnn-adam", "family": "cnn", "optimizer": "adam"}
-    set_seeds(42)
-    model, history, _, details = train_keras(spec, train, train.subset(np.zeros(len(train), bool)),
-                                             {**CONF, "label_smoothing": smoothing}, CW, 1, 42)
+    model, history, _, details = fit_tiny_cnn(pre_out, {**FROZEN, "label_smoothing": smoothing}, CW, 1)
     assert details["label_smoothing"] == smoothing
     memory = load_split(str(pre_out), "train")
     p = model.predict(memory.x, batch_size=64, verbose=0).astype(np.float64)

@@ -6,11 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from cxr.data.stream import ParquetSplit
-from tests.train_data import pre_out  # noqa: F401 (fixture)
-
-CONF = {"batch_size": 16, "verbose": 0, "keras": {"cnn": {"filters": [4, 8], "kernel_size": 3, "dense": 16,
-                                                          "dropout": 0.0}}}
+from tests.train_data import fit_tiny_cnn, pre_out  # noqa: F401 (fixture)
 
 
 def test_cosine_follows_the_half_cosine_over_all_steps():
@@ -30,14 +26,7 @@ def test_cosine_follows_the_half_cosine_over_all_steps():
 def test_fit_ends_at_zero_learning_rate_only_with_cosine(pre_out, schedule, tmp_path):
     import keras
 
-    from cxr.train import set_seeds
-    from cxr.train.keras_fit import train_keras
-
-    train = ParquetSplit.open(str(pre_out), "train", buffer=10_000, batch_rows=5)
-    spec = {"name": "cnn-adam", "family": "cnn", "optimizer": "adam"}
-    set_seeds(42)
-    model, _, _, details = train_keras(spec, train, train.subset(np.zeros(len(train), bool)),
-                                       {**CONF, "lr_schedule": schedule}, None, 2, 42)
+    model, _, train, details = fit_tiny_cnn(pre_out, {"lr_schedule": schedule}, None, 2)
     assert details["lr_schedule"] == schedule
     opt = model.optimizer
     assert int(opt.iterations.numpy()) == 2 * -(-len(train) // 16)

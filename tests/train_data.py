@@ -69,6 +69,25 @@ def write_pre_out(root: Path, per_class: int = 30, size: int = SIZE, seed: int =
     return root
 
 
+TINY_CNN = {"batch_size": 16, "verbose": 0,
+            "keras": {"cnn": {"filters": [4, 8], "kernel_size": 3, "dense": 16, "dropout": 0.0}}}
+
+
+def fit_tiny_cnn(pre_out: Path, conf: dict, weights: dict | None, epochs: int):
+    """train_keras on PRE_OUT's train split (no val) with a tiny CNN, seed 42: (model, history, train source,
+    details), for the tests of one fit option."""
+    from cxr.data.stream import ParquetSplit
+    from cxr.train import set_seeds
+    from cxr.train.keras_fit import train_keras
+
+    train = ParquetSplit.open(str(pre_out), "train", buffer=10_000, batch_rows=5)
+    set_seeds(42)
+    model, history, _, details = train_keras({"name": "cnn-adam", "family": "cnn", "optimizer": "adam"}, train,
+                                             train.subset(np.zeros(len(train), bool)), {**TINY_CNN, **conf},
+                                             weights, epochs, 42)
+    return model, history, train, details
+
+
 @pytest.fixture(scope="session")
 def pre_out(tmp_path_factory) -> Path:
     return write_pre_out(tmp_path_factory.mktemp("pre_out"))
