@@ -2,14 +2,17 @@
 each seed's CV mean (what one training run varies by), paired differences against the first row, and the
 held-out confusion matrix.
 
-    python scripts/cv_compare.py LABEL=CV_DIR[+CV_DIR...][:MODEL] ... [--errors LABEL] [--json OUT.json]
+    python scripts/cv_compare.py LABEL=CV_DIR[+CV_DIR...][:MODEL][&CV_DIR...[:MODEL]] ... [--errors LABEL]
+        [--json OUT.json]
 
 MODEL defaults to the run's first model; `cnn-adam:member0` is one member of an ensemble run with
 crossval.members, `cnn-adam:first3` the mean of its first 3 members (an ensemble of 3 on the same folds,
 recomputed from predictions.csv.gz). Several CV_DIRs joined by + are one row: cross-validations of other seeds
 (train.seed 45 --seeds 2 adds seeds 45 and 46 to a --seeds 3 run from 42; a seed's folds depend on the seed
 only). Rows are compared on the (seed, fold) pairs they share, which must hold the same images (checked from
-folds.csv). Prints markdown.
+folds.csv). Runs joined by & are one mixed row: the mean of their probabilities per image (models of different
+settings combined on the same folds, scored without training; only the images and seeds all of them have).
+Prints markdown.
 """
 from __future__ import annotations
 
@@ -26,32 +29,61 @@ import pandas as pd  # noqa: E402
 
 from cxr import CLASSES  # noqa: E402
 from cxr.evaluate.crossval import (FOLDS_FILE, HEADLINE, PREDICTIONS_FILE, RESULT_FILE, aggregate,  # noqa: E402
-                                   ensemble_of_members, paired, per_seed)
+                                   ensemble_of_members, member_label, metrics_of_mean, paired, per_seed)
 
 METRICS = ("macro_f1", "normal_vs_viral", "accuracy", "ece")
 
 
-def parse_row(spec: str) -> tuple[str, list[Path], str | None]:
+def parse_row(spec: str) -> tuple[str, list[tuple[list[Path], str | None]]]:
+    """LABEL=RUN[&RUN...] -> (label, [(dirs, model) per RUN])."""
     label, _, rest = spec.partition("=")
-    paths, _, model = rest.partition(":")
-    return label, [Path(p) for p in paths.split("+")], model or None
+    runs = []
+    for run in rest.split("&"):
+        paths, _, model = run.partition(":")
+        runs.append(([Path(p) for p in paths.split("+")], model or None))
+    return label, runs
 
 
 def read_many(dirs: list[Path], name: str) -> pd.DataFrame:
     return pd.concat([pd.read_csv(d / name) for d in dirs], ignore_index=True)
 
 
-def load_runs(dirs: list[Path], model: str | None) -> tuple[pd.DataFrame, str]:
-    """One row of metrics per (seed, fold) for `model` of the cross-validations in dirs."""
+def first_model(dirs: list[Path]) -> str:
+    return json.loads((dirs[0] / RESULT_FILE).read_text())["models"][0]
+
+
+def held_out(dirs: list[Path], model: str | None) -> pd.DataFrame:
+    """The held-out predictions of `model` (`name:firstK`: its first K members' mean) in the runs of dirs."""
+    pred = read_many(dirs, PREDICTIONS_FILE)
+    model = model or first_model(dirs)
+    cols = [f"p_{c}" for c in CLASSES]
+    if ":first" in model:
+        name, k = model.split(":first")
+        part = pred[pred["model"].isin([member_label(name, i) for i in range(int(k))])]
+        return part.groupby(["seed", "fold", "sha256", "y"])[cols].mean().reset_index()
+    if model not in set(pred["model"]):
+        raise SystemExit(f"{dirs}: no model {model!r}; it has {sorted(set(pred['model']))}")
+    return pred[pred["model"] == model]
+
+
+def load_runs(runs: list[tuple[list[Path], str | None]]) -> tuple[pd.DataFrame, str]:
+    """One row of metrics per (seed, fold) for a row: one run's model, or the mean of several runs' models."""
+    if len(runs) > 1:
+        parts = [held_out(d, m).assign(run=i) for i, (d, m) in enumerate(runs)]
+        both = pd.concat(parts, ignore_index=True)
+        count = both.groupby(["seed", "sha256"])["run"].transform("nunique")
+        name = " & ".join(m or first_model(d) for d, m in runs)
+        return metrics_of_mean(both[count == len(runs)], name), name
+    dirs, model = runs[0]
     results = [json.loads((d / RESULT_FILE).read_text()) for d in dirs]
     model = model or results[0]["models"][0]
     if ":first" in model:
         name, k = model.split(":first")
         return ensemble_of_members(read_many(dirs, PREDICTIONS_FILE), name, int(k)), model
-    runs = pd.concat([pd.DataFrame(r["runs"]) for r in results], ignore_index=True)
-    if model not in set(runs["model"]):
-        raise SystemExit(f"{dirs}: no model {model!r}; it has {sorted(set(runs['model']))}")
-    return runs[runs["model"] == model].reset_index(drop=True), model
+    table = pd.concat([pd.DataFrame(r["runs"]) for r in results], ignore_index=True)
+    if model not in set(table["model"]):
+        raise SystemExit(f"{dirs}: no model {model!r}; it has {sorted(set(table['model']))}")
+    return table[table["model"] == model].reset_index(drop=True), model
 
 
 def check_same_folds(rows: list[list[Path]]) -> None:
@@ -64,17 +96,12 @@ def check_same_folds(rows: list[list[Path]]) -> None:
             raise SystemExit(f"{dirs} does not share the first row's folds: rows are not paired")
 
 
-def confusion(dirs: list[Path], model: str) -> np.ndarray:
+def confusion(runs: list[tuple[list[Path], str | None]]) -> np.ndarray:
     """Held-out confusion matrix (rows true, columns predicted) per complete cross-validation (summed over the
     folds, averaged over the seeds)."""
-    pred = read_many(dirs, PREDICTIONS_FILE)
     cols = [f"p_{c}" for c in CLASSES]
-    if ":first" in model:
-        name, k = model.split(":first")
-        part = pred[pred["model"].isin([f"{name}:member{i}" for i in range(int(k))])]
-        part = part.groupby(["seed", "sha256", "y"])[cols].mean().reset_index()
-    else:
-        part = pred[pred["model"] == model]
+    part = pd.concat([held_out(d, m) for d, m in runs], ignore_index=True)
+    part = part.groupby(["seed", "sha256", "y"])[cols].mean().reset_index()
     m = np.zeros((len(CLASSES), len(CLASSES)))
     np.add.at(m, (part["y"].to_numpy(), part[cols].to_numpy().argmax(1)), 1)
     return m / part["seed"].nunique()
@@ -125,19 +152,17 @@ def errors_table(label: str, m: np.ndarray) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("rows", nargs="+", help="LABEL=CV_DIR[:MODEL]; the first row is the paired baseline")
+    parser.add_argument("rows", nargs="+", help="LABEL=CV_DIR[:MODEL][&...]; the first row is the paired baseline")
     parser.add_argument("--errors", action="append", default=[], help="LABEL of a row to print the confusion of")
     parser.add_argument("--json", help="also write the comparison here")
     args = parser.parse_args(argv)
     specs = [parse_row(r) for r in args.rows]
-    check_same_folds([d for _, d, _ in specs])
-    loaded = [(label, *load_runs(d, model)) for label, d, model in specs]
+    check_same_folds([d for _, runs in specs for d, _ in runs])
+    loaded = [(label, *load_runs(runs)) for label, runs in specs]
     results = compare([(label, runs) for label, runs, _ in loaded])
     print(table(results))
     for label in args.errors:
-        _, d, _ = next(s for s in specs if s[0] == label)
-        model = next(m for lab, _, m in loaded if lab == label)
-        print("\n" + errors_table(label, confusion(d, model)))
+        print("\n" + errors_table(label, confusion(dict(specs)[label])))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=float))
     return 0

@@ -227,14 +227,19 @@ def _fake_cv(root, seeds, shift: float = 0.0, folds_seed: int = 0):
     return root
 
 
-def test_cv_compare_joins_seed_chunks_and_refuses_other_folds(tmp_path):
+def _load_script(name: str):
     import importlib.util
 
     from tests.conftest import ROOT
 
-    spec = importlib.util.spec_from_file_location("cv_compare", ROOT / "scripts" / "cv_compare.py")
-    cv_compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cv_compare)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cv_compare_joins_seed_chunks_and_refuses_other_folds(tmp_path):
+    cv_compare = _load_script("cv_compare")
     base = _fake_cv(tmp_path / "base", [42, 43, 44])
     chunk_a = _fake_cv(tmp_path / "a", [42, 43], shift=0.02)
     chunk_b = _fake_cv(tmp_path / "b", [44], shift=0.02)
@@ -242,11 +247,12 @@ def test_cv_compare_joins_seed_chunks_and_refuses_other_folds(tmp_path):
     for d in (chunk_a, chunk_b):
         folds = pd.read_csv(base / "folds.csv")
         folds[folds["seed"].isin(pd.read_csv(d / "folds.csv")["seed"])].to_csv(d / "folds.csv", index=False)
-    label, dirs, model = cv_compare.parse_row(f"new={chunk_a}+{chunk_b}:cnn-adam")
-    assert (label, dirs, model) == ("new", [chunk_a, chunk_b], "cnn-adam")
+    label, runs = cv_compare.parse_row(f"new={chunk_a}+{chunk_b}:cnn-adam")
+    assert (label, runs) == ("new", [([chunk_a, chunk_b], "cnn-adam")])
+    dirs = runs[0][0]
     cv_compare.check_same_folds([[base], dirs])
-    rows = cv_compare.compare([("base", cv_compare.load_runs([base], None)[0]),
-                               ("new", cv_compare.load_runs(dirs, model)[0])])
+    rows = cv_compare.compare([("base", cv_compare.load_runs([([base], None)])[0]),
+                               ("new", cv_compare.load_runs(runs)[0])])
     assert rows[1]["n"] == "3 x 3" and rows[1]["across_seeds"]["seeds"] == 3
     assert rows[1]["paired"]["macro_f1"]["mean"] == pytest.approx(0.02)
     assert "| new | 3 x 3 |" in cv_compare.table(rows)
@@ -255,14 +261,33 @@ def test_cv_compare_joins_seed_chunks_and_refuses_other_folds(tmp_path):
         cv_compare.check_same_folds([[base], [other]])
 
 
+def test_cv_compare_mixed_row_scores_the_mean_of_two_runs_probabilities(tmp_path):
+    """A&B: each run misses one image its partner is sure of; their mean gets all six right. An image only one
+    run has is left out of the mix."""
+    cv_compare = _load_script("cv_compare")
+    right = {0: [0.6, 0.2, 0.2], 1: [0.2, 0.6, 0.2], 2: [0.2, 0.2, 0.6]}
+    a_calls = {"c1": [0.2, 0.1, 0.7], "x": [0.0, 0.0, 1.0]}      # A misses c1 (and alone has x, a COVID film)
+    b_calls = {"c1": [0.9, 0.05, 0.05], "n1": [0.1, 0.4, 0.5]}   # B is sure of c1 and just misses n1
+    images = {"c0": 0, "c1": 0, "n0": 1, "n1": 1, "v0": 2, "v1": 2}
+    for name, calls, extra in (("a", a_calls, {"x": 0}), ("b", b_calls, {})):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [{"seed": 42, "fold": 0, "model": "cnn-adam", "sha256": sha, "y": y,
+                 **dict(zip(["p_COVID", "p_NORMAL", "p_VIRAL"], calls.get(sha, right[y])))}
+                for sha, y in {**images, **extra}.items()]
+        pd.DataFrame(rows).to_csv(d / "predictions.csv.gz", index=False)
+    one = {name: cv_compare.metrics_of_mean(cv_compare.held_out([tmp_path / name], "cnn-adam"), name)
+           for name in ("a", "b")}
+    assert one["a"]["accuracy"].iloc[0] == pytest.approx(5 / 7) and one["b"]["accuracy"].iloc[0] == pytest.approx(5 / 6)
+    label, runs = cv_compare.parse_row(f"mix={tmp_path / 'a'}:cnn-adam&{tmp_path / 'b'}:cnn-adam")
+    mixed, name = cv_compare.load_runs(runs)
+    assert label == "mix" and name == "cnn-adam & cnn-adam"
+    assert mixed["n"].iloc[0] == 6 and mixed["accuracy"].iloc[0] == 1.0
+    assert cv_compare.confusion(runs).trace() == 6
+
+
 def test_cv_tta_shifts_move_the_image_and_fill_the_edge():
-    import importlib.util
-
-    from tests.conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("cv_tta", ROOT / "scripts" / "cv_tta.py")
-    cv_tta = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cv_tta)
+    cv_tta = _load_script("cv_tta")
     x = np.arange(2 * 6 * 7, dtype=np.float32).reshape(2, 6, 7, 1)
     down_left = cv_tta.shifted(x, 2, -1)
     assert down_left.shape == x.shape

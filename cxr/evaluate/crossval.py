@@ -155,9 +155,15 @@ def ensemble_of_members(predictions: pd.DataFrame, name: str, k: int) -> pd.Data
     part = predictions[predictions["model"].isin(labels)]
     if part["model"].nunique() < k:
         raise ValueError(f"{name}: fewer than {k} members in the predictions")
+    return metrics_of_mean(part, f"{name}:first{k}")
+
+
+def metrics_of_mean(predictions: pd.DataFrame, model: str) -> pd.DataFrame:
+    """Per (seed, fold), the metrics of the mean probabilities of every prediction an image has there (several
+    models' held-out predictions on the same folds: an ensemble scored without training it)."""
     cols = [f"p_{c}" for c in CLASSES]
-    mean = part.groupby(["seed", "fold", "sha256", "y"], sort=True)[cols].mean().reset_index()
-    rows = [{"seed": int(seed), "fold": int(fold), "model": f"{name}:first{k}",
+    mean = predictions.groupby(["seed", "fold", "sha256", "y"], sort=True)[cols].mean().reset_index()
+    rows = [{"seed": int(seed), "fold": int(fold), "model": model,
              **run_metrics(g["y"].to_numpy(), g[cols].to_numpy())} for (seed, fold), g in mean.groupby(["seed", "fold"])]
     return pd.DataFrame(rows)
 
