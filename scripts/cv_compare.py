@@ -29,7 +29,7 @@ import pandas as pd  # noqa: E402
 
 from cxr import CLASSES  # noqa: E402
 from cxr.evaluate.crossval import (FOLDS_FILE, HEADLINE, PREDICTIONS_FILE, RESULT_FILE, aggregate,  # noqa: E402
-                                   ensemble_of_members, member_label, metrics_of_mean, paired, per_seed)
+                                   member_label, metrics_of_mean, paired, per_seed)
 
 METRICS = ("macro_f1", "normal_vs_viral", "accuracy", "ece")
 
@@ -66,24 +66,24 @@ def held_out(dirs: list[Path], model: str | None) -> pd.DataFrame:
     return pred[pred["model"] == model]
 
 
+def shared_predictions(runs: list[tuple[list[Path], str | None]]) -> pd.DataFrame:
+    """The held-out predictions of a row's runs, kept for the (seed, image) pairs every run has."""
+    both = pd.concat([held_out(d, m).assign(run=i) for i, (d, m) in enumerate(runs)], ignore_index=True)
+    return both[both.groupby(["seed", "sha256"])["run"].transform("nunique") == len(runs)]
+
+
 def load_runs(runs: list[tuple[list[Path], str | None]]) -> tuple[pd.DataFrame, str]:
-    """One row of metrics per (seed, fold) for a row: one run's model, or the mean of several runs' models."""
-    if len(runs) > 1:
-        parts = [held_out(d, m).assign(run=i) for i, (d, m) in enumerate(runs)]
-        both = pd.concat(parts, ignore_index=True)
-        count = both.groupby(["seed", "sha256"])["run"].transform("nunique")
-        name = " & ".join(m or first_model(d) for d, m in runs)
-        return metrics_of_mean(both[count == len(runs)], name), name
-    dirs, model = runs[0]
-    results = [json.loads((d / RESULT_FILE).read_text()) for d in dirs]
-    model = model or results[0]["models"][0]
-    if ":first" in model:
-        name, k = model.split(":first")
-        return ensemble_of_members(read_many(dirs, PREDICTIONS_FILE), name, int(k)), model
-    table = pd.concat([pd.DataFrame(r["runs"]) for r in results], ignore_index=True)
-    if model not in set(table["model"]):
-        raise SystemExit(f"{dirs}: no model {model!r}; it has {sorted(set(table['model']))}")
-    return table[table["model"] == model].reset_index(drop=True), model
+    """One row of metrics per (seed, fold) for a row: one run's model as the run scored it, or the mean
+    probabilities of several runs' models (or of an ensemble run's first members), recomputed."""
+    name = " & ".join(m or first_model(d) for d, m in runs)
+    if len(runs) > 1 or ":first" in name:
+        return metrics_of_mean(shared_predictions(runs), name), name
+    dirs = runs[0][0]
+    table = pd.concat([pd.DataFrame(json.loads((d / RESULT_FILE).read_text())["runs"]) for d in dirs],
+                      ignore_index=True)
+    if name not in set(table["model"]):
+        raise SystemExit(f"{dirs}: no model {name!r}; it has {sorted(set(table['model']))}")
+    return table[table["model"] == name].reset_index(drop=True), name
 
 
 def check_same_folds(rows: list[list[Path]]) -> None:
@@ -100,8 +100,7 @@ def confusion(runs: list[tuple[list[Path], str | None]]) -> np.ndarray:
     """Held-out confusion matrix (rows true, columns predicted) per complete cross-validation (summed over the
     folds, averaged over the seeds)."""
     cols = [f"p_{c}" for c in CLASSES]
-    part = pd.concat([held_out(d, m) for d, m in runs], ignore_index=True)
-    part = part.groupby(["seed", "sha256", "y"])[cols].mean().reset_index()
+    part = shared_predictions(runs).groupby(["seed", "sha256", "y"])[cols].mean().reset_index()
     m = np.zeros((len(CLASSES), len(CLASSES)))
     np.add.at(m, (part["y"].to_numpy(), part[cols].to_numpy().argmax(1)), 1)
     return m / part["seed"].nunique()
