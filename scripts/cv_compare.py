@@ -29,7 +29,7 @@ import pandas as pd  # noqa: E402
 
 from cxr import CLASSES  # noqa: E402
 from cxr.evaluate.crossval import (FOLDS_FILE, HEADLINE, PREDICTIONS_FILE, RESULT_FILE, aggregate,  # noqa: E402
-                                   member_label, metrics_of_mean, paired, per_seed)
+                                   first_members, metrics_of_mean, paired, per_seed)
 
 METRICS = ("macro_f1", "normal_vs_viral", "accuracy", "ece")
 
@@ -56,11 +56,9 @@ def held_out(dirs: list[Path], model: str | None) -> pd.DataFrame:
     """The held-out predictions of `model` (`name:firstK`: its first K members' mean) in the runs of dirs."""
     pred = read_many(dirs, PREDICTIONS_FILE)
     model = model or first_model(dirs)
-    cols = [f"p_{c}" for c in CLASSES]
     if ":first" in model:
         name, k = model.split(":first")
-        part = pred[pred["model"].isin([member_label(name, i) for i in range(int(k))])]
-        return part.groupby(["seed", "fold", "sha256", "y"])[cols].mean().reset_index()
+        return first_members(pred, name, int(k))
     if model not in set(pred["model"]):
         raise SystemExit(f"{dirs}: no model {model!r}; it has {sorted(set(pred['model']))}")
     return pred[pred["model"] == model]

@@ -151,11 +151,17 @@ def predictions_table(evaluated: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
 def ensemble_of_members(predictions: pd.DataFrame, name: str, k: int) -> pd.DataFrame:
     """Per (seed, fold), the metrics of the mean of the first k members' probabilities: what an ensemble of k
     (train.ensemble: k, members seeded seed..seed+k-1) scores on those folds, without training it again."""
+    return metrics_of_mean(first_members(predictions, name, k), f"{name}:first{k}")
+
+
+def first_members(predictions: pd.DataFrame, name: str, k: int) -> pd.DataFrame:
+    """The held-out predictions of an ensemble of the first k members (their mean probabilities per image)."""
     labels = [member_label(name, i) for i in range(int(k))]
     part = predictions[predictions["model"].isin(labels)]
     if part["model"].nunique() < k:
         raise ValueError(f"{name}: fewer than {k} members in the predictions")
-    return metrics_of_mean(part, f"{name}:first{k}")
+    cols = [f"p_{c}" for c in CLASSES]
+    return part.groupby(["seed", "fold", "sha256", "y"], sort=True)[cols].mean().reset_index()
 
 
 def metrics_of_mean(predictions: pd.DataFrame, model: str) -> pd.DataFrame:
