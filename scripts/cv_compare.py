@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from cxr import CLASSES  # noqa: E402
-from cxr.evaluate.crossval import (FOLDS_FILE, HEADLINE, PREDICTIONS_FILE, RESULT_FILE, aggregate,  # noqa: E402
-                                   first_members, metrics_of_mean, paired, per_seed)
+from cxr.evaluate.crossval import (FOLDS_FILE, HEADLINE, PREDICTIONS_FILE, PROBA_COLUMNS, RESULT_FILE,  # noqa: E402
+                                   aggregate, first_members, metrics_of_mean, paired, per_seed)
 
 METRICS = ("macro_f1", "normal_vs_viral", "accuracy", "ece")
 
@@ -97,10 +97,9 @@ def check_same_folds(rows: list[list[Path]]) -> None:
 def confusion(runs: list[tuple[list[Path], str | None]]) -> np.ndarray:
     """Held-out confusion matrix (rows true, columns predicted) per complete cross-validation (summed over the
     folds, averaged over the seeds)."""
-    cols = [f"p_{c}" for c in CLASSES]
-    part = shared_predictions(runs).groupby(["seed", "sha256", "y"])[cols].mean().reset_index()
+    part = shared_predictions(runs).groupby(["seed", "sha256", "y"])[PROBA_COLUMNS].mean().reset_index()
     m = np.zeros((len(CLASSES), len(CLASSES)))
-    np.add.at(m, (part["y"].to_numpy(), part[cols].to_numpy().argmax(1)), 1)
+    np.add.at(m, (part["y"].to_numpy(), part[PROBA_COLUMNS].to_numpy().argmax(1)), 1)
     return m / part["seed"].nunique()
 
 

@@ -44,6 +44,7 @@ RESULT_FILE = "crossval.json"
 REPORT_FILE = "crossval.md"
 FOLDS_FILE = "folds.csv"         # sha256, seed, fold, group, label: which image was held out where
 PREDICTIONS_FILE = "predictions.csv.gz"   # seed, fold, model, sha256, y, p_<CLASS>: every held-out probability
+PROBA_COLUMNS = [f"p_{c}" for c in CLASSES]
 
 
 def load_pool(data_dir: str, batch_rows: int = 64, conf: Mapping[str, Any] | None = None):
@@ -144,7 +145,7 @@ def predictions_table(evaluated: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         proba = np.asarray(r["proba"], np.float32)
         parts.append(pd.DataFrame({"seed": r["seed"], "fold": r["fold"], "model": r["model"], "sha256": r["sha256"],
                                    "y": np.asarray(r["y"], np.int64),
-                                   **{f"p_{c}": proba[:, i] for i, c in enumerate(CLASSES)}}))
+                                   **dict(zip(PROBA_COLUMNS, proba.T))}))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
@@ -160,17 +161,15 @@ def first_members(predictions: pd.DataFrame, name: str, k: int) -> pd.DataFrame:
     part = predictions[predictions["model"].isin(labels)]
     if part["model"].nunique() < k:
         raise ValueError(f"{name}: fewer than {k} members in the predictions")
-    cols = [f"p_{c}" for c in CLASSES]
-    return part.groupby(["seed", "fold", "sha256", "y"], sort=True)[cols].mean().reset_index()
+    return part.groupby(["seed", "fold", "sha256", "y"], sort=True)[PROBA_COLUMNS].mean().reset_index()
 
 
 def metrics_of_mean(predictions: pd.DataFrame, model: str) -> pd.DataFrame:
     """Per (seed, fold), the metrics of the mean probabilities of every prediction an image has there (several
     models' held-out predictions on the same folds: an ensemble scored without training it)."""
-    cols = [f"p_{c}" for c in CLASSES]
-    mean = predictions.groupby(["seed", "fold", "sha256", "y"], sort=True)[cols].mean().reset_index()
+    mean = predictions.groupby(["seed", "fold", "sha256", "y"], sort=True)[PROBA_COLUMNS].mean().reset_index()
     rows = [{"seed": int(seed), "fold": int(fold), "model": model,
-             **run_metrics(g["y"].to_numpy(), g[cols].to_numpy())} for (seed, fold), g in mean.groupby(["seed", "fold"])]
+             **run_metrics(g["y"].to_numpy(), g[PROBA_COLUMNS].to_numpy())} for (seed, fold), g in mean.groupby(["seed", "fold"])]
     return pd.DataFrame(rows)
 
 

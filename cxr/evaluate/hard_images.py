@@ -11,9 +11,8 @@ import numpy as np
 import pandas as pd
 
 from cxr import CLASSES
+from cxr.evaluate.crossval import PROBA_COLUMNS as PROBA
 from cxr.evaluate.crossval import run_metrics
-
-PROBA = [f"p_{c}" for c in CLASSES]
 
 
 def error_rates(predictions: pd.DataFrame) -> pd.DataFrame:

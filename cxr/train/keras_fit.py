@@ -51,15 +51,20 @@ def label_smoothing(conf: Mapping) -> float:
 LR_SCHEDULES = ("constant", "cosine")
 
 
+def lr_schedule(conf: Mapping) -> str:
+    """train.lr_schedule, checked: `constant` (the optimizer's learning rate throughout) or `cosine`."""
+    name = str(conf.get("lr_schedule") or "constant")
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {name!r}")
+    return name
+
+
 def learning_rate(conf: Mapping, overrides: Mapping | None, epochs: int, steps_per_epoch: int) -> dict:
     """The optimizer's settings with train.lr_schedule applied: `cosine` decays the configured (or Keras'
     default 0.001) learning rate to 0 over the whole fit, so the last epochs take small steps instead of
     bouncing around at full size; `constant` leaves it as configured."""
-    name = str(conf.get("lr_schedule") or "constant")
-    if name not in LR_SCHEDULES:
-        raise ValueError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {name!r}")
     settings = dict(overrides or {})
-    if name == "cosine":
+    if lr_schedule(conf) == "cosine":
         import keras
 
         start = float(settings.get("learning_rate", 0.001))
@@ -112,5 +117,5 @@ def train_keras(spec: dict, train, val, conf: Mapping, weights: dict | None, epo
     details = {"architecture": {"family": family, **arch, "params": int(model.count_params())},
                "optimizer": {"name": spec["optimizer"], "config": optimizer_config(opt)},
                "augment": {**aug, "seed": seed} if aug["enabled"] else {"enabled": False}, "epoch_cpu_s": cpu,
-               "label_smoothing": smoothing, "lr_schedule": str(conf.get("lr_schedule") or "constant")}
+               "label_smoothing": smoothing, "lr_schedule": lr_schedule(conf)}
     return model, history_dict(history.history), times, details
