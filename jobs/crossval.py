@@ -14,6 +14,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data", required=True, help="the preprocess job's output folder (all splits are pooled)")
     parser.add_argument("--out", required=True, help="folder for crossval.json and crossval.md")
     parser.add_argument("--folds", type=int, help="folds per seed (default: conf crossval.folds)")
+    parser.add_argument("--group-by", choices=("patient", "source"),
+                        help="patient: k folds grouped by patient (default); source: leave one source out, for "
+                             "every class with images from more than one source (the `source` column)")
     parser.add_argument("--seeds", type=int, help="repetitions with different fold assignments and initialisations")
     parser.add_argument("--models", help="comma list of cnn,dnn,dwsep,scratch-cnn,scratch-dnn")
     parser.add_argument("--optimizers", help="comma list of optimizers for the CNN")
@@ -43,7 +46,7 @@ def main(argv=None) -> int:
 
         result = run(spark, args.data, args.out, config, folds=args.folds, seeds=args.seeds, models=args.models,
                      optimizers=args.optimizers, epochs=args.epochs, probes=False if args.no_probes else None,
-                     overwrite=args.overwrite, members=True if args.members else None)
+                     overwrite=args.overwrite, members=True if args.members else None, group_by=args.group_by)
         for name, s in result["summary"].items():
             print(f"crossval {name}: macro-F1 {s['macro_f1']['mean']:.3f} ± {s['macro_f1']['sd']:.3f}, "
                   f"accuracy {s['accuracy']['mean']:.3f} ± {s['accuracy']['sd']:.3f}, NORMAL vs VIRAL "
@@ -53,6 +56,9 @@ def main(argv=None) -> int:
             print(f"crossval {name} across {s['seeds']} seeds (each seed's CV mean): macro-F1 "
                   f"{s['macro_f1']['mean']:.3f} ± {s['macro_f1']['sd']:.3f}, NORMAL vs VIRAL "
                   f"{s['normal_vs_viral']['mean']:.3f} ± {s['normal_vs_viral']['sd']:.3f}")
+        for r in result.get("by_source") or []:
+            print(f"crossval {r['model']} {r['source']} {r['class']}: recall {r['recall']:.3f} ± {r['sd']:.3f} "
+                  f"({int(r['n'])} images, {int(r['seeds'])} seeds)")
         for warning in [w for ws in (result.get("warnings") or {}).values() for w in ws]:
             print(warning)
         print(f"crossval: {result['timings_s']['total']:.0f}s -> {Path(args.out) / REPORT_FILE}")

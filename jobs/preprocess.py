@@ -9,9 +9,13 @@ from cxr.cli import add_scope_flags, base_parser, run_job, scope_overrides  # no
 
 def main(argv=None) -> int:
     parser = base_parser(__doc__)
-    parser.add_argument("--input", required=True, help="folder of images (class folders optional)")
+    parser.add_argument("--input", required=True, action="append",
+                        help="folder of images (class folders optional); repeat it (or separate with commas) to "
+                             "write several collections into one table")
     parser.add_argument("--output", required=True, help="output folder (images/, errors/, duplicates/, manifest.json)")
-    parser.add_argument("--manifest", help="CSV with patient_id and sha256 or relative_path: splits by patient")
+    parser.add_argument("--manifest", action="append",
+                        help="CSV with patient_id and/or source, and sha256 or relative_path: splits by patient, "
+                             "source per image; repeat it for several inputs")
     parser.add_argument("--size", type=int, help="output side in pixels")
     parser.add_argument("--method", choices=["clahe", "he", "none"], help="equalization")
     parser.add_argument("--clip-limit", type=float, help="CLAHE clip limit")

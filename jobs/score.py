@@ -37,6 +37,9 @@ def main(argv=None) -> int:
                         "score.staging_dir; a local folder when PRED_DIR is on S3 and Spark has no hadoop-aws)")
     parser.add_argument("--on-damaged", choices=["reject", "flag"],
                         help="files the codec reports damaged: errors rows, or predictions with decode_warnings")
+    parser.add_argument("--source", help="the source (site, dataset) of this archive's files, for those whose DICOM "
+                        "header names no site: counted per source and checked against the model card (conf "
+                        "score.source)")
     parser.add_argument("--fail-on-drift", action="store_true", default=None,
                         help="exit 4 when a monitored statistic drifted (after everything is written; conf "
                              "monitor.fail_on_drift)")
@@ -73,6 +76,8 @@ def main(argv=None) -> int:
             e = r["explain"]
             print(f"explain: {e.get('images', 0)} overlays in {e.get('png_dir')}" if "error" not in e
                   else f"explain: failed ({e['error']}); predictions are unaffected")
+        for warning in r["sources"]["warnings"]:
+            print(f"score: WARNING {warning}")
         m = r["monitoring"]
         print(f"monitor: failed ({m['error']}); predictions are unaffected" if "error" in m else
               f"monitor: {'WARN drift in ' + ', '.join(m['drifted']) if m['drifted'] else 'no drift'} "
@@ -82,7 +87,7 @@ def main(argv=None) -> int:
 
     return run_job(args, {"score.batch_size": args.batch_size, "score.table_format": args.table_format,
                           "score.staging_dir": args.staging_dir, "preprocess.on_damaged": args.on_damaged,
-                          "monitor.fail_on_drift": args.fail_on_drift,
+                          "monitor.fail_on_drift": args.fail_on_drift, "score.source": args.source,
                           **scope_overrides(args), **tracking_overrides(args)}, body)
 
 

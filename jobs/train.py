@@ -26,6 +26,9 @@ def main(argv=None) -> int:
     parser.add_argument("--split", help="split to evaluate on at the end (default: conf evaluate.split)")
     parser.add_argument("--no-evaluate", action="store_true", help="train only")
     parser.add_argument("--overwrite", action="store_true", help="replace model folders of the same name")
+    parser.add_argument("--crossval", action="append", metavar="DIR",
+                        help="a jobs/crossval.py output of this profile (patient-grouped and/or --group-by source): "
+                             "its per-source results go into the model cards; repeatable")
     parser.add_argument("--engine", choices=("onnx", "keras"),
                         help="inference engine of the evaluation: onnx (model.onnx in ONNX Runtime) or keras (the "
                              "model's own framework); default: conf inference.engine")
@@ -65,6 +68,11 @@ def main(argv=None) -> int:
 
             evaluation = evaluate(spark, args.data, args.out, config, models=[m["name"] for m in result["models"]])
             print(format_summary(evaluation))
+        if evaluation or args.crossval:   # the model cards get the numbers (before the report and MLflow read them)
+            from cxr.models.card import record_results
+
+            record_results(args.out, evaluation, args.crossval or ())
+        if evaluation:
             print(f"report: {write_report(args.out, evaluation)}")
         if tracking:
             from cxr.tracking.mirror import log_train

@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 from cxr import CLASSES
 from cxr.common.storage import filesystem
 
-META_COLUMNS = ["path", "sha256", "label", "split", "patient_id", "height", "width"]
+META_COLUMNS = ["path", "sha256", "label", "split", "patient_id", "source", "height", "width"]
+OPTIONAL_META = ("source",)   # columns tables written before they existed lack (read as null)
 
 
 class SplitLeakError(ValueError):
@@ -49,6 +50,11 @@ class SplitData:
     path: np.ndarray
     splits: tuple[str, ...] = ()
     stats: dict = field(default_factory=dict)
+    source: np.ndarray | None = None   # the image's source (site, dataset), None where unknown
+
+    def __post_init__(self):
+        if self.source is None:
+            self.source = np.full(len(self.y), None, dtype=object)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -59,7 +65,7 @@ class SplitData:
     def subset(self, rows: np.ndarray) -> "SplitData":
         """The given rows (a boolean mask or indices), e.g. one cross-validation fold."""
         return SplitData(x=self.x[rows], y=self.y[rows], sha256=self.sha256[rows], patient_id=self.patient_id[rows],
-                         path=self.path[rows], splits=self.splits)
+                         path=self.path[rows], splits=self.splits, source=self.source[rows])
 
     def n_patients(self) -> int:
         """Distinct patients; an image without a patient id counts as its own patient."""
@@ -75,13 +81,18 @@ class SplitData:
         """The first k images (N, H, W) as stored (uint8 or float32)."""
         return self.x[:k, :, :, 0]
 
-    def batches(self, batch_size: int, epoch: int = 0, shuffle: bool = False, seed: int = 0):
-        """(images (b, H, W) as stored, labels (b,)) per batch; shuffled in the order a ParquetSplit whose
-        buffer holds the whole split gives (epoch_order)."""
+    def batches(self, batch_size: int, epoch: int = 0, shuffle: bool = False, seed: int = 0,
+                weights: np.ndarray | None = None):
+        """(images (b, H, W) as stored, labels (b,)) per batch, plus the rows' weights (b,) when `weights` (one
+        per row) is given; shuffled in the order a ParquetSplit whose buffer holds the whole split gives
+        (epoch_order)."""
         order = epoch_order(len(self), seed, epoch) if shuffle else np.arange(len(self))
         for start in range(0, len(self), int(batch_size)):
             idx = order[start:start + int(batch_size)]
-            yield self.x[idx, :, :, 0], self.y[idx]
+            if weights is None:
+                yield self.x[idx, :, :, 0], self.y[idx]
+            else:
+                yield self.x[idx, :, :, 0], self.y[idx], np.asarray(weights)[idx]
 
 
 def parquet_files(data_dir: str, table: str = "images") -> tuple[pafs.FileSystem, list[str]]:
@@ -171,6 +182,7 @@ class SplitIndex:
     height: int
     width: int
     splits: tuple[str, ...] = ()
+    source: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(len(self.y))
@@ -206,13 +218,17 @@ def scan_split(data_dir: str, splits: str | Sequence[str], labeled_only: bool = 
     splits = (splits,) if isinstance(splits, str) else tuple(splits)
     fs, files = parquet_files(data_dir)
     labels = pa.array(CLASSES)
-    plan, meta = [], {k: [] for k in ("y", "sha256", "patient_id", "path")}
+    plan, meta = [], {k: [] for k in ("y", "sha256", "patient_id", "path", "source")}
     sizes = set()
     for path in files:
         with fs.open_input_file(path) as handle:
             pf = pq.ParquetFile(handle)
             for rg in range(pf.num_row_groups):
-                t = pf.read_row_group(rg, columns=META_COLUMNS)
+                have = set(pf.schema_arrow.names)
+                t = pf.read_row_group(rg, columns=[c for c in META_COLUMNS if c in have])
+                for c in OPTIONAL_META:
+                    if c not in have:
+                        t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
                 keep = pc.is_in(t.column("split"), value_set=pa.array(splits)).fill_null(False)
                 y = pc.index_in(t.column("label"), value_set=labels).fill_null(-1)
                 if labeled_only:
@@ -223,7 +239,7 @@ def scan_split(data_dir: str, splits: str | Sequence[str], labeled_only: bool = 
                 plan.append((path, rg, keep))
                 sizes |= set(zip(t.column("height").to_numpy()[keep].tolist(), t.column("width").to_numpy()[keep].tolist()))
                 meta["y"].append(y.to_numpy(zero_copy_only=False)[keep].astype(np.int8))
-                for k in ("sha256", "patient_id", "path"):
+                for k in ("sha256", "patient_id", "path", "source"):
                     meta[k].append(np.asarray(t.column(k).to_pylist(), dtype=object)[keep])
     if len(sizes) > 1:
         raise ValueError(f"images of different sizes in {data_dir}: {sorted(sizes)[:4]} "
@@ -232,6 +248,7 @@ def scan_split(data_dir: str, splits: str | Sequence[str], labeled_only: bool = 
     cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dtype=dt))
     return SplitIndex(fs=fs, plan=plan, y=cat(meta["y"], np.int8), sha256=cat(meta["sha256"], object),
                       patient_id=cat(meta["patient_id"], object), path=cat(meta["path"], object),
+                      source=cat(meta["source"], object),
                       height=int(h), width=int(w), splits=splits)
 
 
@@ -273,7 +290,7 @@ def load_split(data_dir: str, splits: str | Sequence[str], *, dtype: str = "floa
     if filled != n:
         raise RuntimeError(f"read {filled} images, {n} expected: the dataset changed while being read")
     return SplitData(x=x, y=index.y[:n], sha256=index.sha256[:n], patient_id=index.patient_id[:n],
-                     path=index.path[:n], splits=index.splits,
+                     path=index.path[:n], splits=index.splits, source=index.source[:n],
                      stats={"rows": n, "batches": stats["batches"], "batch_rows": batch_rows, "row_groups": groups,
                             "max_batch_bytes": int(stats["max_batch_bytes"]), "arrow_peak_bytes": int(arrow_peak),
                             "array_bytes": int(x.nbytes)})

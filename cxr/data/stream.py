@@ -85,6 +85,10 @@ class ParquetSplit:
         return self.index.path[self.rows]
 
     @property
+    def source(self) -> np.ndarray:
+        return self.index.source[self.rows]
+
+    @property
     def splits(self) -> tuple[str, ...]:
         return self.index.splits
 
@@ -119,21 +123,30 @@ class ParquetSplit:
                 break
         return out
 
-    def batches(self, batch_size: int, epoch: int = 0, shuffle: bool = False,
-                seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(uint8 images (b, H, W), labels int8 (b,)) per minibatch of one epoch; the last one may be short."""
+    def batches(self, batch_size: int, epoch: int = 0, shuffle: bool = False, seed: int = 0,
+                weights: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, ...]]:
+        """(uint8 images (b, H, W), labels int8 (b,)) per minibatch of one epoch, plus the rows' weights (b,) when
+        `weights` (one per row of this split, in its order) is given; the last one may be short."""
         bs = int(batch_size)
         h, w = self.image_size
+        by_row = None
+        if weights is not None:
+            by_row = np.zeros(len(self.index), np.float32)
+            by_row[self.rows] = np.asarray(weights, np.float32)
         xb, ib, fill = np.empty((bs, h, w), np.uint8), np.empty(bs, np.int64), 0
+
+        def batch(k):
+            return (xb[:k], self.index.y[ib[:k]]) + (() if by_row is None else (by_row[ib[:k]],))
+
         for gi, image in self._rows(epoch, shuffle, seed):
             xb[fill] = image
             ib[fill] = gi
             fill += 1
             if fill == bs:
-                yield xb, self.index.y[ib]
+                yield batch(bs)
                 xb, ib, fill = np.empty((bs, h, w), np.uint8), np.empty(bs, np.int64), 0
         if fill:
-            yield xb[:fill], self.index.y[ib[:fill]]
+            yield batch(fill)
 
     # ---------------------------------------------------------------- reading
     def _group(self, g: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -27,12 +27,14 @@ import numpy as np
 import pandas as pd
 
 from cxr import CLASSES
+from cxr.evaluate import by_source, confound
 from cxr.evaluate.calibration import ece
 from cxr.data.loader import images_dataset, read_manifest
 from cxr.evaluate.folds import assign_folds, check_grouping, fold_key, group_keys
 from cxr.evaluate.metrics import summarize
 from cxr.evaluate.probes import REGIONS, metadata_probe, quick_scores, verdict
 from cxr.models import store
+from cxr.common.manifest import source_names
 from cxr.common.provenance import package_versions
 from cxr.common.splits import SPLITS
 from cxr.train import OutputExistsError, _as_list, class_weights, plan, train_and_save
@@ -68,6 +70,47 @@ def fold_assignment(data, k: int, seeds: Sequence[int]) -> pd.DataFrame:
         check_grouping(folds, groups)
         frames.append(pd.DataFrame({"sha256": data.sha256, "seed": int(seed), "fold": folds, "group": groups}))
     return pd.concat(frames, ignore_index=True)
+
+
+GROUP_BY = ("patient", "source")
+
+
+def source_assignment(data, seeds: Sequence[int]) -> tuple[pd.DataFrame, list[dict]]:
+    """Leave-one-source-out: fold f holds out source f's images of every class that has another source (so the
+    model still learns that class, from elsewhere); images of a class only that source has stay in every
+    training fold (fold -1, never held out). Returns ((sha256, seed, fold, group) for the held-out images, one
+    row per fold: source, held-out classes, classes kept in training because no other source has them)."""
+    names = source_names(data.source)
+    labels = np.asarray(CLASSES)[data.y]
+    sources_of = {c: set(names[labels == c]) for c in CLASSES}
+    fold_of = np.full(len(names), -1)
+    folds = []
+    for source in sorted(set(names)):
+        held_classes = sorted(c for c in CLASSES if source in sources_of[c] and len(sources_of[c]) > 1)
+        if not held_classes:
+            continue
+        mask = (names == source) & np.isin(labels, held_classes)
+        fold_of[mask] = len(folds)
+        folds.append({"fold": len(folds), "source": source, "held_out_classes": held_classes,
+                      "images": int(mask.sum()),
+                      "kept_in_training": sorted(c for c in CLASSES if source in sources_of[c]
+                                                 and c not in held_classes)})
+    if not folds:
+        raise ValueError("leave-one-source-out needs a class with images from two or more sources; the sources "
+                         f"here: { {c: sorted(v) for c, v in sources_of.items()} }")
+    groups = group_keys(data.patient_id, data.sha256)
+    held = fold_of >= 0
+    frames = [pd.DataFrame({"sha256": data.sha256[held], "seed": int(seed), "fold": fold_of[held],
+                            "group": groups[held]}) for seed in seeds]
+    return pd.concat(frames, ignore_index=True), folds
+
+
+def train_mask(fold_of: np.ndarray, groups: np.ndarray, fold: int) -> np.ndarray:
+    """The rows fold `fold` trains on: every row not held out whose patient (group) has no held-out image (the
+    second condition is a no-op for patient-grouped folds, checked there; leaving a source out can split one)."""
+    held = np.asarray(fold_of) == fold
+    groups = np.asarray(groups, dtype=object)
+    return ~held & ~np.isin(groups, groups[held])
 
 
 def run_metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, float | None]:
@@ -219,10 +262,11 @@ def score_evaluations(evaluated: Sequence[Mapping[str, Any]], assignment: pd.Dat
 def run(spark, data_dir: str, out_dir: str, config: Mapping[str, Any], folds: int | None = None,
         seeds: int | None = None, models: Sequence[str] | str | None = None,
         optimizers: Sequence[str] | str | None = None, epochs: int | None = None, probes: bool | None = None,
-        overwrite: bool = False, members: bool | None = None) -> dict:
+        overwrite: bool = False, members: bool | None = None, group_by: str | None = None) -> dict:
     """Train every (seed, fold, model), evaluate the held-out folds on the executors (and, with members, each
     ensemble member as a model of its own), write out_dir/crossval.json, crossval.md, folds.csv and
-    predictions.csv.gz, and return the result."""
+    predictions.csv.gz, and return the result. group_by "source": leave-one-source-out folds
+    (source_assignment) instead of k folds grouped by patient; the probes are then off."""
     cv = config.get("crossval") or {}
     tconf = dict(config["train"])
     k = int(folds or cv.get("folds", 5))
@@ -231,6 +275,11 @@ def run(spark, data_dir: str, out_dir: str, config: Mapping[str, Any], folds: in
     probes = bool(cv.get("probes", True) if probes is None else probes)
     members = bool(cv.get("members", False) if members is None else members)
     fraction = float(cv.get("train_fraction") or 1.0)
+    group_by = str(group_by or cv.get("group_by") or "patient")
+    if group_by not in GROUP_BY:
+        raise ValueError(f"crossval group_by must be one of {', '.join(GROUP_BY)}, got {group_by!r}")
+    if group_by == "source":
+        probes = False
     todo = plan(_as_list(models) or _as_list(cv.get("models", ["cnn"])),
                 _as_list(optimizers) or _as_list(cv.get("optimizers", ["adam"])),
                 tconf.get("default_optimizer", "adam"))
@@ -247,9 +296,14 @@ def run(spark, data_dir: str, out_dir: str, config: Mapping[str, Any], folds: in
     t0 = time.perf_counter()
     manifest, manifest_sha = read_manifest(data_dir)
     data, meta = load_pool(data_dir, int(tconf.get("loader_batch_rows", 64)), tconf)
-    if len(data) < k:
+    source_folds = None
+    if group_by == "source":
+        assignment, source_folds = source_assignment(data, seed_values)
+        k = len(source_folds)
+    elif len(data) < k:
         raise ValueError(f"{data_dir} holds {len(data)} labeled images: too few for {k} folds")
-    assignment = fold_assignment(data, k, seed_values)
+    else:
+        assignment = fold_assignment(data, k, seed_values)
     load_s = round(time.perf_counter() - t0, 3)
     log.info("cross-validating %s on %d images (%d groups), %d folds x %d seeds, %d epochs",
              ", ".join(t["name"] for t in todo), len(data), assignment["group"].nunique(), k, n_seeds, epochs)
@@ -258,17 +312,22 @@ def run(spark, data_dir: str, out_dir: str, config: Mapping[str, Any], folds: in
     fold_models: dict[str, list[str]] = {}
     labels: dict[tuple[int, str], str] = {}      # (seed, member folder name) -> member_label
     train_rows, meta_rows = [], []
+    groups_all = group_keys(data.patient_id, data.sha256)
     for seed in seed_values:
-        fold_of = assignment.loc[assignment["seed"] == seed, "fold"].to_numpy()
-        group_of = assignment.loc[assignment["seed"] == seed, "group"].to_numpy()
+        # every pooled image's fold (-1: never held out, leave-one-source-out only) and group, in data's order
+        mine = assignment[assignment["seed"] == seed].set_index("sha256")
+        fold_of = mine["fold"].reindex(data.sha256).fillna(-1).astype(int).to_numpy()
+        group_of = groups_all
         for fold in range(k):
             held = fold_of == fold
-            kept = train_subsample(data.y[~held], group_of[~held], fraction, seed, fold)
-            train = data.subset(np.flatnonzero(~held)[kept])
-            cw = class_weights(train.y, tconf.get("class_weight", "balanced"))
+            usable = train_mask(fold_of, group_of, fold)
+            kept = train_subsample(data.y[usable], group_of[usable], fraction, seed, fold)
+            train = data.subset(np.flatnonzero(usable)[kept])
+            cw = class_weights(train.y, tconf.get("class_weight", "balanced"), train.source)
             record = {"dir": str(data_dir), "manifest_sha256": manifest_sha,
                       "image_size": list(data.image_size),
-                      "crossval": {"seed": seed, "fold": fold, "folds": k, "train_images": int(len(train)),
+                      "crossval": {"seed": seed, "fold": fold, "folds": k, "group_by": group_by,
+                                   "train_images": int(len(train)),
                                    "held_out_images": int(held.sum())}, "load_s": load_s}
             key = fold_key(seed, fold)
             fold_models[key] = []
@@ -305,8 +364,9 @@ def run(spark, data_dir: str, out_dir: str, config: Mapping[str, Any], folds: in
                  "classes": data.class_counts(), "image_size": list(data.image_size)},
         "preprocess": manifest.get("params", {}),
         "folds": k, "seeds": seed_values, "epochs": epochs, "models": [t["name"] for t in todo],
-        "train": {key: tconf.get(key) for key in ("batch_size", "class_weight", "augment", "optimizer_config",
-                                                  "ensemble")},
+        "group_by": group_by, "source_folds": source_folds,
+        "train": {key: tconf.get(key) for key in ("batch_size", "class_weight", "augment", "site_augment",
+                                                  "optimizer_config", "ensemble")},
         "members_evaluated": members, "train_fraction": fraction,
         "fold_sizes": fold_table(assignment, data),
         "grouping_checked": True,
@@ -337,9 +397,15 @@ def run(spark, data_dir: str, out_dir: str, config: Mapping[str, Any], folds: in
         result["models_kept"] = False
     else:
         result["models_kept"] = str(model_root)
-    assignment.merge(pd.DataFrame({"sha256": data.sha256, "label": np.asarray(CLASSES)[data.y]}), on="sha256") \
+    predictions = predictions_table(evaluated)
+    source_of = pd.Series(source_names(data.source), index=data.sha256)
+    result["by_source"] = by_source.across_runs(predictions, source_of, PROBA_COLUMNS).to_dict("records")
+    result["confound"] = confound.probe(meta.assign(source=source_of.reindex(meta["sha256"]).to_numpy()),
+                                        seed=base_seed)
+    assignment.merge(pd.DataFrame({"sha256": data.sha256, "label": np.asarray(CLASSES)[data.y],
+                                   "source": source_of.to_numpy()}), on="sha256") \
         .to_csv(out / FOLDS_FILE, index=False)
-    predictions_table(evaluated).to_csv(out / PREDICTIONS_FILE, index=False)
+    predictions.to_csv(out / PREDICTIONS_FILE, index=False)
     (out / RESULT_FILE).write_text(json.dumps(result, indent=1, default=_json_default))
     (out / REPORT_FILE).write_text(format_report(result))
     return result
@@ -380,6 +446,34 @@ def across_seeds_section(result: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def source_sections(result: Mapping[str, Any]) -> list[str]:
+    """crossval.md's per-(source, class) recall (and, leaving sources out, what each fold held out) and the
+    confound probe."""
+    lines: list[str] = []
+    rows = pd.DataFrame(result.get("by_source") or [])
+    if result.get("group_by") == "source":
+        lines += ["", "## Leave one source out", "",
+                  "Each fold trains without one source's images of every class that another source also has, then "
+                  "calls exactly those images: how the model does on a collection it never saw, for a class it "
+                  "learnt elsewhere. Classes only that source has stay in training (they cannot be learnt from "
+                  "anywhere else).", "",
+                  "| fold | held-out source | held-out classes (images) | kept in training |", "|---|---|---|---|"]
+        for f in result.get("source_folds") or []:
+            lines.append(f"| {f['fold']} | {f['source']} | {', '.join(f['held_out_classes'])} ({f['images']}) | "
+                         f"{', '.join(f['kept_in_training']) or '-'} |")
+    if len(rows):
+        lines += ["", "## Per source and class" + (" (held-out sources)" if result.get("group_by") == "source"
+                                                   else ""), "",
+                  "Recall of each (source, class) cell: each seed's held-out predictions pooled over its folds, "
+                  "then mean ± sd over the seeds. A pooled score can be high while one collection's films of a "
+                  "class are missed; a recall under 0.9 is in bold."]
+        for model in sorted(rows["model"].unique()):
+            lines += ["", f"**{model}**", "", by_source.across_runs_table(rows, model)]
+    if result.get("confound"):
+        lines += ["", confound.section(result["confound"], "## Confound probe").rstrip("\n")]
+    return lines
+
+
 def format_report(result: Mapping[str, Any]) -> str:
     """crossval.md: the per-model table (mean ± sd over folds x seeds), the probes, the folds, the caveats."""
     d = result["data"]
@@ -394,8 +488,10 @@ def format_report(result: Mapping[str, Any]) -> str:
         f"- preprocessing: method {p.get('method')}, clip {p.get('clip_limit')}, tiles {p.get('tile_grid')}, "
         f"brightness alpha {p.get('brightness_alpha')} beta {p.get('brightness_beta')}, resize {p.get('resize_mode')}, "
         f"decode reduction {p.get('decode_reduction', 'off')}; ensemble {result.get('train', {}).get('ensemble') or 1}",
-        f"- {result['folds']} folds grouped by patient and stratified by class x seeds {result['seeds']} "
-        f"= {runs_per} held-out evaluations per model; {result['epochs']} epochs; no patient is in a fold's "
+        (f"- {result['folds']} folds grouped by patient and stratified by class x seeds {result['seeds']} "
+         if result.get("group_by", "patient") == "patient" else
+         f"- leave one source out: {result['folds']} folds (one per held-out source) x seeds {result['seeds']} ")
+        + f"= {runs_per} held-out evaluations per model; {result['epochs']} epochs; no patient is in a fold's "
         "training and test part (checked)",
         f"- time: {result['timings_s']['total']:.0f} s (training {result['timings_s']['train']:.0f} s on the driver, "
         f"evaluation {result['timings_s']['evaluate']:.0f} s on the executors)",
@@ -425,6 +521,7 @@ def format_report(result: Mapping[str, Any]) -> str:
         lines += [""] + ([f"- **{w}**" for w in warnings] if warnings else ["- No probe came within 0.05 of a model's accuracy, and no model kept more than half of its gain over "
               "chance on the border band alone. Read the numbers above all the same: any score well above chance "
               "(0.33) without pixels or without lungs is information the data set gives away."])
+    lines += source_sections(result)
     lines += across_seeds_section(result)
     lines += ["", "## Folds (first seed)", "", "| fold | " + " | ".join(CLASSES) + " | groups |",
               "|---|" + "---|" * (len(CLASSES) + 1)]

@@ -273,6 +273,17 @@ def write_report(models_dir: str | Path, evaluation: Mapping | None = None, spli
             L.append(f"| {name} | {nv['n']} | {_fmt(nv['accuracy'])} [{_fmt(lo, 3)}, {_fmt(hi, 3)}] | "
                      f"{_fmt(nv['auc_viral_vs_normal'])} | {nv['confusion']} | {nv['also_called_covid']} |")
         L.append("")
+        if any(s.get("by_source") for s in ev.values()):
+            from cxr.evaluate.by_source import table
+
+            L.append(f"### Per source and class ({evaluation['split']} split)")
+            L.append("")
+            L.append("Each collection's films on their own: a pooled score can be high while one source's films of "
+                     "a class are missed (a recall under 0.9 in bold). `called` columns count the model's calls.")
+            L.append("")
+            for name, s in ev.items():
+                L.append(table(s["by_source"], title=name))
+                L.append("")
         cm_png = plot_confusions(evaluation, plots / "confusion_matrices.png")
         roc_png = plot_rocs(evaluation, plots / "roc_curves.png")
         if cm_png:
@@ -293,7 +304,13 @@ def write_report(models_dir: str | Path, evaluation: Mapping | None = None, spli
     if data.get("dir"):
         from cxr.evaluate.probes import probes_section
 
+        from cxr.models.card import report_section as cards_section
+
+        L.append(cards_section(list_models(root)))
         L.append(probes_section(list_models(root), data["dir"], split)[0])
+        from cxr.evaluate.confound import report_section
+
+        L.append(report_section(list_models(root), data["dir"])[0])
         for d in list_models(root):
             md, _ = shortcut_section(d, data["dir"], split, plots_dir=plots)
             L.append(md)

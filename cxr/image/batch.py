@@ -24,12 +24,16 @@ COLUMNS = ("path", "rel_path", "label", "sha256", "status", "stage", "reason", "
 OUT_OF_SCOPE = "out_of_scope"   # status of a file the scope gate keeps from the model (not an error)
 
 
-def relative_to(path: str, root: str) -> str:
-    prefix = root.rstrip("/") + "/"
-    return path[len(prefix):] if path.startswith(prefix) else path.rsplit("/", 1)[-1]
+def relative_to(path: str, root: str | tuple[str, ...]) -> str:
+    """path below root (the longest of several roots that holds it); the file name when none does."""
+    for r in sorted((root,) if isinstance(root, str) else root, key=len, reverse=True):
+        prefix = r.rstrip("/") + "/"
+        if path.startswith(prefix):
+            return path[len(prefix):]
+    return path.rsplit("/", 1)[-1]
 
 
-def process_file(path: str, content: bytes | None, root: str, params: PreprocessParams,
+def process_file(path: str, content: bytes | None, root: str | tuple[str, ...], params: PreprocessParams,
                  aliases: Mapping[str, str], gate=None) -> dict:
     """gate (cxr.scope.rules.ScopeGate): read a DICOM's header into the row and keep an out-of-scope file
     (lateral, CT, no pixels, ...) from being decoded: status out_of_scope, stage "scope", the reason."""

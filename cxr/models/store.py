@@ -43,6 +43,7 @@ SCRATCH_FILES = ("model.json", "model.npz")
 ONNX_FILE = "model.onnx"
 OOD_FILE = reference.OOD_FILE   # the OOD reference (fitted by cxr.scope.ood): part of the model id
 MONITOR_FILE = "monitor_reference.json"   # run statistics of the training data (cxr.monitor.reference): part of it too
+CARD_FILE = "model_card.json"   # the model card (cxr.models.card): part of the model id
 ENSEMBLE_FILE = "ensemble.json"   # {"members": [relative folder, ...], "combine": "mean"}
 MEMBERS_DIR = "members"
 SCHEMA = "cxr.model/1"
@@ -112,8 +113,8 @@ def ensemble_members(model_dir: str | Path) -> list[Path]:
 def weight_files(model_dir: str | Path) -> list[str]:
     """Names (relative to the folder) of the files that identify a model: its weights (model.keras, or
     model.json + model.npz; for an ensemble ensemble.json and every member's files), ood.npz (the
-    out-of-distribution reference), monitor_reference.json (what run monitoring compares with) and model.onnx
-    when present. A change to any of them is a different model."""
+    out-of-distribution reference), monitor_reference.json (what run monitoring compares with), model_card.json
+    (what it was trained on) and model.onnx when present. A change to any of them is a different model."""
     d = Path(model_dir)
     kind = model_kind(d)
     if kind == "ensemble":
@@ -125,6 +126,8 @@ def weight_files(model_dir: str | Path) -> list[str]:
         files.append(OOD_FILE)
     if (d / MONITOR_FILE).is_file():
         files.append(MONITOR_FILE)
+    if (d / CARD_FILE).is_file():
+        files.append(CARD_FILE)
     if (d / ONNX_FILE).is_file():
         files.append(ONNX_FILE)
     return files

@@ -47,7 +47,12 @@ def _counts_section(record: Mapping[str, Any]) -> str:
     away = record.get("scored_out_of_distribution")
     cells += (f'<tr><th>scored, out of distribution</th><td class="num" id="count-scored_out_of_distribution">'
               f"{_e(away)}</td></tr>")
-    return f"<h2>Counts</h2><table>{cells}</table>"
+    src = record.get("sources") or {}
+    rows = "".join(f'<tr><th>{_e(k)}</th><td class="num">{int(v)}</td><td>{"never seen in training" if k in (src.get("unseen") or []) else ""}</td></tr>'
+                   for k, v in (src.get("counts") or {}).items())
+    notes = "".join(f'<p class="bad">{_e(w)}</p>' for w in src.get("warnings") or [])
+    by_source = (f'<h3>Scored films per source</h3><table id="sources">{rows}</table>{notes}' if rows or notes else "")
+    return f"<h2>Counts</h2><table>{cells}</table>{by_source}"
 
 
 def _drift_section(monitoring: Mapping[str, Any], nights: Sequence[tuple[str, Mapping[str, float]]]) -> str:

@@ -5,6 +5,9 @@ and the scope gate (cxr.scope.rules) needs Modality, BodyPartExamined, ViewPosit
 any pixel is decoded. Only the tags below ever leave this module: patient names, birth dates, addresses,
 physicians and free-text tags are never read into a row. PatientID becomes `patient_key`, an HMAC-SHA256 keyed
 by a site secret; without a secret the column is null (a plain hash of an MRN is undone by hashing every MRN).
+InstitutionName / StationName / Manufacturer become `site_key` by the same rule: which site and machine a film
+came from is what shortcut checks and unseen-site warnings need, and a short list of hospital names is as easy to
+hash through as MRNs.
 """
 from __future__ import annotations
 
@@ -43,9 +46,12 @@ HEADER_COLUMNS: dict[str, tuple[str, str]] = {
     "study_date": ("StudyDate", "date"),
 }
 PATIENT_KEY = "patient_key"
+SITE_KEY = "site_key"
+# the tags that name where a film was taken; only their keyed hash (site_key) ever leaves this module
+SITE_TAGS = ("InstitutionName", "StationName", "Manufacturer")
 # every column a DICOM adds to images/, predictions/, errors/ and out_of_scope/ (null for other files)
-DICOM_COLUMNS: tuple[str, ...] = (*HEADER_COLUMNS, PATIENT_KEY)
-COLUMN_KINDS: dict[str, str] = {c: k for c, (_, k) in HEADER_COLUMNS.items()} | {PATIENT_KEY: "str"}
+DICOM_COLUMNS: tuple[str, ...] = (*HEADER_COLUMNS, PATIENT_KEY, SITE_KEY)
+COLUMN_KINDS: dict[str, str] = {c: k for c, (_, k) in HEADER_COLUMNS.items()} | {PATIENT_KEY: "str", SITE_KEY: "str"}
 
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
@@ -72,6 +78,14 @@ class HeaderReader:
             return None
         return hmac.new(self.secret, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()
 
+    def site_key(self, ds) -> str | None:
+        """HMAC of the site tags (institution, station, manufacturer), None without a secret or without any of them."""
+        parts = [_value(ds, tag, "str") for tag in SITE_TAGS]
+        if not self.secret or not any(parts):
+            return None
+        text = "site\x1f" + "\x1f".join(p or "" for p in parts)
+        return hmac.new(self.secret, text.encode("utf-8"), hashlib.sha256).hexdigest()
+
     def read(self, data: bytes) -> DicomHeader | None:
         """The header of a DICOM file's bytes, or None when they do not parse as DICOM (the decoder then says
         why in its own words)."""
@@ -90,6 +104,7 @@ class HeaderReader:
                       or ds.get("Rows") is not None or ds.get("Columns") is not None)
         columns = {col: _value(ds, kw, kind) for col, (kw, kind) in HEADER_COLUMNS.items()}
         columns[PATIENT_KEY] = self.patient_key(_value(ds, "PatientID", "str"))
+        columns[SITE_KEY] = self.site_key(ds)
         return DicomHeader(columns, has_pixels)
 
 

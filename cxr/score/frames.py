@@ -22,7 +22,8 @@ from cxr.image.batch import process_file
 from cxr.image.pipeline import PreprocessParams
 from cxr.image.source import VANISHED, read_bytes
 from cxr.models import store
-from cxr.scope.dicom_header import DICOM_COLUMNS, with_column_types
+from cxr.common.manifest import site_source
+from cxr.scope.dicom_header import DICOM_COLUMNS, SITE_KEY, with_column_types
 from cxr.scope.rules import OOD_STAGE, ScopeGate
 
 PROB_COLUMNS = tuple(f"p_{c.lower()}" for c in CLASSES)
@@ -31,10 +32,10 @@ OOD_COLUMNS = ("ood_distance", "in_distribution")
 # stored dtype and size, and the mean pixel value of the preprocessed image (what the model saw)
 INPUT_COLUMNS = ("source_format", "orig_dtype", "orig_height", "orig_width")
 MONITOR_COLUMNS = (*INPUT_COLUMNS, "mean_intensity")
-RESULT_COLUMNS = ("path", "sha256", "folder_label", "status", "stage", "reason", "label", *PROB_COLUMNS,
+RESULT_COLUMNS = ("path", "sha256", "folder_label", "source", "status", "stage", "reason", "label", *PROB_COLUMNS,
                   *OOD_COLUMNS, "size", "mtime_ms", "decode_warnings", *DICOM_COLUMNS, *MONITOR_COLUMNS)
 # columns of a preprocess job's images table that scoring it carries into its results (older tables lack some)
-CARRIED_COLUMNS = ("decode_warnings", *DICOM_COLUMNS, *INPUT_COLUMNS)
+CARRIED_COLUMNS = ("source", "decode_warnings", *DICOM_COLUMNS, *INPUT_COLUMNS)
 HASH_COLUMNS = ("path", "sha256", "size", "mtime_ms")
 
 # What must match between the preprocessing a model was trained on and the one it is fed.
@@ -177,19 +178,22 @@ def hash_frame(frame: pd.DataFrame, max_bytes: int | None = None) -> pd.DataFram
 
 
 def score_raw_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, aliases: Mapping[str, str],
-                    engine: Engine, max_bytes: int | None = None, gate: ScopeGate | None = None) -> pd.DataFrame:
+                    engine: Engine, max_bytes: int | None = None, gate: ScopeGate | None = None,
+                    source: str | None = None) -> pd.DataFrame:
     """Files (path, size, mtime_ms) -> predictions: read here, the preprocess job's own per-file function (with
-    the scope gate: DICOM columns, out-of-scope files not decoded), then the model."""
+    the scope gate: DICOM columns, out-of-scope files not decoded), then the model. `source`: the run's source
+    (score.source), for files whose DICOM header names no site."""
     rows, images = [], []
     for path, size, mtime in zip(frame["path"], frame["size"], frame["mtime_ms"]):
         row = dict.fromkeys(RESULT_COLUMNS)
-        row.update(path=path, size=size, mtime_ms=mtime)
+        row.update(path=path, size=size, mtime_ms=mtime, source=source)
         content, problem = _read(path, max_bytes)
         if problem:
             row.update(status="error", stage="read", reason=problem)
         else:
             done = process_file(path, content, root, params, aliases, gate)
             row.update({c: done[c] for c in DICOM_COLUMNS})
+            row.update(source=site_source(done.get(SITE_KEY)) or source)
             row.update(sha256=done["sha256"], folder_label=done["label"], status=done["status"],
                        stage=done["stage"], reason=done["reason"], decode_warnings=done["decode_warnings"],
                        **{c: done[c] for c in INPUT_COLUMNS})

@@ -22,6 +22,7 @@ from pyspark.sql import functions as F
 
 from cxr import CLASSES
 from cxr.data.loader import SplitLeakError, to_unit_float
+from cxr.evaluate import by_source
 from cxr.evaluate.metrics import confusion_matrix, summarize
 from cxr.models.store import (ONNX_FILE, ensemble_members, inference_settings, list_models, missing_onnx_message,
                               read_metadata)
@@ -30,6 +31,7 @@ from cxr.spark.session import master_url, default_parallelism
 
 log = logging.getLogger(__name__)
 
+ALL_SPLITS = "all"   # evaluate every labelled row: an external archive, none of whose images trained the model
 RESULT_SCHEMA = ("model string, partition int, rows long, cm array<long>, sha256 array<string>, "
                  "y array<int>, proba array<float>")
 
@@ -96,9 +98,21 @@ def partition_evaluator(model_dirs: Sequence[str], batch_size: int = 64, tf_thre
     return run
 
 
+def sources_of(data_dir: str) -> pd.Series:
+    """sha256 -> source of a preprocess output's images (thin column, on the driver; null where unknown or the
+    table predates the column)."""
+    from cxr.data.loader import images_dataset
+
+    dataset = images_dataset(str(data_dir))
+    if "source" not in dataset.schema.names:
+        return pd.Series(dtype=object)
+    table = dataset.to_table(columns=["sha256", "source"]).to_pandas().drop_duplicates("sha256")
+    return table.set_index("sha256")["source"]
+
+
 def split_checks(images: DataFrame, split: str) -> dict:
     """Counts for the report and the leakage check, with Spark joins (two jobs; no rows collected)."""
-    seen_splits = [x for x in ("train", "val") if x != split]
+    seen_splits = [] if split == ALL_SPLITS else [x for x in ("train", "val") if x != split]
 
     def keys(df: DataFrame) -> DataFrame:
         by_image = df.select(F.lit("image").alias("kind"), F.col("sha256").alias("key"))
@@ -106,12 +120,12 @@ def split_checks(images: DataFrame, split: str) -> dict:
                                                                       F.col("patient_id").alias("key"))
         return by_image.unionByName(by_patient)
 
-    held = images.where(F.col("split") == split)
+    held = images if split == ALL_SPLITS else images.where(F.col("split") == split)
     seen = images.where(F.col("split").isin(seen_splits))
     shared = keys(held).distinct().join(keys(seen), ["kind", "key"], "left_semi")
     found = {}
-    for r in shared.groupBy("kind").agg(F.count(F.lit(1)).alias("n"),
-                                        F.slice(F.sort_array(F.collect_list("key")), 1, 3).alias("examples")).collect():
+    for r in ([] if not seen_splits else shared.groupBy("kind").agg(F.count(F.lit(1)).alias("n"),
+                                        F.slice(F.sort_array(F.collect_list("key")), 1, 3).alias("examples")).collect()):
         found[r["kind"]] = (int(r["n"]), list(r["examples"]))
     if found:
         n_img, ex_img = found.get("image", (0, []))
@@ -210,7 +224,8 @@ def run(spark: SparkSession, data_dir: str, models_dir: str, config: Mapping[str
             warnings.append(f"{name} was trained on another preprocess output (manifest sha256 {trained_on[:12]}… "
                             f"!= {manifest_sha[:12]}…): its {split} split may overlap that run's training images")
     parts = int(conf.get("partitions") or 0) or default_parallelism(spark)
-    rows_df = (images.where((F.col("split") == split) & F.col("label").isin(list(CLASSES)))
+    in_split = F.lit(True) if split == ALL_SPLITS else F.col("split") == split
+    rows_df = (images.where(in_split & F.col("label").isin(list(CLASSES)))
                .select("sha256", "label", "image", "height", "width")
                .repartition(parts, "sha256"))
     t1 = time.perf_counter()
@@ -220,6 +235,7 @@ def run(spark: SparkSession, data_dir: str, models_dir: str, config: Mapping[str
     timings["predict"] = round(time.perf_counter() - t1, 3)
     merged = reduce_results(collected)
 
+    sources = sources_of(data_dir)
     results = {}
     for d in dirs:
         m = merged.get(d.name)
@@ -233,6 +249,7 @@ def run(spark: SparkSession, data_dir: str, models_dir: str, config: Mapping[str
         summary["partitions"] = n_parts
         if d in members:
             summary["member_of"] = members[d]
+        summary["by_source"] = by_source.cells(y, proba.argmax(axis=1), sources.reindex(sha).to_numpy())
         summary["predictions"] = {"sha256": sha, "y": y.tolist(), "proba": np.round(proba, 6).tolist()}
         results[d.name] = summary
         log.info("%s on %s: n=%d accuracy %.4f macro-F1 %s", d.name, split, summary["n"], summary["accuracy"] or 0,

@@ -23,7 +23,8 @@ from pyspark.sql import types as T
 from cxr.image.batch import process_file
 from cxr.image.pipeline import PreprocessParams
 from cxr.image.source import UNREAD_KINDS, VANISHED, read_bytes
-from cxr.scope.dicom_header import COLUMN_KINDS, DICOM_COLUMNS, PATIENT_KEY, with_column_types
+from cxr.common.manifest import FileFacts, site_source
+from cxr.scope.dicom_header import COLUMN_KINDS, DICOM_COLUMNS, PATIENT_KEY, SITE_KEY, with_column_types
 from cxr.scope.rules import ScopeGate
 from cxr.common.splits import assign_split
 from cxr.spark import fs
@@ -208,16 +209,16 @@ def file_tasks(spark: SparkSession, files: pd.DataFrame, tasks: np.ndarray) -> D
 @dataclass(frozen=True)
 class ImageRows:
     """Everything a Python worker needs to turn listed files into rows: read, preprocess (the one per-file
-    function, cxr.image.batch.process_file), then patient id and split, which need only the row itself."""
-    root: str
+    function, cxr.image.batch.process_file), then patient id, source and split, which need only the row itself.
+    root: the input folder, or several (labels and relative paths follow the one a file was listed under)."""
+    root: str | tuple[str, ...]
     params: PreprocessParams
     aliases: Mapping[str, str]
     columns: tuple[str, ...]
     ratios: Mapping[str, float]
     seed: int
     max_bytes: int | None = None
-    patients: Mapping[str, str] = field(default_factory=dict)   # manifest key -> patient id
-    patient_key: str | None = None                               # "sha256" or "rel_path"
+    facts: FileFacts = field(default_factory=FileFacts)          # the manifests: patient id and source per file
     gate: ScopeGate | None = None                                # DICOM columns + scope rules
 
     def _process(self, path: str, content: bytes) -> dict:
@@ -232,12 +233,13 @@ class ImageRows:
             return None, f"could not read the file: {type(exc).__name__}: {exc}"
 
     def _group(self, row: dict) -> None:
-        """patient_id from the manifest, else the DICOM's keyed PatientID; split from the group key (patient,
-        else content hash)."""
-        pid = self.patients.get(row[self.patient_key]) if self.patient_key else None
+        """patient_id from the manifest, else the DICOM's keyed PatientID; source from the manifest, else the
+        DICOM's keyed site; split from the group key (patient, else content hash)."""
+        pid, source = self.facts.of(row)
         if pid is None and row.get(PATIENT_KEY):
             pid = f"dicom:{row[PATIENT_KEY]}"
         row["patient_id"] = pid
+        row["source"] = source if source is not None else site_source(row.get(SITE_KEY))
         key = f"patient:{pid}" if pid is not None else f"sha256:{row['sha256']}"
         row["split"] = assign_split(key, self.ratios, self.seed)
 

@@ -21,6 +21,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from cxr.image.pipeline import preprocess_bytes
+from cxr.score.sources import UNSEEN
 from cxr.monitor.assess import REFERENCE, assess, baselines
 from cxr.monitor.drift import describe
 from cxr.monitor.page import render
@@ -200,6 +201,9 @@ def _finish(spark: SparkSession, out: str, record: Mapping[str, Any], w: Watch, 
     earlier = _earlier_records(spark, out, model_id, run_id)
     history = [(r["run_id"], r["monitoring"]["stats"]) for r in earlier]
     monitoring = assess(w.stats, reference, history, conf)
+    if (record.get("sources") or {}).get("unseen"):   # films from a site the model never saw: a drift of its own
+        monitoring["drifted"].append(f"{UNSEEN} ({', '.join(record['sources']['unseen'])})")
+        monitoring["notes"] = [*(monitoring.get("notes") or []), *record["sources"]["warnings"]]
     for row in monitoring["drift"]:
         if row["drifted"]:
             log.warning("drift: %s", describe(row))

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
 import pandas as pd
@@ -29,6 +29,7 @@ from pyspark.sql import functions as F
 
 from cxr.image.pipeline import PreprocessParams
 from cxr.common.labels import alias_table
+from cxr.common.manifest import read_manifests
 from cxr.common.provenance import package_versions
 from cxr.score.incremental import list_archive
 from cxr.spark import fs
@@ -41,7 +42,7 @@ from cxr.common.splits import validate_ratios
 
 log = logging.getLogger(__name__)
 
-IMAGE_COLUMNS = ["path", "sha256", "label", "split", "patient_id", "image", "height", "width", "orig_height",
+IMAGE_COLUMNS = ["path", "sha256", "label", "split", "patient_id", "source", "image", "height", "width", "orig_height",
                  "orig_width", "orig_dtype", "source_format", "color_mode", "decode_warnings", *DICOM_COLUMNS]
 DUPLICATE_COLUMNS = ["path", "sha256", "label", "duplicate_of"]
 
@@ -63,28 +64,6 @@ class Stopwatch:
         self.timings[stage] = round(now - self._start, 3)
         self._start = now
         self.log.info("[%s] %.1fs " + message, stage, self.timings[stage], *args)
-
-
-def read_patient_manifest(path: str) -> tuple[pd.DataFrame, str]:
-    """A CSV with `patient_id` and a key: `sha256` (preferred: survives moved files) or a relative path."""
-    table = pd.read_csv(path, dtype=str)
-    if "patient_id" not in table.columns:
-        raise ValueError(f"manifest {path} has no patient_id column (columns: {', '.join(table.columns)})")
-    for key in ("sha256", "relative_path", "rel_path", "path"):
-        if key in table.columns:
-            keyed = table[[key, "patient_id"]].dropna().drop_duplicates(subset=[key])
-            return keyed.rename(columns={key: "key"}), ("sha256" if key == "sha256" else "rel_path")
-    raise ValueError(f"manifest {path} needs a sha256 or relative_path column to match files")
-
-
-def _patients(manifest_path: str | None) -> tuple[dict[str, str], str | None, dict[str, Any]]:
-    """(manifest key -> patient id, which row column the key matches, info for the manifest)."""
-    info: dict[str, Any] = {"manifest": manifest_path}
-    if not manifest_path:
-        return {}, None, info
-    table, key = read_patient_manifest(manifest_path)
-    info["matched_by"] = key
-    return dict(zip(table["key"], table["patient_id"])), key, info
 
 
 def _arrow_target(uri: str):
@@ -146,20 +125,25 @@ def _local_uri(uri: str) -> str:
     return uri
 
 
-def _written_stats(spark: SparkSession, images_uri: str) -> tuple[list[dict], int, int, int]:
-    """From the written image rows' thin columns, per content hash the first path's (split, label, patient):
-    ([{split, label, count}], rows written, distinct contents, kept rows with a patient id). One query, two
-    shuffles of thin rows."""
-    thin = _read(spark, images_uri, IMAGE_COLUMNS).select("path", "sha256", "split", "label", "patient_id")
+def _written_stats(spark: SparkSession, images_uri: str) -> tuple[list[dict], list[dict], int, int, int]:
+    """From the written image rows' thin columns, per content hash the first path's (split, label, source,
+    patient): ([{split, label, count}], [{source, label, count}], rows written, distinct contents, kept rows with
+    a patient id). One query, two shuffles of thin rows."""
+    thin = _read(spark, images_uri, IMAGE_COLUMNS).select("path", "sha256", "split", "label", "source", "patient_id")
     per_content = thin.groupBy("sha256").agg(
-        F.count("*").alias("n"), F.min_by(F.struct("split", "label", "patient_id"), "path").alias("kept"))
-    rows = (per_content.groupBy(F.col("kept.split").alias("split"), F.col("kept.label").alias("label"))
+        F.count("*").alias("n"), F.min_by(F.struct("split", "label", "source", "patient_id"), "path").alias("kept"))
+    rows = (per_content.groupBy(F.col("kept.split").alias("split"), F.col("kept.label").alias("label"),
+                                F.col("kept.source").alias("source"))
             .agg(F.count("*").alias("count"), F.sum("n").alias("rows"), F.count("kept.patient_id").alias("with_pid"))
-            .collect())
-    by_split_label = sorted(({"split": r["split"], "label": r["label"], "count": int(r["count"])} for r in rows),
-                            key=lambda d: (d["split"] or "", d["label"] or ""))
-    return (by_split_label, sum(int(r["rows"]) for r in rows), sum(int(r["count"]) for r in rows),
-            sum(int(r["with_pid"]) for r in rows))
+            .toPandas())
+
+    def counts(by: list[str]) -> list[dict]:
+        table = rows.groupby(by, dropna=False)["count"].sum().reset_index()
+        return sorted(({k: (None if pd.isna(r[k]) else r[k]) for k in by} | {"count": int(r["count"])}
+                       for _, r in table.iterrows()), key=lambda d: tuple(d[k] or "" for k in by))
+
+    return (counts(["split", "label"]), counts(["source", "label"]), int(rows["rows"].sum()),
+            int(rows["count"].sum()), int(rows["with_pid"].sum()))
 
 
 def _remove_duplicates(spark: SparkSession, out: str) -> tuple[pd.DataFrame, list[str]]:
@@ -191,8 +175,18 @@ def _remove_duplicates(spark: SparkSession, out: str) -> tuple[pd.DataFrame, lis
     return dups.drop(columns=["file"]), rewritten
 
 
-def run(spark: SparkSession, input_dir: str, output_dir: str, config: Mapping[str, Any],
-        manifest: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+def as_list(value: str | Sequence[str] | None) -> list[str]:
+    """--input / --manifest values: one, several (repeated flag), or comma-separated."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+
+
+def run(spark: SparkSession, input_dir: str | Sequence[str], output_dir: str, config: Mapping[str, Any],
+        manifest: str | Sequence[str] | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """input_dir: one folder, or several written as one table (e.g. two collections to train on together;
+    each may have its own manifest, see cxr.common.manifest)."""
     pre = config["preprocess"]
     params = PreprocessParams.from_config(pre)
     ratios = validate_ratios(pre["split"])
@@ -202,17 +196,22 @@ def run(spark: SparkSession, input_dir: str, output_dir: str, config: Mapping[st
     max_bytes = int(float(pre["max_file_mb"]) * 1024 * 1024)
     clock = Stopwatch()
 
-    if not fs.exists(spark, input_dir):
-        raise FileNotFoundError(f"input folder does not exist: {input_dir}")
+    inputs = as_list(input_dir)
+    if not inputs:
+        raise ValueError("no input folder given")
+    for folder in inputs:
+        if not fs.exists(spark, folder):
+            raise FileNotFoundError(f"input folder does not exist: {folder}")
     if fs.is_nonempty_dir(spark, output_dir):
         if not overwrite:
             raise OutputExistsError(f"output {output_dir} is not empty; pass --overwrite to replace it")
         fs.delete(spark, output_dir)
-    root = fs.qualified(spark, input_dir)
+    roots = tuple(fs.qualified(spark, folder) for folder in inputs)
     out = fs.qualified(spark, output_dir)
 
     # 1. one listing, on the driver: names, sizes, times (the same files Spark's own listing finds)
-    listing = list_archive(root, extensions, exclude_dirs, max_bytes)
+    listing = pd.concat([list_archive(root, extensions, exclude_dirs, max_bytes) for root in roots],
+                        ignore_index=True).drop_duplicates("path").sort_values("path", ignore_index=True)
     n_input, kinds, ignored = listing_counts(listing)
     to_read = listing[listing["kind"] == "read"].reset_index(drop=True)
     unread = unread_rows(listing, pre["max_file_mb"])
@@ -223,13 +222,13 @@ def run(spark: SparkSession, input_dir: str, output_dir: str, config: Mapping[st
     clock.lap("list", "%d files to read in %d tasks, %d empty, %d too large, %d ignored %s", len(to_read), n_tasks,
               kinds.get("empty", 0), kinds.get("too_large", 0), sum(ignored.values()), ignored or "")
     if n_input == 0:
-        log.warning("no image files under %s (extensions: %s)", input_dir, ", ".join(extensions))
+        log.warning("no image files under %s (extensions: %s)", ", ".join(inputs), ", ".join(extensions))
 
     # 2. one stage: read + preprocess in the Python workers -> OUT/images
-    patients, patient_key, group_info = _patients(manifest)
+    facts, group_info = read_manifests(as_list(manifest), roots)
     gate = ScopeGate.from_config(config)
-    rows = ImageRows(root, params, aliases, tuple(IMAGE_COLUMNS), ratios, seed, max_bytes, patients, patient_key,
-                     gate)
+    rows = ImageRows(roots if len(roots) > 1 else roots[0], params, aliases, tuple(IMAGE_COLUMNS), ratios, seed,
+                     max_bytes, facts, gate)
     images_uri = f"{out}/images"
     if len(to_read):
         files = read_contents(spark, to_read, tasks)
@@ -239,7 +238,7 @@ def run(spark: SparkSession, input_dir: str, output_dir: str, config: Mapping[st
             preprocess_files(files, rows).write.option("parquet.enable.dictionary#image", "false").parquet(images_uri)
     else:
         _empty_table(spark, IMAGE_COLUMNS, images_uri)
-    by_split_label, n_rows, n_unique, with_pid = _written_stats(spark, images_uri)
+    by_split_label, by_source_label, n_rows, n_unique, with_pid = _written_stats(spark, images_uri)
     clock.lap("decode", "%d of %d files decoded and written", n_rows, len(to_read))
 
     # 3. thin columns only: the rejected files, then duplicates (rewriting just the files that hold them)
@@ -290,11 +289,12 @@ def run(spark: SparkSession, input_dir: str, output_dir: str, config: Mapping[st
 
     result = {
         "job": "preprocess",
-        "input": input_dir,
+        "input": inputs[0] if len(inputs) == 1 else inputs,
         "output": output_dir,
         "counts": counts,
         "accounted": balanced,
         "by_split_and_label": by_split_label,
+        "by_source_and_label": by_source_label,
         "groups": group_info,
         "io": {"tasks": n_tasks, "bytes_per_task": task_bytes, "bytes_read": int(to_read["length"].sum()),
                "files_rewritten_for_duplicates": len(rewritten), "files_read_again_for_reasons": int(n_failed)},

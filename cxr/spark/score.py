@@ -46,7 +46,8 @@ from cxr.score.frames import (CARRIED_COLUMNS, HASH_COLUMNS, OOD_COLUMNS, PROB_C
                               scoring_params)
 from cxr.scope.dicom_header import DICOM_COLUMNS
 from cxr.scope.rules import ScopeGate
-from cxr.score import delta_table
+from cxr.models import card
+from cxr.score import delta_table, sources
 from cxr.score.incremental import classify, latest_state, list_archive
 from cxr.score.lease import Lease, LocalLeaseFiles
 from cxr.spark import fs, monitor
@@ -188,7 +189,7 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
             (rows.where(F.col("status") == "ok")
              .select("path", "sha256", F.lit(mid).alias("model_id"), F.lit(name).alias("model_name"),
                      F.lit(registry.get("name")).cast("string").alias("registered_model"),
-                     F.lit(registry.get("version")).cast("int").alias("registered_version"), "label",
+                     F.lit(registry.get("version")).cast("int").alias("registered_version"), "source", "label",
                      *PROB_COLUMNS, *OOD_COLUMNS, "folder_label", "decode_warnings", *DICOM_COLUMNS,
                      stamp.alias("scored_at"))  # run_date, run_id: partition columns
              .sortWithinPartitions("path").write.parquet(f"{staging}/predictions"))
@@ -197,6 +198,7 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
                 (kept_out.select("path", "sha256", "stage", "reason", "folder_label", F.lit(mid).alias("model_id"),
                                  "ood_distance", *DICOM_COLUMNS, stamp.alias("seen_at"))
                  .coalesce(1).sortWithinPartitions("path").write.parquet(f"{staging}/out_of_scope"))
+        by_source = _source_counts(spark, results)
         errors = _error_rows(spark, staging)
         if errors is not None:
             errors.coalesce(1).write.parquet(f"{staging}/errors")
@@ -230,12 +232,15 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
             "counts": counts, "accounted": accounted, "bytes_read": bytes_read, "batch_size": runner.batch_size,
             "params": params.to_dict(), "scope": gate.rules.to_dict(), "ood": meta.get("ood"),
             "scored_out_of_distribution": flagged,   # of counts.scored: in_distribution false (scope.ood: flag)
+            "sources": sources.check(by_source, card.read(model_path)),
             "patient_key": "HMAC-SHA256 of PatientID" if gate.reader.secret else "off (no secret: column null)",
             "explain": explained, "lease_taken_over": lease.took_over,
             "timings_s": clock.timings, "seconds": round(seconds, 3),
             "images_per_s": round(counts["scored"] / max(seconds, 1e-9), 2),
             "versions": package_versions(), "spark": {"version": spark.version, "master": master_url(spark)},
         }
+        for warning in record["sources"]["warnings"]:
+            log.warning("%s", warning)
         record["monitoring"] = monitor.finish(spark, out, record, watched, model_path, config, input_uri, mode, params)
         fs.write_text(spark, f"{out}/runs/{run_id}.json", json.dumps(record, indent=2, sort_keys=True))
     return record
@@ -257,6 +262,14 @@ def _commit(spark: SparkSession, out: str, staging: str, run_id: str, run_date: 
     return None
 
 
+def _source_counts(spark: SparkSession, results: str) -> dict:
+    """Scored films per source of this run's results ({} when nothing was scored)."""
+    if not fs.exists(spark, results):
+        return {}
+    rows = spark.read.parquet(results).where(F.col("status") == "ok").groupBy("source").count().collect()
+    return {r["source"]: int(r["count"]) for r in rows}
+
+
 def _error_rows(spark: SparkSession, staging: str) -> DataFrame | None:
     parts = []
     if fs.exists(spark, f"{staging}/results"):
@@ -272,6 +285,7 @@ def _error_rows(spark: SparkSession, staging: str) -> DataFrame | None:
 def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, runner, staging, stamp, clock,
                files_per_task, gate, table_format, run_id) -> tuple[dict, int]:
     pre = config["preprocess"]
+    source = (config.get("score") or {}).get("source")
     root = fs.qualified(spark, input_uri)
     max_file_mb = pre["max_file_mb"]
     max_bytes = int(float(max_file_mb) * 1024 * 1024)
@@ -314,7 +328,7 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
 
             def score(frames):
                 for frame in frames:
-                    yield score_raw_frame(frame, root, params, aliases, runner, max_bytes, gate)
+                    yield score_raw_frame(frame, root, params, aliases, runner, max_bytes, gate, source)
 
             (to_read.repartition(_tasks(spark, n["read"] - n_known, files_per_task))
              .mapInPandas(score, schema=RESULT_SCHEMA).write.parquet(f"{staging}/results"))

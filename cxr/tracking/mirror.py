@@ -176,6 +176,9 @@ def log_train(settings: TrackingSettings, data_dir: str, out_dir: str, result: M
                 if scores:
                     mlflow.log_metrics(as_metrics(scores, split))
                 mlflow.log_artifact(str(model_dir / "metrics.json"))
+                for name in ("model_card.md", store.CARD_FILE):   # what the model knows (cxr.models.card)
+                    if (model_dir / name).is_file():
+                        mlflow.log_artifact(str(model_dir / name))
                 info = log_onnx_model(model_dir, data_dir, settings.input_example)
                 mlflow.set_tag("cxr.model_id", store_model_id(model_dir))
                 logged[m["name"]] = {"run_id": child.info.run_id, "model_uri": info.model_uri}

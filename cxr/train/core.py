@@ -32,6 +32,7 @@ from cxr.data.loader import check_disjoint, load_metadata, read_manifest
 from cxr.models import store
 from cxr.models.keras_models import FAMILIES, OPTIMIZERS
 from cxr.models.onnx_export import export_onnx
+from cxr.common.manifest import source_names
 from cxr.common.provenance import package_versions
 
 log = logging.getLogger(__name__)
@@ -67,19 +68,36 @@ def set_seeds(seed: int, deterministic: bool = True) -> dict:
     return record
 
 
-def class_weights(y: np.ndarray, spec: Any) -> dict:
-    """'balanced' (n / (k * n_class), sklearn's rule), an explicit {CLASS: weight}, or none.
+def class_weights(y: np.ndarray, spec: Any, sources=None) -> dict:
+    """'balanced' (n / (k * n_class), sklearn's rule), 'balanced_by_source', an explicit {CLASS: weight}, or none.
 
-    Returns {"mode", "weights": {CLASS: w} | None, "train_counts"} for the record and the report.
+    'balanced_by_source' (needs `sources`, one per row) weighs every (class, source) cell so that each class
+    counts n / k in all and each of its sources an equal share of that: n / (k * sources_of_class * n_cell).
+    A class whose films come mostly from one collection then cannot be learnt as "that collection".
+
+    Returns {"mode", "weights": {CLASS: w} | None, "train_counts"} for the record and the report (plus "cells":
+    {CLASS: {source: weight}} and "cell_counts" for balanced_by_source, whose "weights" are the class-level
+    balanced ones, used by models that take no per-row weights).
     """
     counts = {c: int((y == i).sum()) for i, c in enumerate(CLASSES)}
     if spec in (None, False, "none", "None", "null"):
         return {"mode": "none", "weights": None, "train_counts": counts}
-    if spec == "balanced":
+    if spec in ("balanced", "balanced_by_source"):
         present = [c for c in CLASSES if counts[c]]
         n = sum(counts.values())
         weights = {c: (n / (len(present) * counts[c]) if counts[c] else 0.0) for c in CLASSES}
-        return {"mode": "balanced", "weights": weights, "train_counts": counts}
+        if spec == "balanced":
+            return {"mode": "balanced", "weights": weights, "train_counts": counts}
+        if sources is None:
+            raise ValueError("train.class_weight balanced_by_source needs each image's source")
+        names = source_names(sources)
+        cells, cell_counts = {}, {}
+        for i, c in enumerate(CLASSES):
+            srcs, k = np.unique(names[y == i], return_counts=True)
+            cell_counts[c] = {str(s): int(m) for s, m in zip(srcs, k)}
+            cells[c] = {str(s): n / (len(present) * len(srcs) * int(m)) for s, m in zip(srcs, k)}
+        return {"mode": "balanced_by_source", "weights": weights, "train_counts": counts, "cells": cells,
+                "cell_counts": cell_counts}
     if isinstance(spec, Mapping):
         unknown = set(spec) - set(CLASSES)
         if unknown:
@@ -89,6 +107,15 @@ def class_weights(y: np.ndarray, spec: Any) -> dict:
             raise ValueError("train.class_weight values must be >= 0")
         return {"mode": "explicit", "weights": weights, "train_counts": counts}
     raise ValueError(f"train.class_weight must be 'balanced', 'none' or a mapping of class -> weight, got {spec!r}")
+
+
+def row_weights(cw: Mapping[str, Any], y: np.ndarray, sources) -> np.ndarray | None:
+    """One weight per training row from class_weights' cells (None for modes without per-row weights)."""
+    cells = cw.get("cells")
+    if not cells:
+        return None
+    names = source_names(sources)
+    return np.asarray([cells[CLASSES[int(label)]][s] for label, s in zip(y, names)], np.float32)
 
 
 def plan(models: Sequence[str], optimizers: Sequence[str], default_optimizer: str) -> list[dict]:
@@ -133,7 +160,9 @@ def _fit_and_save(spec: dict, train, val, conf: Mapping[str, Any], cw: dict, epo
         from cxr.train.scratch_fit import train_scratch as trainer
     else:
         from cxr.train.keras_fit import train_keras as trainer
-    model, history, times, details = trainer(spec, train, val, conf, cw["weights"], epochs, seed)
+    rows_w = row_weights(cw, train.y, train.source) if spec["family"] not in SCRATCH_FAMILIES else None
+    model, history, times, details = trainer(spec, train, val, conf, cw["weights"], epochs, seed,
+                                             **({"row_weights": rows_w} if rows_w is not None else {}))
     train_s = round(time.perf_counter() - t_model, 3)
     data_size = list(data_record["image_size"])
     model_size = details.get("model_size", data_size)
@@ -149,7 +178,8 @@ def _fit_and_save(spec: dict, train, val, conf: Mapping[str, Any], cw: dict, epo
         "training": {"epochs": epochs, "batch_size": int(conf["batch_size"]), "shuffle": shuffle_record(train),
                      "loss": "categorical cross-entropy (class-weighted when weights are on)",
                      "label_smoothing": details.get("label_smoothing", 0.0),
-                     "class_weight": cw, "seeds": seeds, "augment": details.get("augment", {"enabled": False})},
+                     "class_weight": cw, "seeds": seeds, "augment": details.get("augment", {"enabled": False}),
+                     "site_augment": details.get("site_augment", {"enabled": False})},
         "history": history,
         "epoch_times_s": times,
         "epoch_cpu_s": details.get("epoch_cpu_s"),
@@ -281,7 +311,7 @@ def run(data_dir: str, out_dir: str, config: Mapping[str, Any], models: Sequence
     h, w = train.image_size
     log.info("streaming train %s and val %s images of %dx%d (metadata read in %.1fs; shuffle buffer %d images, "
              "%.1f MB)", len(train), len(val), h, w, load_s, train.buffer, min(train.buffer, len(train)) * h * w / 1e6)
-    cw = class_weights(train.y, conf.get("class_weight", "balanced"))
+    cw = class_weights(train.y, conf.get("class_weight", "balanced"), train.source)
     log.info("class weights (%s): %s; train counts %s", cw["mode"], cw["weights"], cw["train_counts"])
     data_record = {
         "dir": str(data_dir),
@@ -305,5 +335,10 @@ def run(data_dir: str, out_dir: str, config: Mapping[str, Any], models: Sequence
 
         for r in results:
             write_reference(r["dir"], data_dir, config)
+    from cxr.models import card
+
+    rows = card.training_rows(data_dir)
+    for r in results:   # what each model was trained on (part of the model id); evaluation adds its numbers
+        card.write(r["dir"], card.build(r["dir"], rows, config))
     return {"models": results, "data": data_record, "class_weight": cw, "seed": seed, "epochs": epochs,
             "total_s": round(time.perf_counter() - t0, 3)}

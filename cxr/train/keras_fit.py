@@ -12,26 +12,39 @@ from cxr import CLASSES
 from cxr.data.stream import as_unit_float
 
 
-def tf_dataset(source, batch_size: int, shuffle: bool = False, seed: int = 0, one_hot: bool = False):
+def tf_dataset(source, batch_size: int, shuffle: bool = False, seed: int = 0, one_hot: bool = False,
+               row_weights: np.ndarray | None = None, augment: Mapping | None = None):
     """A tf.data.Dataset of (float32 (b, H, W, 1) in [0, 1], int64 labels) minibatches (float32 one-hot
-    labels with `one_hot`, which label smoothing needs). Each iteration (one per epoch: Keras starts a new
-    iterator every epoch) reads the source again, epoch number e shuffled with (seed, e) as the source
-    defines; the cardinality is known, so Keras shows steps and needs no first pass."""
+    labels with `one_hot`, which label smoothing needs), plus float32 sample weights when `row_weights` (one per
+    row of the source) is given. Each iteration (one per epoch: Keras starts a new iterator every epoch) reads
+    the source again, epoch number e shuffled with (seed, e) as the source defines, and, with `augment`
+    (cxr.train.site_augment settings, enabled), augmented with (seed, e); the cardinality is known, so Keras
+    shows steps and needs no first pass."""
     import tensorflow as tf
+
+    from cxr.train.site_augment import augment_batch, epoch_rng
 
     h, w = source.image_size
     started = {"epochs": 0}
     eye = np.eye(len(CLASSES), dtype=np.float32)
+    weighted = row_weights is not None
+    augmenting = bool(augment and augment.get("enabled"))
 
     def generate():
         epoch = started["epochs"]
         started["epochs"] += 1
-        for images, labels in source.batches(batch_size, epoch=epoch, shuffle=shuffle, seed=seed):
-            labels = labels.astype(np.int64)
-            yield as_unit_float(images), (eye[labels] if one_hot else labels)
+        rng = epoch_rng(seed, epoch) if augmenting else None
+        for batch in source.batches(batch_size, epoch=epoch, shuffle=shuffle, seed=seed, weights=row_weights):
+            images, labels = batch[0], batch[1].astype(np.int64)
+            if augmenting:
+                images = augment_batch(images, rng, augment)
+            out = (as_unit_float(images), (eye[labels] if one_hot else labels))
+            yield out + ((np.asarray(batch[2], np.float32),) if weighted else ())
 
     label_spec = tf.TensorSpec((None, len(CLASSES)), tf.float32) if one_hot else tf.TensorSpec((None,), tf.int64)
     spec = (tf.TensorSpec((None, h, w, 1), tf.float32), label_spec)
+    if weighted:
+        spec = spec + (tf.TensorSpec((None,), tf.float32),)
     ds = tf.data.Dataset.from_generator(generate, output_signature=spec)
     n_batches = -(-len(source) // int(batch_size))
     ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
@@ -74,8 +87,11 @@ def learning_rate(conf: Mapping, overrides: Mapping | None, epochs: int, steps_p
 
 
 def train_keras(spec: dict, train, val, conf: Mapping, weights: dict | None, epochs: int,
-                seed: int) -> tuple[Any, dict, list[float], dict]:
-    """Build, compile and fit one Keras model on the train source (val for the curves)."""
+                seed: int, row_weights: np.ndarray | None = None) -> tuple[Any, dict, list[float], dict]:
+    """Build, compile and fit one Keras model on the train source (val for the curves). row_weights (one per
+    train row: train.class_weight balanced_by_source) replace the per-class `weights`."""
+    from cxr.train.site_augment import settings as site_settings
+
     import keras
 
     from cxr.models.keras_models import architecture, augmentation, build, optimizer, optimizer_config
@@ -107,9 +123,11 @@ def train_keras(spec: dict, train, val, conf: Mapping, weights: dict | None, epo
             times.append(round(time.perf_counter() - self._t, 3))
             cpu.append(round(time.process_time() - self._c, 3))
 
-    cw = {i: weights[c] for i, c in enumerate(CLASSES)} if weights else None
+    cw = {i: weights[c] for i, c in enumerate(CLASSES)} if weights and row_weights is None else None
     one_hot = bool(smoothing)
-    history = model.fit(tf_dataset(train, bs, shuffle=True, seed=seed, one_hot=one_hot), epochs=epochs,
+    site = site_settings(conf.get("site_augment"))
+    history = model.fit(tf_dataset(train, bs, shuffle=True, seed=seed, one_hot=one_hot, row_weights=row_weights,
+                                   augment=site), epochs=epochs,
                         validation_data=tf_dataset(val, bs, one_hot=one_hot) if len(val) else None,
                         class_weight=cw, shuffle=False,  # the dataset shuffles (cxr.data.stream)
                         verbose=int(conf.get("verbose", 2)),
@@ -117,5 +135,6 @@ def train_keras(spec: dict, train, val, conf: Mapping, weights: dict | None, epo
     details = {"architecture": {"family": family, **arch, "params": int(model.count_params())},
                "optimizer": {"name": spec["optimizer"], "config": optimizer_config(opt)},
                "augment": {**aug, "seed": seed} if aug["enabled"] else {"enabled": False}, "epoch_cpu_s": cpu,
+               "site_augment": {**site, "seed": seed} if site["enabled"] else {"enabled": False},
                "label_smoothing": smoothing, "lr_schedule": lr_schedule(conf)}
     return model, history_dict(history.history), times, details
