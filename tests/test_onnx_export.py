@@ -164,7 +164,7 @@ def test_a_failed_check_raises_and_leaves_no_model_onnx(models, pre_out, tmp_pat
 
 def test_engine_onnx_without_model_onnx_says_what_to_do(models, tmp_path):
     d = _without_onnx(models["scratch-dnn"], tmp_path / "old-model")
-    assert store.weight_files(d) == list(store.SCRATCH_FILES)
+    assert store.weight_files(d) == [*store.SCRATCH_FILES, store.CARD_FILE]
     for load in (lambda: store.load_predictor(d, engine="onnx"),
                  lambda: store.cached_predictor(d, engine="onnx", tf_threads=None)):
         with pytest.raises(FileNotFoundError, match="model.onnx is missing") as err:

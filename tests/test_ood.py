@@ -212,8 +212,9 @@ def test_shifted_images_lie_farther_than_val_images(models, splits, kind):
 def test_ood_npz_is_part_of_the_model_id(models, tmp_path):
     d = shutil.copytree(models["scratch-dnn"], tmp_path / "m")
     e = models["ensemble"]
-    assert store.weight_files(d) == ["model.json", "model.npz", "ood.npz", store.MONITOR_FILE, "model.onnx"]
-    assert store.weight_files(e)[-3:] == ["ood.npz", store.MONITOR_FILE, "model.onnx"]
+    assert store.weight_files(d) == ["model.json", "model.npz", "ood.npz", store.MONITOR_FILE, store.CARD_FILE,
+                                     "model.onnx"]
+    assert store.weight_files(e)[-4:] == ["ood.npz", store.MONITOR_FILE, store.CARD_FILE, "model.onnx"]
     before = model_id(d)
     ref = reference.load_reference(d)
     reference.save_reference(d, ref)                       # the same reference: the same id
@@ -236,7 +237,7 @@ def test_models_without_a_reference_still_predict(models, splits, tmp_path):
     import onnx
 
     assert [o.name for o in onnx.load(str(d / store.ONNX_FILE)).graph.output] == ["proba", "features"]
-    assert store.weight_files(d) == ["model.keras", store.MONITOR_FILE, "model.onnx"]
+    assert store.weight_files(d) == ["model.keras", store.MONITOR_FILE, store.CARD_FILE, "model.onnx"]
     for engine in ("onnx", "keras"):
         p = store.load_predictor(d, engine=engine)
         proba, dist = p.predict_scored(x)

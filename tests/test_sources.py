@@ -266,7 +266,7 @@ def test_score_warns_on_films_from_a_site_the_model_never_saw(both_folders, monk
     predictions = pq.read_table(out / "predictions").to_pandas()
     assert (predictions["source"] == site_source(key)).all()
     page = (out / "reports" / f"{record['run_id']}.html").read_text()
-    assert "never seen in training" in page
+    assert "never seen in training" in page and "VIRAL: one source only" in page   # counts and the card's limits
     # the same model on films of a source it was trained on: no warning
     seen = base / "seen"
     shutil.copytree(base / "cxr-adult" / "NORMAL", seen)

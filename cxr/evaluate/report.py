@@ -29,12 +29,13 @@ ROW_LABELS = {"accuracy_first": "Accuracy (first epoch)", "accuracy_final": "Acc
               "loss_first": "Loss (first epoch)", "loss_final": "Loss (final epoch)"}
 
 SOURCE_CAVEAT = (
-    "**Source confounding.** In the real sample set (`../shared/data/cxr`) the COVID images are adult scans "
-    "collected from papers (ieee8023/covid-chestxray-dataset) while NORMAL and VIRAL are paediatric scans "
-    "from one hospital (Guangzhou, Kermany et al.). A model can separate COVID from the rest by recognising "
-    "the source (age, scanner, labels burnt into the image) rather than the disease, so high COVID numbers "
-    "say little about COVID detection. The NORMAL-vs-VIRAL table below is the only comparison made within "
-    "one source: it restricts the test rows to true NORMAL or VIRAL and the call to those two outputs.")
+    "**Source confounding.** Public chest X-ray collections rarely hold every class from every source: in "
+    "`../shared/data/cxr` every COVID film is an adult's from papers and every NORMAL and VIRAL film a child's "
+    "from one hospital; `../shared/data/cxr-adult` adds adult NORMAL (NIH) and COVID (Hannover) films, but VIRAL "
+    "stays one paediatric source. A model can score well here by recognising the source (age, scanner, size, "
+    "burnt-in markers) instead of the disease. Read the per-source tables, the model cards and the confound "
+    "probe below, and the leave-one-source-out cross-validation (`jobs/crossval.py --group-by source`), before "
+    "the pooled numbers.")
 
 
 def _fmt(v: Any, digits: int = 4) -> str:

@@ -52,7 +52,11 @@ def _counts_section(record: Mapping[str, Any]) -> str:
                    for k, v in (src.get("counts") or {}).items())
     notes = "".join(f'<p class="bad">{_e(w)}</p>' for w in src.get("warnings") or [])
     by_source = (f'<h3>Scored films per source</h3><table id="sources">{rows}</table>{notes}' if rows or notes else "")
-    return f"<h2>Counts</h2><table>{cells}</table>{by_source}"
+    known = (record.get("model") or {}).get("card") or {}
+    limits = "".join(f"<li>{_e(n)}</li>" for n in known.get("limits") or [])
+    card = (f'<h3>What the model knows (its model card)</h3><p>Trained on: {_e(", ".join(known.get("sources") or []))}'
+            f'</p><ul id="model-limits">{limits}</ul>' if known else "")
+    return f"<h2>Counts</h2><table>{cells}</table>{by_source}{card}"
 
 
 def _drift_section(monitoring: Mapping[str, Any], nights: Sequence[tuple[str, Mapping[str, float]]]) -> str:

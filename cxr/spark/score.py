@@ -216,6 +216,7 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
             log.error("accounting mismatch: %s", counts)
         clock.lap("cleanup", "run %s: %s", run_id, counts)
         seconds = sum(clock.timings.values())
+        model_card = card.read(model_path)
         explained = None
         if explain:
             explained = explain_run(spark, out, run_id, run_date, model_path, mid, input_uri, mode, params, explain,
@@ -226,13 +227,14 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
             "input": input_uri, "mode": mode, "output": output_dir, "full": full, "retry_errors": retry_errors,
             "model": {"dir": model_dir, "name": name, "model_id": mid, "kind": store.model_kind(model_path),
                       "uri": registry.get("uri"), "registered_model": registry.get("name"),
-                      "registered_version": registry.get("version")},
+                      "registered_version": registry.get("version"),
+                      "card": {k: model_card[k] for k in ("sources", "limits")} if model_card else None},
             "engine": {"name": runner.name, "onnx_threads": runner.onnx_threads, "tf_threads": runner.tf_threads},
             "table_format": table_format, "delta_versions": versions,
             "counts": counts, "accounted": accounted, "bytes_read": bytes_read, "batch_size": runner.batch_size,
             "params": params.to_dict(), "scope": gate.rules.to_dict(), "ood": meta.get("ood"),
             "scored_out_of_distribution": flagged,   # of counts.scored: in_distribution false (scope.ood: flag)
-            "sources": sources.check(by_source, card.read(model_path)),
+            "sources": sources.check(by_source, model_card),
             "patient_key": "HMAC-SHA256 of PatientID" if gate.reader.secret else "off (no secret: column null)",
             "explain": explained, "lease_taken_over": lease.took_over,
             "timings_s": clock.timings, "seconds": round(seconds, 3),

@@ -218,6 +218,10 @@ def log_score(settings: TrackingSettings, record: Mapping[str, Any]) -> str:
         mlflow.log_params(as_params(record.get("engine") or {}, "engine"))
         mlflow.log_metrics(as_metrics({k: record.get(k) for k in ("counts", "bytes_read", "seconds", "images_per_s",
                                                                   "scored_out_of_distribution")}))
+        if record.get("sources"):      # films from sources the model card does not list (cxr.score.sources)
+            mlflow.log_metric("sources_unseen", float(len(record["sources"]["unseen"])))
+            if record["sources"]["unseen"]:
+                mlflow.set_tag("cxr.unseen_sources", ", ".join(record["sources"]["unseen"])[:5000])
         if record.get("monitoring"):   # shares, counts, PSI and p-values: charted night over night
             mlflow.log_metrics(metric_values(record["monitoring"]))
         mlflow.log_dict(dict(record), f"runs/{record['run_id']}.json")
