@@ -47,12 +47,13 @@ def main(argv=None) -> int:
         result = run(spark, args.data, args.out, config, folds=args.folds, seeds=args.seeds, models=args.models,
                      optimizers=args.optimizers, epochs=args.epochs, probes=False if args.no_probes else None,
                      overwrite=args.overwrite, members=True if args.members else None, group_by=args.group_by)
-        for name, s in result["summary"].items():
+        pooled = result.get("group_by") != "source"   # leaving a source out, each fold holds one class
+        for name, s in (result["summary"] if pooled else {}).items():
             print(f"crossval {name}: macro-F1 {s['macro_f1']['mean']:.3f} ± {s['macro_f1']['sd']:.3f}, "
                   f"accuracy {s['accuracy']['mean']:.3f} ± {s['accuracy']['sd']:.3f}, NORMAL vs VIRAL "
                   f"{s['normal_vs_viral']['mean']:.3f} ± {s['normal_vs_viral']['sd']:.3f} "
                   f"({s['runs']} held-out folds)")
-        for name, s in (result.get("per_seed") or {}).items():
+        for name, s in ((result.get("per_seed") or {}) if pooled else {}).items():
             print(f"crossval {name} across {s['seeds']} seeds (each seed's CV mean): macro-F1 "
                   f"{s['macro_f1']['mean']:.3f} ± {s['macro_f1']['sd']:.3f}, NORMAL vs VIRAL "
                   f"{s['normal_vs_viral']['mean']:.3f} ± {s['normal_vs_viral']['sd']:.3f}")

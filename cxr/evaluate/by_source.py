@@ -59,15 +59,21 @@ def across_runs(predictions: pd.DataFrame, sources: pd.Series, proba_columns: Se
     out = per_seed.groupby(["model", "source", "y"]).agg(recall=("mean", "mean"), sd=("mean", "std"),
                                                           worst=("mean", "min"), n=("size", "max"),
                                                           seeds=("seed", "nunique")).reset_index()
+    shares = pd.crosstab([frame["model"], frame["source"], frame["y"]], frame["pred"], normalize="index")
+    shares = shares.reindex(columns=range(len(CLASSES)), fill_value=0.0)
+    shares.columns = [f"called_{c}" for c in CLASSES]
+    out = out.merge(shares.reset_index(), on=["model", "source", "y"], how="left")
     out["class"] = np.asarray(CLASSES)[out["y"].to_numpy()]
     return out.drop(columns=["y"]).fillna({"sd": 0.0})
 
 
 def across_runs_table(frame: pd.DataFrame, model: str) -> str:
     """Markdown of across_runs() for one model; a mean recall under 0.9 is in bold."""
-    lines = ["| source | class | images | recall (mean ± sd over seeds) | worst seed |", "|---|---|---|---|---|"]
+    lines = ["| source | class | images | recall (mean ± sd over seeds) | worst seed | called "
+             + " / ".join(CLASSES) + " (all seeds) |", "|---|---|---|---|---|---|"]
     for _, r in frame[frame["model"] == model].sort_values(["source", "class"]).iterrows():
         rec = f"{r['recall']:.3f} ± {r['sd']:.3f}"
+        calls = " / ".join(f"{r.get(f'called_{c}', float('nan')):.0%}" for c in CLASSES)
         lines.append(f"| {r['source']} | {r['class']} | {int(r['n'])} | "
-                     f"{'**' + rec + '**' if r['recall'] < 0.9 else rec} | {r['worst']:.3f} |")
+                     f"{'**' + rec + '**' if r['recall'] < 0.9 else rec} | {r['worst']:.3f} | {calls} |")
     return "\n".join(lines)

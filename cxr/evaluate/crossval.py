@@ -495,14 +495,15 @@ def format_report(result: Mapping[str, Any]) -> str:
         "training and test part (checked)",
         f"- time: {result['timings_s']['total']:.0f} s (training {result['timings_s']['train']:.0f} s on the driver, "
         f"evaluation {result['timings_s']['evaluate']:.0f} s on the executors)",
-        "",
-        "Values are mean ± sample standard deviation over folds x seeds.",
-        "",
-        "| model | accuracy | macro-F1 | NORMAL vs VIRAL acc. | ECE | "
-        + " | ".join(f"sens. {c}" for c in CLASSES) + " | " + " | ".join(f"spec. {c}" for c in CLASSES) + " |",
-        "|---|" + "---|" * (4 + 2 * len(CLASSES)),
     ]
-    for name, s in result["summary"].items():
+    by_source_only = result.get("group_by") == "source"   # a held-out fold is one class: pooled metrics mean nothing
+    if not by_source_only:
+        lines += [
+            "", "Values are mean ± sample standard deviation over folds x seeds.", "",
+            "| model | accuracy | macro-F1 | NORMAL vs VIRAL acc. | ECE | "
+            + " | ".join(f"sens. {c}" for c in CLASSES) + " | " + " | ".join(f"spec. {c}" for c in CLASSES) + " |",
+            "|---|" + "---|" * (4 + 2 * len(CLASSES))]
+    for name, s in ({} if by_source_only else result["summary"]).items():
         cells = [_fmt(s.get(m)) for m in HEADLINE]
         cells += [_fmt(s.get(f"sensitivity_{c}")) for c in CLASSES]
         cells += [_fmt(s.get(f"specificity_{c}")) for c in CLASSES]
@@ -522,7 +523,7 @@ def format_report(result: Mapping[str, Any]) -> str:
               "chance on the border band alone. Read the numbers above all the same: any score well above chance "
               "(0.33) without pixels or without lungs is information the data set gives away."])
     lines += source_sections(result)
-    lines += across_seeds_section(result)
+    lines += [] if by_source_only else across_seeds_section(result)
     lines += ["", "## Folds (first seed)", "", "| fold | " + " | ".join(CLASSES) + " | groups |",
               "|---|" + "---|" * (len(CLASSES) + 1)]
     for f in result["fold_sizes"]:
