@@ -22,6 +22,7 @@ from cxr.quality.dicom_files import write_dicom
 from cxr.scope.dicom_header import HeaderReader
 from cxr.train.core import class_weights, row_weights
 from tests.conftest import load_job as job, shared_data
+from tests.train_data import pre_out  # noqa: F401 (fixture)
 
 SITE = {"InstitutionName": "Vrellmont Clinic", "StationName": "XR-ROOM-7", "Manufacturer": "Acme Imaging"}
 
@@ -299,3 +300,28 @@ def test_evaluate_external_archive_reports_beside_the_estimate_with_intervals(bo
     assert "## cnn-adam" in md and "recall NORMAL" in md and "per source and class" in md and "[" in md
     pre = json.loads((out / "preprocessed" / "manifest.json").read_text())
     assert pre["params"]["size"] == 96 and pre["params"]["resize_mode"] == "pad"   # the model's own image steps
+
+
+def test_row_weights_reach_the_keras_loss(pre_out):
+    """Per-row weights (balanced_by_source) weigh each row's cross-entropy in the fit, class weights ignored:
+    the reported loss of a frozen model equals the weighted mean computed in NumPy on its own predictions."""
+    import keras
+
+    from cxr.data.loader import load_split
+    from cxr.data.stream import ParquetSplit
+    from cxr.train import set_seeds
+    from cxr.train.keras_fit import train_keras
+    from tests.train_data import TINY_CNN
+
+    train = ParquetSplit.open(str(pre_out), "train", buffer=10_000, batch_rows=5)
+    w = np.random.default_rng(0).uniform(0.2, 3.0, len(train)).astype(np.float32)
+    set_seeds(42)
+    frozen = {**TINY_CNN, "optimizer_config": {"adam": {"learning_rate": 0.0}}}
+    model, history, _, _ = train_keras({"name": "cnn-adam", "family": "cnn", "optimizer": "adam"}, train,
+                                       train.subset(np.zeros(len(train), bool)), frozen,
+                                       {"COVID": 9.0, "NORMAL": 9.0, "VIRAL": 9.0}, 1, 42, row_weights=w)
+    memory = load_split(str(pre_out), "train")
+    p = model.predict(memory.x, batch_size=64, verbose=0).astype(np.float64)
+    ce = -np.log(p[np.arange(len(p)), memory.y])
+    assert history["loss"][0] == pytest.approx(float((w * ce).mean()), rel=1e-4)
+    keras.backend.clear_session()
