@@ -64,17 +64,14 @@ def read_manifests(paths: Sequence[str], roots: Sequence[str]) -> tuple[FileFact
     if kinds == {"sha256"}:
         merged, key = pd.concat([t for t, _ in tables], ignore_index=True), "sha256"
     else:
+        if kinds != {"relative_path"}:
+            raise ValueError("manifests mix sha256 and relative_path keys: use one kind for all of them")
         if len(paths) != len(roots):
             raise ValueError(f"{len(paths)} manifests for {len(roots)} inputs: manifests that match files by "
                              "relative_path need one per input, in the same order (or match by sha256)")
-        parts = []
-        for (table, kind), root in zip(tables, roots):
-            if kind == "relative_path":
-                table = table.assign(key=root.rstrip("/") + "/" + table["key"].str.lstrip("/"))
-            parts.append(table)
+        parts = [table.assign(key=root.rstrip("/") + "/" + table["key"].str.lstrip("/"))
+                 for (table, _), root in zip(tables, roots)]
         merged, key = pd.concat(parts, ignore_index=True), "path"
-        if kinds != {"relative_path"}:
-            raise ValueError("manifests mix sha256 and relative_path keys: use one kind for all of them")
     merged = merged.drop_duplicates(subset=["key"])
     patients = merged.dropna(subset=["patient_id"])
     sources = merged.dropna(subset=["source"])
