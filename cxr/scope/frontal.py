@@ -58,7 +58,7 @@ def scope_input(images: np.ndarray) -> np.ndarray:
 def build_keras(seed: int = 0, classes: int = 2):
     """The network: 4 conv blocks (8-16-32-32 channels, 3x3, ReLU, 2x2 max-pooling) keep where things are
     (64 -> 4 px), Flatten keeps the layout (a sideways film differs from an upright one only there), a hidden
-    Dense of 32, softmax over (other, frontal). 31 k weights; written to ONNX layer by layer
+    Dense of 32, softmax over (other, frontal). 32 k weights; written to ONNX layer by layer
     (cxr.models.onnx_export.keras_sequential_to_onnx)."""
     import keras
 

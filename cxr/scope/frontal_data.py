@@ -162,7 +162,7 @@ def training_set(films: list[Film], mnist_dir: Path | None, seed: int) -> Traini
         ys.append(label)
         counts[kind] = counts.get(kind, 0) + 1
 
-    kinds = [*REFRAMINGS, "mirrored_one_side"]   # twice: the hardest re-framing (a film's own other half)
+    kinds = list(REFRAMINGS)
     for i, film in enumerate(train):
         for _ in range(COPIES):
             add(f"frontal_{film.folder}", jitter(film.pixels, rng), 1)

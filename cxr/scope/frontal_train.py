@@ -33,7 +33,7 @@ from cxr.scope.frontal import (BUILTIN_DIR, FRONTAL_CLASS, INPUT_SIDE, META_FILE
                                build_keras)
 
 SEED = 31
-EPOCHS = 18
+EPOCHS = 14
 BATCH = 64
 LEARNING_RATE = 1e-3
 THRESHOLD_QUANTILE = 0.005   # of the held-out val films' scores: ~0.5% of frontal films below it by design
