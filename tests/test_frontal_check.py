@@ -128,9 +128,9 @@ def _table(path: Path):
 
 
 def test_score_job_counts_each_reason(spark, tmp_path, test_films):
-    """A tagged lateral DICOM (header rules), real films turned sideways (frontal check), noise (the distance of
-    a model whose reference is fitted on the films) and the films themselves: the run record, the monitoring and
-    the run page count each reason as the tables hold it."""
+    """A tagged lateral DICOM (header rules), real films turned sideways (frontal check), noise and the films
+    themselves (the distance of a model whose reference is fitted on train films, its threshold at their median):
+    the run record, the monitoring and the run page count each reason as the tables hold it."""
     from cxr.config import load_config
     from cxr.models import store
     from cxr.models.onnx_export import add_distance_to_onnx
@@ -158,7 +158,9 @@ def test_score_job_counts_each_reason(spark, tmp_path, test_films):
 
     train = [SHARED_DATA / r for r, _, s in film_splits(SHARED_DATA) if s == "train"][:60]
     x = np.stack([_prepared(p.read_bytes(), **params) for p in train])[..., None].astype(np.float32) / 255
-    ref = fit_reference(predictor.features(x[:40]), predictor.features(x[40:]), 0.995)
+    # threshold at the median: about half of the films are "unlike the training films" too, so that this reason
+    # fires whatever a random tiny CNN's features make of the noise
+    ref = fit_reference(predictor.features(x[:40]), predictor.features(x[40:]), 0.5)
     save_reference(model, ref)
     add_distance_to_onnx(model, x[:8], ref)
 
