@@ -53,33 +53,44 @@ def local(path: str) -> Path:
     return Path(path.removeprefix("file:"))
 
 
-def in_scope_files(pre: Path, link_to: Path | None = None) -> dict[str, list[Path]]:
-    """The val and test files of the preprocess output (its images table's split column); with link_to, hard
-    links of them under link_to/SPLIT/CLASS/ (same bytes, no copy)."""
-    import pyarrow.parquet as pq
+def in_scope_files(link_to: Path | None = None) -> dict[str, list[Path]]:
+    """The val and test films of both shared folders (split by patient as the preprocess job splits them:
+    cxr.scope.frontal_data), keyed "FOLDER/SPLIT"; with link_to, hard links of them under
+    link_to/FOLDER/SPLIT/CLASS/ (same bytes, no copy)."""
+    from cxr.scope.frontal_data import heldout_films
 
-    t = pq.read_table(pre / "images", columns=["path", "split"]).to_pylist()
-    files = {s: sorted(local(r["path"]) for r in t if r["split"] == s) for s in ("val", "test")}
+    files: dict[str, list[Path]] = {}
+    for rel, folder, split in heldout_films(SHARED):
+        files.setdefault(f"{folder}/{split}", []).append(SHARED / rel)
     if link_to is not None:
         shutil.rmtree(link_to, ignore_errors=True)
-        for split, p in ((s, p) for s, ps in files.items() for p in ps):
-            (link_to / split / p.relative_to(SHARED / "cxr")).parent.mkdir(parents=True, exist_ok=True)
-            os.link(p, link_to / split / p.relative_to(SHARED / "cxr"))
-    return files
+        for key, p in ((k, p) for k, ps in files.items() for p in ps):
+            dest = link_to / key / p.relative_to(SHARED / key.split("/")[0])
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.link(p, dest)
+    return {k: sorted(v) for k, v in sorted(files.items())}
 
 
 def outcomes(pred: Path, root: Path) -> dict[str, dict]:
-    """Per file (relative to root): outcome header | ood | decoder | missed, the distance and the reason."""
+    """Per file (relative to root): outcome header | ood | decoder | missed, the distance, the frontal check's
+    score, which pixel signals fired ("by": frontal, distance) and the reason."""
     import pyarrow.dataset as ds
 
     def rows(table, cols):
         return ds.dataset(pred / table, partitioning="hive").to_table(columns=cols).to_pylist() \
             if (pred / table).is_dir() else []
+    from cxr.scope.frontal import NOT_FRONTAL, UNLIKE_TRAINING
+
     rel = lambda r: str(local(r["path"]).relative_to(root))  # noqa: E731
-    return {**{rel(r): {"outcome": "missed" if r["in_distribution"] else "ood", "distance": r["ood_distance"]}
-               for r in rows("predictions", ["path", "ood_distance", "in_distribution"])},
+    by = lambda reason: [s for s, words in (("frontal", NOT_FRONTAL), ("distance", UNLIKE_TRAINING))  # noqa: E731
+                         if words in (reason or "")]
+    return {**{rel(r): {"outcome": "missed" if r["in_distribution"] else "ood", "distance": r["ood_distance"],
+                        "scope": r["scope_score"], "by": by(r["ood_reason"])}
+               for r in rows("predictions", ["path", "ood_distance", "in_distribution", "scope_score", "ood_reason"])},
             **{rel(r): {"outcome": "header" if r["stage"] == "scope" else "ood", "distance": r["ood_distance"],
-                        "reason": r["reason"]} for r in rows("out_of_scope", ["path", "stage", "reason", "ood_distance"])},
+                        "scope": r["scope_score"], "by": by(r["reason"]) if r["stage"] != "scope" else [],
+                        "reason": r["reason"]}
+               for r in rows("out_of_scope", ["path", "stage", "reason", "ood_distance", "scope_score"])},
             **{rel(r): {"outcome": "decoder", "reason": r["reason"]} for r in rows("errors", ["path", "reason"])}}
 
 
@@ -102,7 +113,8 @@ def parquet_distances(pre: Path, model: Path) -> dict[str, list[float]]:
 
 def costs(model: Path, files: list[Path], dicoms: list[Path], n_shared: int, rounds: int) -> dict:
     """One core: per-image CPU of the header read, of the whole score path (read, decode, preprocess, ONNX with
-    the distance), and of ONNX with vs without the ood_distance output on the same images (batch 32, 1 thread)."""
+    the distance, the frontal check), of ONNX with vs without the ood_distance output and of the frontal check
+    (resize to 64 px + its ONNX graph) on the same images (batch 32, 1 thread), alternated in one process."""
     import numpy as np
     import onnx
 
@@ -113,6 +125,7 @@ def costs(model: Path, files: list[Path], dicoms: list[Path], n_shared: int, rou
     from cxr.models.onnx_export import keep_outputs
     from cxr.score.frames import predict_fixed_batches, scoring_params
     from cxr.scope.dicom_header import HeaderReader
+    from cxr.scope.frontal import FrontalCheck
     from cxr.scope.rules import ScopeGate
 
     config = load_config()
@@ -123,12 +136,15 @@ def costs(model: Path, files: list[Path], dicoms: list[Path], n_shared: int, rou
     predictor = store.load_predictor(model, batch_size=BATCH, engine="onnx", onnx_threads=1)
     params = scoring_params(predictor.metadata["preprocess"], config)
     aliases, gate = alias_table(config["preprocess"]["labels"]), ScopeGate.from_config(config)
+    frontal = FrontalCheck.load()
 
     def score_all():
-        """What the workers do: per file read, sha256, gate, decode, preprocess; the model on batches of them."""
-        rows = [process_file(str(p), p.read_bytes(), str(SHARED / "cxr"), params, aliases, gate) for p in files]
+        """What the workers do: per file read, sha256, gate, decode, preprocess; the model and the frontal check
+        on batches of them."""
+        rows = [process_file(str(p), p.read_bytes(), str(p.parents[1]), params, aliases, gate) for p in files]
         images = np.stack([np.frombuffer(r["image"], np.uint8).reshape(r["height"], r["width"]) for r in rows])
         predict_fixed_batches(predictor, images, BATCH)
+        frontal.scores(images)
         return images
     images = score_all()   # warm: OpenCV, ONNX Runtime, the file cache
     score_ms = 1000 * fastest_cpu(score_all, max(2, rounds // 2)) / len(files)
@@ -141,13 +157,16 @@ def costs(model: Path, files: list[Path], dicoms: list[Path], n_shared: int, rou
     sessions = {"with": (store.onnx_session(model / store.ONNX_FILE, 1), [proba, "ood_distance"]),
                 "without": (store.onnx_session(bare, 1), [proba])}
     x = np.concatenate([x] * -(-512 // len(x)))     # >= 512 images a round: the difference is small
+    u8 = np.concatenate([images] * -(-512 // len(images)))
+    frontal = FrontalCheck(frontal.model_dir, frontal.threshold, batch_size=BATCH)
 
     def onnx(sess, names):
         feed = sess.get_inputs()[0].name
         for start in range(0, len(x), BATCH):
             sess.run(names, {feed: x[start:start + BATCH]})
-    runs = interleaved({k: lambda k=k: fastest_cpu(lambda: onnx(*sessions[k]), 1, per=len(x)) for k in sessions},
-                       rounds, rotate=False)   # alternated, so that the machine's load hits both alike
+    timed = {**{k: lambda k=k: onnx(*sessions[k]) for k in sessions}, "frontal": lambda: frontal.scores(u8)}
+    runs = interleaved({k: lambda k=k: fastest_cpu(timed[k], 1, per=len(x)) for k in timed},
+                       rounds, rotate=False)   # alternated, so that the machine's load hits all alike
     onnx_ms = {k: 1000 * min(v) for k, v in runs.items()}
     return {"header_ms": header_ms, "shared_dicoms": n_shared, "score_ms": score_ms, "onnx_ms": onnx_ms,
             "images": len(images), "files": len(files)}
@@ -165,7 +184,7 @@ def measure(args, state: State) -> None:
     model = models / "cnn-adam"
     if "material" in args.redo or not (material / MANIFEST).is_file():
         t0 = time.perf_counter()
-        rows = write_material(material, cxr_dir=SHARED / "cxr", mnist_dir=SHARED / "mnist")
+        rows = write_material(material, cxr_dir=SHARED / "cxr", mnist_dir=SHARED / "mnist", shared_dir=SHARED)
         save(state, "material", {"files": len(rows), "wall_s": time.perf_counter() - t0})
     if not state.done("preprocess"):
         save(state, "preprocess", job("preprocess", "preprocess", "--conf", "recommended", "--input", SHARED / "cxr",
@@ -182,7 +201,7 @@ def measure(args, state: State) -> None:
                               "ood": meta["ood"],
                        "calibration": [float(v) for v in load_reference(model).calibration]})
     todo = not state.done("score")
-    files, inscope = in_scope_files(pre, WORK / "inscope" if todo else None), WORK / "inscope"
+    files, inscope = in_scope_files(WORK / "inscope" if todo else None), WORK / "inscope"
     if todo:
         res = {}
         for name, src in (("inscope", inscope), ("material", material)):
@@ -190,11 +209,15 @@ def measure(args, state: State) -> None:
             r = job(f"score-{name}", "score", "--conf", "recommended", "--input", src, "--model", model,
                     "--output", WORK / f"pred-{name}", "--no-tracking")
             res[name] = {**r, "files": outcomes(WORK / f"pred-{name}", src)}
-        save(state, "score", {**res, "parquet_distances": parquet_distances(pre, model)})
+        from cxr.scope.frontal import BUILTIN_DIR, read_meta
+
+        save(state, "score", {**res, "parquet_distances": parquet_distances(pre, model),
+                              "frontal": read_meta(BUILTIN_DIR)})
     if not state.done("cost"):
         shared = sorted((SHARED / "dicom").glob("*.dcm"))
         written = sorted(p for p in material.rglob("*.dcm") if not p.parent.name.startswith("pydicom"))
-        save(state, "cost", costs(model, files["val"] + files["test"], shared + written, len(shared), args.rounds))
+        save(state, "cost", costs(model, files["cxr/val"] + files["cxr/test"], shared + written, len(shared),
+                                  args.rounds))
 
 
 def main(argv=None) -> int:

@@ -3,6 +3,8 @@ scripts/bench_scope.py's measurements, so that `bench_scope.py --report-only` re
 from __future__ import annotations
 
 import csv
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -10,12 +12,29 @@ from cxr.common.bench import CACHE, machine
 from cxr.common.markdown import table
 
 SECTION = "## Scope gate and OOD (scripts/bench_scope.py)"
-WORK = CACHE / "scope"   # the bench's inputs, model and measurements
+# the bench's inputs, model and measurements (CXR_BENCH_SCOPE_WORK: another folder, for a second checkout)
+WORK = Path(os.environ.get("CXR_BENCH_SCOPE_WORK") or CACHE / "scope")
 BATCH = 32   # the model's batch in the score job and in the cost step
 
 
 def pct(a: int, n: int) -> str:
     return f"{100 * a / n:.1f}% ({a}/{n})" if n else "n/a"
+
+
+def frontal_paragraph(meta: dict | None) -> str:
+    """What the frontal check is and where its threshold comes from (its frontal.json)."""
+    if not meta:
+        return "The frontal check was off in this run."
+    counts = meta["training_set"]
+    pos = sum(v for k, v in counts.items() if k.startswith("frontal_") or k == "synth_chest")
+    return (f"Frontal check (`cxr.scope.frontal`, conf `scope.frontal: builtin`): a {meta['params']}-weight CNN on the "
+            f"model's image at {meta['input_side']} px, trained with outlier exposure by `python -m "
+            f"cxr.scope.frontal_train` (seed {meta['seed']}, {meta['epochs']} epochs) on {sum(counts.values())} images "
+            f"made from the TRAIN films only ({', '.join(f'{k}: {v}' for k, v in meta['training_films'].items())}): "
+            f"{pos} frontal (jittered copies, synthetic chests) and {sum(counts.values()) - pos} others (re-framed "
+            "train films, rendered radiographs, pictures, MNIST train digits); threshold "
+            f"**{meta['threshold']:.3f}** = the {100 * meta['threshold_quantile']:.1f}% quantile of its scores on "
+            f"{meta['threshold_on']}. Its ONNX graph equals Keras within {meta['onnx_check']['max_abs_diff']:.1e}.")
 
 
 def report(args, st: dict) -> str:
@@ -25,7 +44,7 @@ def report(args, st: dict) -> str:
     tr, sc, co = st["train"], st["score"], st["cost"]
     ood, inside, thr = tr["ood"], sc["inscope"]["files"], tr["ood"]["threshold"]
     shrink = ", ".join(f"{r['shrinkage']:.3f}" for r in ood["layers"])
-    d_in = np.array([v["distance"] for v in inside.values()])
+    d_in = np.array([v["distance"] for k, v in inside.items() if k.startswith("cxr/") and v.get("distance") is not None])
     auroc = lambda d: float(np.mean(np.asarray(d)[None, :] > d_in[:, None]))  # noqa: E731 (P(farther than in-scope))
     lines = [SECTION, "", f"Measured {st['date']} on {machine()}, shared with other developers' jobs; "
              f"{st['minutes']:.1f} min in all. Python {st['versions']['python']}, onnxruntime "
@@ -40,48 +59,64 @@ def report(args, st: dict) -> str:
              f"fitted on {ood['n_train']} train images, each divided by its median out-of-fold distance, summed; "
              f"threshold **{thr:.2f}** = the {100 * ood['quantile']:.1f}% quantile of {ood['n_calibration']} scores "
              f"({ood['threshold_on']}). Scored by `jobs/score.py` (raw files, scope.ood: flag, local[2]).", "",
-             "**In-scope images** (goal: <= 2% of val and test flagged):", ""]
+             "", frontal_paragraph(sc.get("frontal")), "",
+             "**In-scope films** (goal: <= 1% of the held-out films of both shared folders flagged; the model above "
+             "trained on ../shared/data/cxr only, so the distance sees the adult films as new):", ""]
     d = sc["parquet_distances"]["train"]
-    rows = [["train (the reference's own images; preprocess Parquet, not scored)", len(d),
-             pct(sum(x > thr for x in d), len(d)), f"{np.median(d):.2f} / {max(d):.2f}"]]
-    for split in ("val", "test", None):
-        rs = [v for k, v in inside.items() if split is None or k.startswith(split + "/")]
-        d = [v["distance"] for v in rs]
-        rows.append([split or "**val + test** (scored files)", len(rs),
-                     f"**{pct(sum(v['outcome'] == 'ood' for v in rs), len(rs))}**", f"{np.median(d):.2f} / {max(d):.2f}"])
-    lines += table(["split", "images", "flagged out of distribution", "median / max distance"], rows)
-    flagged = sorted((k for k, v in inside.items() if v["outcome"] == "ood"), key=lambda k: -inside[k]["distance"])
-    lines += ["", "Flagged: " + (", ".join(f"`{k}` ({inside[k]['distance']:.1f})" for k in flagged) or "none") +
-              f". The threshold rests on {ood['n_calibration']} scores: each train image's from a reference fitted "
-              f"on the other {ood['folds'] - 1} of {ood['folds']} folds, and the val images'; the train row above "
-              "is the final reference's own images, test is the independent check.", "",
-              "**Out-of-scope material** (`cxr.quality.out_of_scope`; goal: >= 95% caught). AUROC: the chance that "
-              "a file of the kind lies farther than an in-scope val/test image (1 = always, 0.5 = no better than "
-              "chance).", ""]
-    mat, groups = sc["material"]["files"], {"header-rule kinds (a, c)": [], "OOD-only kinds (b, d, e)": [], "all": []}
+    rows = [["cxr train (the reference's own images; preprocess Parquet, not scored)", len(d), "-",
+             pct(sum(x > thr for x in d), len(d)), "-", "-", f"{np.median(d):.2f} / {max(d):.2f}"]]
+    keys = sorted({k.split("/")[0] + "/" + k.split("/")[1] for k in inside})
+    for key in [*keys, "cxr", "cxr-adult", None]:
+        rs = [v for k, v in inside.items() if key is None or k == key or k.startswith(key + "/")]
+        if not rs:
+            continue
+        d = [v["distance"] for v in rs if v.get("distance") is not None]
+        sc_ = [v["scope"] for v in rs if v.get("scope") is not None]
+        rows.append([f"**{key or 'all held-out films'}**" if key in (None, "cxr", "cxr-adult") else key, len(rs),
+                     f"**{pct(sum('frontal' in v.get('by', []) for v in rs), len(rs))}**",
+                     pct(sum("distance" in v.get("by", []) for v in rs), len(rs)),
+                     f"**{pct(sum(v['outcome'] == 'ood' for v in rs), len(rs))}**",
+                     f"{np.min(sc_):.3f}" if sc_ else "-", f"{np.median(d):.2f} / {max(d):.2f}" if d else "-"])
+    lines += table(["films", "files", "flagged by the frontal check", "flagged by the distance", "flagged (either)",
+                    "lowest frontal score", "median / max distance"], rows)
+    flagged = sorted((k for k, v in inside.items() if "frontal" in v.get("by", [])),
+                     key=lambda k: inside[k].get("scope") or 0)
+    lines += ["", "Flagged by the frontal check: " + (", ".join(f"`{k}` ({inside[k]['scope']:.3f})" for k in flagged)
+                                                      or "none") + ".", "",
+              "**Out-of-scope material** (`cxr.quality.out_of_scope`; goal: >= 98% kept out). A file counts under "
+              "each pixel signal that fired (the two columns can overlap); AUROC: the chance that a file of the kind "
+              "lies farther than an in-scope cxr val/test film.", ""]
+    d_in = np.array([v["distance"] for k, v in inside.items() if k.startswith("cxr/") and v.get("distance") is not None])
+    mat, groups = sc["material"]["files"], {"header-rule kinds (a, c)": [], "tag-less kinds (b, d, e)": [],
+                                            "re-framed held-out films (f)": [], "rendered radiographs (g)": [],
+                                            "all": []}
+    group_of = {"a": 0, "c": 0, "b": 1, "d": 1, "e": 1, "f": 2, "g": 3}
 
     def row(name, group, rs):
         c = {o: sum(r["outcome"] == o for r in rs) for o in ("header", "ood", "decoder", "missed")}
         d = [r["distance"] for r in rs if r.get("distance") is not None]
-        return [name, group, len(rs), c["header"], c["ood"], c["decoder"], c["missed"],
-                f"**{pct(sum(c.values()) - c['missed'], len(rs))}**", f"{np.median(d):.1f}" if d else "-",
-                f"{auroc(d):.2f}" if d else "-"]
+        sc_ = [r["scope"] for r in rs if r.get("scope") is not None]
+        return [name, group, len(rs), c["header"], sum("frontal" in r.get("by", []) for r in rs),
+                sum("distance" in r.get("by", []) for r in rs), c["decoder"], c["missed"],
+                f"**{pct(sum(c.values()) - c['missed'], len(rs))}**", f"{np.median(sc_):.3f}" if sc_ else "-",
+                f"{np.median(d):.1f}" if d else "-", f"{auroc(d):.2f}" if d else "-"]
     rows = []
     for kind, spec in KINDS.items():
         rs = [mat.get(p, {"outcome": "absent"}) for p, k in kinds.items() if k == kind]
         if rs:
             rows.append(row(kind, spec.group, rs))
             groups["all"].extend(rs)
-            groups["header-rule kinds (a, c)" if spec.catch == "header" else "OOD-only kinds (b, d, e)"].extend(rs)
-    lines += table(["kind", "group", "files", "caught by the header rules", "caught by the OOD distance",
-                    "rejected by the decoder", "missed (scored as in distribution)", "**caught**", "median distance",
-                    "AUROC"], rows + [row(f"**{name}**", "", rs) for name, rs in groups.items()])
-    d_out = [r["distance"] for r in groups["OOD-only kinds (b, d, e)"]]
+            groups[list(groups)[group_of[spec.group]]].extend(rs)
+    lines += table(["kind", "group", "files", "header rules", "frontal check", "distance", "rejected by the decoder",
+                    "missed (scored as in scope)", "**kept out**", "median frontal score", "median distance",
+                    "AUROC (distance)"], rows + [row(f"**{name}**", "", rs) for name, rs in groups.items() if rs])
+    d_out = [r["distance"] for r in groups["tag-less kinds (b, d, e)"] if r.get("distance") is not None]
     t95, t2 = np.quantile(d_out, 0.05), np.quantile(d_in, 0.98)
-    lines += ["", f"No threshold meets both goals on the OOD-only kinds: catching 95% of them takes a threshold of "
+    lines += ["", f"The distance alone, on the tag-less kinds (b, d, e) against the cxr val + test films: catching 95% "
+              f"of them takes a threshold of "
               f"{t95:.2f}, which flags **{pct(sum(d > t95 for d in d_in), len(d_in))}** of the in-scope val + test "
               f"images; flagging <= 2% of those ({t2:.2f}) catches **{pct(sum(d > t2 for d in d_out), len(d_out))}** "
-              "of the OOD-only files." if t95 < t2 else "A threshold between "
+              "of those files." if t95 < t2 else "A threshold between "
               f"{t2:.2f} and {t95:.2f} would meet both goals on this material."]
     cal = tr.get("calibration") or []
     if cal:
@@ -89,11 +124,13 @@ def report(args, st: dict) -> str:
         lines += ["", "Other values of `scope.ood_quantile` (the threshold from the same calibration scores): " +
                   "; ".join(f"{q} gives {t:.2f}, which flags {pct(sum(d > t for d in d_in), len(d_in))} of the "
                             f"in-scope val + test images and catches {pct(sum(d > t for d in d_out), len(d_out))} of the "
-                            "OOD-only files" for q, t in alt) + "."]
+                            "tag-less files" for q, t in alt) + "."]
     h = co["header_ms"]
     dist_ms = co["onnx_ms"]["with"] - co["onnx_ms"]["without"]
-    lines += ["", f"**Cost per image, one core** (CPU; goal: each < 5% of the per-image score cost). Score cost: "
-              f"read, sha256, scope gate, decode, CLAHE, 96 px, ONNX with the distance (batch {BATCH}, 1 thread) "
+    lines += ["", f"**Cost per image, one core** (CPU; goals: header read and distance each < 5%, the frontal check "
+              f"< 10% of the per-image score cost). Score cost: "
+              f"read, sha256, scope gate, decode, CLAHE, 96 px, ONNX with the distance, the frontal check (batch "
+              f"{BATCH}, 1 thread) "
               f"over the {co['files']} val + test files in one process: **{co['score_ms']:.1f} ms**.", "",
               *table(["step", "ms per image", "share of the score cost"], [
                   [f"header read (`HeaderReader.read`), {len(h)} DICOMs: mean (max)",
@@ -102,11 +139,15 @@ def report(args, st: dict) -> str:
                    f"({100 * max(h.values()) / co['score_ms']:.2f}%)"],
                   *([label, f"{co['onnx_ms'][k]:.3f}", f"{100 * co['onnx_ms'][k] / co['score_ms']:.1f}%"]
                     for label, k in (("ONNX without the ood_distance output", "without"), ("ONNX with it", "with"))),
-                  ["**the distance** (with - without)", f"{dist_ms:.3f}", f"**{100 * dist_ms / co['score_ms']:.2f}%**"]]),
+                  ["**the distance** (with - without)", f"{dist_ms:.3f}", f"**{100 * dist_ms / co['score_ms']:.2f}%**"],
+                  *([["**the frontal check** (resize to 64 px + its ONNX graph)", f"{co['onnx_ms']['frontal']:.3f}",
+                      f"**{100 * co['onnx_ms']['frontal'] / co['score_ms']:.2f}%** ("
+                      f"{100 * co['onnx_ms']['frontal'] / co['onnx_ms']['with']:.0f}% of the model's ONNX cost)"]]
+                    if "frontal" in co["onnx_ms"] else [])]),
               "",
               f"Header reads: the bytes in memory (the job reads them anyway), the {co['shared_dicoms']} DICOMs of "
               f"../shared/data/dicom and the {len(h) - co['shared_dicoms']} written ones (group c), 20 reads each. "
-              f"ONNX: the {co['images']} val + test images repeated to >= 512 a round, the two graphs alternated. "
+              f"ONNX: the {co['images']} val + test images repeated to >= 512 a round, the three graphs alternated. "
               f"Fastest of {args.rounds} rounds each. The score cost is that of JPEG/PNG files (a DICOM's decode costs "
               f"more), so the shares are upper bounds. Runs: preprocess {st['preprocess']['wall_s']:.0f} s, train "
               f"{tr['wall_s'] / 60:.1f} min ({tr['cpu_s'] / 60:.1f} CPU min), score in-scope "

@@ -29,7 +29,7 @@ py="$venv/bin/python"
 reqs="$("$py" "$here/scripts/build_dist_requirements.py" "$here/pyproject.toml" "$kind")"
 pins="$("$py" -m pip freeze --exclude-editable 2>/dev/null | grep -v -i '^cxr-spark')"
 deps_hash="$(printf '%s\n%s\n%s\n' "$reqs" "$pins" "$("$py" -c 'import sys; print(sys.version)')" | sha256sum | cut -c1-16)"
-hash="$(cd "$here" && { cat pyproject.toml; find cxr \( -name '*.py' -o -name '*.yaml' \) -print | LC_ALL=C sort | xargs cat; } \
+hash="$(cd "$here" && { cat pyproject.toml; find cxr \( -name '*.py' -o -name '*.yaml' -o -path '*/frontal_model/*' \) -print | LC_ALL=C sort | xargs cat; } \
         | sha256sum | cut -c1-16)"
 case "$kind" in
   full) work="$here/build/envs/full-$hash"; out_dir="$here/dist" ;;

@@ -258,7 +258,9 @@ def test_score_writes_identity_ood_columns_and_keeps_out_of_scope_files_out(spar
         assert (row["sop_instance_uid"], row["series_instance_uid"], row["study_date"]) == (
             tags["sop_instance_uid"], tags["series_instance_uid"], tags["study_date"])
         assert row["patient_key"] is None          # no secret in this run: null, never a plain hash
-        assert row["ood_distance"] > 0 and row["in_distribution"] == (row["ood_distance"] <= record["ood"]["threshold"])
+        assert row["ood_distance"] > 0 and row["in_distribution"] == (
+            row["ood_distance"] <= record["ood"]["threshold"]
+            and row["scope_score"] >= record["frontal_check"]["threshold"])   # either pixel signal puts it out
     assert len(scope) == c["out_of_scope"]
     for _, row in scope.iterrows():
         assert files[_rel(row["path"])]["words"] in row["reason"] and row["stage"] == "scope"

@@ -25,14 +25,16 @@ def _digests(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def material(tmp_path_factory):
     root = tmp_path_factory.mktemp("oos")
-    rows = write_material(root / "one", mnist_dir=MNIST if MNIST.is_dir() else None, counts=COUNTS, seed=3)
+    rows = write_material(root / "one", mnist_dir=MNIST if MNIST.is_dir() else None, counts=COUNTS, seed=3,
+                          shared_dir=SHARED_DATA if (SHARED_DATA / "cxr").is_dir() else None)
     return root, rows
 
 
 def test_every_kind_written_and_listed(material):
     root, rows = material
     kinds = {r["kind"] for r in rows}
-    expected = set(KINDS) - (set() if MNIST.is_dir() else {"mnist_digits"})
+    expected = set(KINDS) - (set() if MNIST.is_dir() else {"mnist_digits"}) - (
+        set() if (SHARED_DATA / "cxr").is_dir() else {k for k in KINDS if KINDS[k].group == "f"})
     assert kinds == expected
     pydicom_files = {r["relative_path"] for r in rows if r["kind"] == "pydicom_ct_mr_sc"}
     assert {"pydicom_ct_mr_sc/pydicom_ct_mr_sc_CT_small.dcm", "pydicom_ct_mr_sc/pydicom_ct_mr_sc_MR_small.dcm"} <= pydicom_files
@@ -44,7 +46,8 @@ def test_every_kind_written_and_listed(material):
 
 def test_deterministic(material, tmp_path):
     root, _ = material
-    write_material(tmp_path / "two", mnist_dir=MNIST if MNIST.is_dir() else None, counts=COUNTS, seed=3)
+    write_material(tmp_path / "two", mnist_dir=MNIST if MNIST.is_dir() else None, counts=COUNTS, seed=3,
+                   shared_dir=SHARED_DATA if (SHARED_DATA / "cxr").is_dir() else None)
     assert _digests(tmp_path / "two") == _digests(root / "one")
 
 

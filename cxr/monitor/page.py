@@ -11,6 +11,9 @@ from typing import Any, Mapping, Sequence
 
 from cxr.monitor import plots
 
+SCOPE_REASONS = (("header_rules", "out of scope: DICOM header rules"),
+                 ("not_frontal", "out of scope: not a frontal chest film (frontal check)"),
+                 ("unlike_training", "out of scope: unlike the training films (distance)"))
 COUNTS = ("input", "scored", "rejected", "out_of_scope", "skipped_unchanged", "skipped_already_scored")
 PLOTS = (("calls", "Calls (scored images)"), ("confidence", "Confidence: top class probability"),
          ("status", "Status of the files looked at"), ("intensity", "Mean intensity of the preprocessed image"),
@@ -47,6 +50,9 @@ def _counts_section(record: Mapping[str, Any]) -> str:
     away = record.get("scored_out_of_distribution")
     cells += (f'<tr><th>scored, out of distribution</th><td class="num" id="count-scored_out_of_distribution">'
               f"{_e(away)}</td></tr>")
+    for key, what in SCOPE_REASONS:   # which check of the scope gate put files out (one file can count twice)
+        cells += (f'<tr><th>{_e(what)}</th><td class="num" id="reason-{key}">'
+                  f'{_e((record.get("scope_reasons") or {}).get(key, ""))}</td></tr>')
     src = record.get("sources") or {}
     rows = "".join(f'<tr><th>{_e(k)}</th><td class="num">{int(v)}</td><td>{"never seen in training" if k in (src.get("unseen") or []) else ""}</td></tr>'
                    for k, v in (src.get("counts") or {}).items())

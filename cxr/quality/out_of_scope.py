@@ -15,6 +15,12 @@ shipped. Five groups:
   d  mnist_digits         MNIST test digits (../shared/data/mnist) upscaled to 256 px PNGs
   e  rendered_*           seeded pictures that are no X-ray: shapes, gradients, text, noise textures ("photos"),
                           256-512 px, PNG or JPEG, colour or gray
+  f  reframed_*           held-out real frontal films (the VAL and TEST splits of ../shared/data/cxr and
+                          cxr-adult, cxr.scope.frontal_data) re-framed so that they stop being frontal chest films
+                          (cxr.scope.negatives): rotated 90 or 180 degrees, one side mirrored, one lung, the lungs
+                          cut away, a lateral-like strip, a corner zoom; PNG without tags
+  g  radiograph_*         rendered radiographs of other body parts (limb, hand, pelvis, skull or spine) and CT-like
+                          slices (cxr.scope.negatives, this module's seed; the frontal check trains on other seeds)
 
 Every file is the same on every run with the same arguments (seeded; DICOM UIDs derived from the seed).
 
@@ -35,6 +41,7 @@ import cv2
 import numpy as np
 
 from cxr.quality.dicom_files import write_dicom
+from cxr.scope.negatives import REFRAMINGS, RENDERED, render_picture
 
 MANIFEST = "MANIFEST.csv"
 SC_SOP_PREFIX = "1.2.840.10008.5.1.4.1.1.7"     # Secondary Capture Image Storage (and its multi-frame kinds)
@@ -69,9 +76,12 @@ KINDS: dict[str, Kind] = {
     "rendered_gradients": Kind("e", "ood", None),
     "rendered_text": Kind("e", "ood", None),
     "rendered_textures": Kind("e", "ood", None),
+    **{f"reframed_{k}": Kind("f", "ood", None) for k in REFRAMINGS},
+    **{f"radiograph_{k.removeprefix('rendered_')}": Kind("g", "ood", None) for k in RENDERED},
 }
 DEFAULT_COUNTS = {**{k: 10 for k in KINDS if KINDS[k].group == "c"}, "mnist_digits": 100,
-                  **{k: 25 for k in KINDS if KINDS[k].group == "e"}}   # a and b: every usable pydicom file
+                  **{k: 25 for k in KINDS if KINDS[k].group == "e"},
+                  **{k: 20 for k in KINDS if KINDS[k].group in ("f", "g")}}   # a and b: every usable pydicom file
 
 
 # ---------------------------------------------------------------------------------------------- a, b
@@ -148,66 +158,32 @@ def mnist_digits(n: int, mnist_dir: str | Path, seed: int) -> list[tuple[str, np
 
 
 # ---------------------------------------------------------------------------------------------- e
-def _colour(rng) -> tuple[int, int, int]:
-    return tuple(int(c) for c in rng.integers(0, 256, 3))
+# render_picture: cxr.scope.negatives (the frontal check trains on it with other seeds)
 
 
-def _smooth_noise(rng, h: int, w: int, cells: int) -> np.ndarray:
-    small = rng.standard_normal((cells, cells, 3)).astype(np.float32)
-    return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+# ---------------------------------------------------------------------------------------------- f
+def heldout_reframings(shared: Path, counts: Mapping[str, int], seed: int) -> list[tuple[str, str, np.ndarray, str]]:
+    """(kind, file name, gray uint8, source) of held-out films (val and test splits of both shared folders, as
+    the preprocess job splits them) re-framed: film i of a seeded order goes to kind i % kinds, so no film is
+    used twice within a kind and the kinds draw on different films where there are enough."""
+    from cxr.scope.frontal_data import decode_film, heldout_films
 
-
-def render_picture(kind: str, rng: np.random.Generator) -> np.ndarray:
-    """One (H, W, 3) uint8 BGR picture of `kind` (shapes | gradients | text | textures), 256-512 px a side."""
-    h, w = (int(v) for v in rng.integers(256, 513, 2))
-    if kind == "shapes":
-        img = np.full((h, w, 3), _colour(rng), np.uint8)
-        for _ in range(int(rng.integers(4, 16))):
-            c, what = _colour(rng), rng.integers(4)
-            x, y, r = int(rng.integers(w)), int(rng.integers(h)), int(rng.integers(10, max(h, w) // 3))
-            if what == 0:
-                cv2.circle(img, (x, y), r, c, -1, cv2.LINE_AA)
-            elif what == 1:
-                cv2.rectangle(img, (x, y), (x + r, y + int(rng.integers(10, h // 2))), c, -1)
-            elif what == 2:
-                pts = rng.integers(0, [w, h], (int(rng.integers(3, 7)), 2)).astype(np.int32)
-                cv2.fillPoly(img, [pts], c, cv2.LINE_AA)
-            else:
-                cv2.line(img, (x, y), (int(rng.integers(w)), int(rng.integers(h))), c, int(rng.integers(2, 12)))
-    elif kind == "gradients":
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-        if rng.random() < 0.5:
-            angle = rng.uniform(0, np.pi)
-            t = (xx * np.cos(angle) + yy * np.sin(angle)) / (w * abs(np.cos(angle)) + h * abs(np.sin(angle)))
-        else:
-            cx, cy = rng.uniform(0, w), rng.uniform(0, h)
-            t = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) / np.hypot(w, h)
-        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
-        a, b = np.array(_colour(rng), np.float32), np.array(_colour(rng), np.float32)
-        img = (a + (b - a) * t[..., None] ** rng.uniform(0.5, 2.0)).astype(np.uint8)
-    elif kind == "text":
-        img = np.full((h, w, 3), _colour(rng) if rng.random() < 0.3 else (245, 245, 240), np.uint8)
-        ink = (20, 20, 20) if img.mean() > 128 else (235, 235, 235)
-        words = ("chest", "report", "patient", "invoice", "total", "lorem", "ipsum", "dolor", "2025", "scan",
-                 "meeting", "page", "figure", "table", "result", "normal", "notes", "qty", "EUR", "ok")
-        fonts = (cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HERSHEY_COMPLEX,
-                 cv2.FONT_HERSHEY_PLAIN, cv2.FONT_HERSHEY_TRIPLEX)
-        font, scale = fonts[int(rng.integers(len(fonts)))], rng.uniform(0.5, 1.3)
-        step = int(32 * scale) + 6
-        for y in range(step, h - 4, step):
-            line = " ".join(words[int(j)] for j in rng.integers(0, len(words), int(rng.integers(2, 9))))
-            cv2.putText(img, line, (int(rng.integers(4, 24)), y), font, scale, ink, 1 + int(scale > 1), cv2.LINE_AA)
-    elif kind == "textures":
-        noise = sum(_smooth_noise(rng, h, w, cells) / (k + 1) for k, cells in enumerate((3, 7, 17, 41, 101)))
-        noise += 0.15 * rng.standard_normal((h, w, 3)).astype(np.float32)
-        img = noise * rng.uniform(20, 60) + np.array(_colour(rng), np.float32)
-        if rng.random() < 0.5:                              # a "landscape": a horizon between sky and ground
-            horizon = int(h * rng.uniform(0.3, 0.7))
-            img[:horizon] = 0.4 * img[:horizon] + 0.6 * np.array(_colour(rng), np.float32)
-        img = np.clip(img, 0, 255).astype(np.uint8)
-    else:
-        raise ValueError(f"unknown picture kind {kind!r}")
-    return img
+    films = heldout_films(shared)
+    rng = np.random.default_rng([seed, 6])
+    order = rng.permutation(len(films))
+    kinds = [k for k in KINDS if KINDS[k].group == "f" and counts.get(k, 0) > 0]
+    out = []
+    for ki, kind in enumerate(kinds):
+        make = REFRAMINGS[kind.removeprefix("reframed_")]
+        for i in range(counts[kind]):
+            path, folder, split = films[order[(ki + i * len(kinds)) % len(films)]]
+            img = make(decode_film((shared / path).read_bytes(), CHEST_SIDE), rng)
+            if min(img.shape) < 2 * MIN_SIDE:   # a strip of a small film: enlarged so the decoder takes it
+                scale = 2 * MIN_SIDE / min(img.shape)
+                img = cv2.resize(img, (round(img.shape[1] * scale), round(img.shape[0] * scale)),
+                                 interpolation=cv2.INTER_CUBIC)
+            out.append((kind, f"{kind}_{i:03d}.png", img, f"{split} film {path}, {kind.removeprefix('reframed_')}"))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -229,11 +205,13 @@ def _png(path: Path, img: np.ndarray, ext: str = ".png") -> tuple[int, int]:
 
 
 def write_material(out: str | Path, *, cxr_dir: str | Path | None = None, mnist_dir: str | Path | None = None,
-                   counts: Mapping[str, int] | None = None, seed: int = 0, overwrite: bool = True) -> list[dict]:
+                   counts: Mapping[str, int] | None = None, seed: int = 0, overwrite: bool = True,
+                   shared_dir: str | Path | None = None) -> list[dict]:
     """Write every kind under out/KIND/ and out/MANIFEST.csv; return the manifest rows (relative_path, kind,
-    group, catch, expected_words, format, height, width, source). counts: files per kind for groups c-e
+    group, catch, expected_words, format, height, width, source). counts: files per kind for groups c-g
     (DEFAULT_COUNTS for the kinds not given; 0 leaves a kind out); groups a and b take every usable pydicom
-    file. mnist_digits is left out when mnist_dir is None or absent."""
+    file. mnist_digits is left out when mnist_dir is None or absent, group f when shared_dir (the folder of
+    cxr/ and cxr-adult/) is None or absent."""
     out = Path(out)
     if overwrite and out.exists():
         shutil.rmtree(out)
@@ -282,6 +260,19 @@ def write_material(out: str | Path, *, cxr_dir: str | Path | None = None, mnist_
             add(kind, name, "JPEG" if ext == ".jpg" else "PNG", _png(out / kind / name, img, ext),
                 f"rendered {kind.split('_', 1)[1]}, seed {seed}")
 
+    if shared_dir is not None and Path(shared_dir).is_dir():                            # f
+        films = heldout_reframings(Path(shared_dir), {k: counts.get(k, 0) for k in KINDS if KINDS[k].group == "f"},
+                                   seed)
+        for kind, name, img, source in films:
+            add(kind, name, "PNG", _png(out / kind / name, img), source)
+    for ki, (kind, render) in enumerate(RENDERED.items()):                             # g
+        name_kind = f"radiograph_{kind.removeprefix('rendered_')}"
+        rng = np.random.default_rng([seed, 7, ki])
+        for i in range(counts.get(name_kind, 0)):
+            name = f"{name_kind}_{i:03d}.png"
+            add(name_kind, name, "PNG", _png(out / name_kind / name, render(rng, int(rng.integers(256, 513)))),
+                f"rendered {kind.removeprefix('rendered_')} radiograph, seed {seed}")
+
     out.mkdir(parents=True, exist_ok=True)
     with open(out / MANIFEST, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["relative_path"])
@@ -295,9 +286,10 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("--cxr", help="folder of real chest X-rays for the tagged DICOMs (default: synthetic chests)")
     p.add_argument("--mnist", help="folder of the four MNIST .gz files (default: no digits)")
+    p.add_argument("--shared", help="folder of cxr/ and cxr-adult/: their held-out films re-framed (group f)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    rows = write_material(args.out, cxr_dir=args.cxr, mnist_dir=args.mnist, seed=args.seed)
+    rows = write_material(args.out, cxr_dir=args.cxr, mnist_dir=args.mnist, seed=args.seed, shared_dir=args.shared)
     for kind in KINDS:
         print(f"{kind}: {sum(r['kind'] == kind for r in rows)}")
     return 0

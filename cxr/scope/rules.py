@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from cxr.image.decode import sniff_format
 from cxr.scope.dicom_header import DicomHeader, HeaderReader, empty_columns
+from cxr.scope.frontal import FrontalCheck
 
 OOD_ACTIONS = ("flag", "skip")
 STAGE = "scope"        # the stage column of a row the header rules put out of scope
@@ -84,14 +85,16 @@ class ScopeRules:
 
 @dataclass(frozen=True)
 class ScopeGate:
-    """What a worker needs to judge one file before decoding it: the header reader (with the site secret) and
-    the rules. Both jobs ship one to their Python workers."""
+    """What a worker needs to judge one file: the header reader (with the site secret) and the rules, before
+    decoding it; the frontal-film check (conf scope.frontal; None: off), after preprocessing it (the score job).
+    Both jobs ship one to their Python workers."""
     reader: HeaderReader
     rules: ScopeRules
+    frontal: FrontalCheck | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ScopeGate":
-        return cls(HeaderReader.from_config(config), ScopeRules.from_config(config))
+        return cls(HeaderReader.from_config(config), ScopeRules.from_config(config), FrontalCheck.from_config(config))
 
     def check(self, data: bytes) -> tuple[dict[str, Any], str | None]:
         """(DICOM columns, all null for other files; why the file is out of scope, or None)."""

@@ -24,10 +24,13 @@ from cxr.image.source import VANISHED, read_bytes
 from cxr.models import store
 from cxr.common.manifest import site_source
 from cxr.scope.dicom_header import DICOM_COLUMNS, SITE_KEY, with_column_types
+from cxr.scope.frontal import FrontalCheck, verdicts
 from cxr.scope.rules import OOD_STAGE, ScopeGate
 
 PROB_COLUMNS = tuple(f"p_{c.lower()}" for c in CLASSES)
-OOD_COLUMNS = ("ood_distance", "in_distribution")
+# scope_score: p(frontal chest film) of the frontal check (cxr.scope.frontal); ood_reason: which pixel signal
+# put the image out of scope, with its value (None when in scope)
+OOD_COLUMNS = ("ood_distance", "in_distribution", "scope_score", "ood_reason")
 # what run monitoring (cxr.monitor.stats) needs of each input image beyond the prediction: the decoder's format,
 # stored dtype and size, and the mean pixel value of the preprocessed image (what the model saw)
 INPUT_COLUMNS = ("source_format", "orig_dtype", "orig_height", "orig_width")
@@ -119,9 +122,12 @@ def predict_fixed_batches(predictor, images: np.ndarray, batch_size: int) -> tup
     return out, (dist if has_dist else None)
 
 
-def _with_predictions(rows: list[dict], images: list[np.ndarray], engine: Engine, ood: str = "flag") -> pd.DataFrame:
-    """ood: "flag" keeps an out-of-distribution image's probabilities (in_distribution false); "skip" makes it
-    an out_of_scope row (stage "ood") without them."""
+def _with_predictions(rows: list[dict], images: list[np.ndarray], engine: Engine, ood: str = "flag",
+                      frontal: FrontalCheck | None = None) -> pd.DataFrame:
+    """ood: "flag" keeps the probabilities of an image out of scope by its pixels (the frontal check's score
+    under its threshold, or the model's distance over its threshold: cxr.scope.frontal.verdicts) with
+    in_distribution false and the reason in ood_reason; "skip" makes it an out_of_scope row (stage "ood")
+    without them."""
     frame = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
     ok = (frame["status"] == "ok").to_numpy()
     if ok.any():
@@ -134,17 +140,23 @@ def _with_predictions(rows: list[dict], images: list[np.ndarray], engine: Engine
             frame.loc[ok, col] = proba[:, j]
         frame.loc[ok, "label"] = np.asarray(CLASSES)[proba.argmax(axis=1)]
         threshold = getattr(predictor, "ood_threshold", None)
-        if dist is not None and threshold is not None:
+        dist = dist if threshold is not None else None
+        scope = frontal.scores(stack) if frontal is not None else None
+        if dist is not None:
             frame.loc[ok, "ood_distance"] = dist
-            inside = dist <= threshold
+        if scope is not None:
+            frame.loc[ok, "scope_score"] = scope
+        if dist is not None or scope is not None:
+            inside, reasons = verdicts(scope, frontal.threshold if frontal else None, dist, threshold)
             frame.loc[ok, "in_distribution"] = inside
+            frame.loc[ok, "ood_reason"] = np.array(reasons, dtype=object)
             if ood == "skip" and not inside.all():
                 away = np.flatnonzero(ok)[~inside]
                 frame.loc[away, "status"], frame.loc[away, "stage"] = "out_of_scope", OOD_STAGE
-                frame.loc[away, "reason"] = [f"out of distribution: distance {d:.2f} over the model's threshold "
-                                             f"{threshold:.2f} (scope.ood: skip)" for d in dist[~inside]]
+                frame.loc[away, "reason"] = [f"out of distribution: {r} (scope.ood: skip)"
+                                             for r in np.array(reasons, dtype=object)[~inside]]
                 frame.loc[away, ["label", *PROB_COLUMNS]] = None
-    for col in (*PROB_COLUMNS, "ood_distance", "mean_intensity"):
+    for col in (*PROB_COLUMNS, "ood_distance", "scope_score", "mean_intensity"):
         frame[col] = frame[col].astype("float32")
     frame["in_distribution"] = frame["in_distribution"].astype("boolean")
     for col in ("size", "mtime_ms"):
@@ -200,10 +212,11 @@ def score_raw_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, al
             if done["status"] == "ok":
                 images.append(np.frombuffer(done["image"], np.uint8).reshape(done["height"], done["width"]))
         rows.append(row)
-    return _with_predictions(rows, images, engine, gate.rules.ood if gate else "flag")
+    return _with_predictions(rows, images, engine, gate.rules.ood if gate else "flag", gate.frontal if gate else None)
 
 
-def score_preprocessed_frame(frame: pd.DataFrame, engine: Engine, ood: str = "flag") -> pd.DataFrame:
+def score_preprocessed_frame(frame: pd.DataFrame, engine: Engine, ood: str = "flag",
+                             frontal: FrontalCheck | None = None) -> pd.DataFrame:
     """Rows of a preprocess job's images table -> predictions (no image steps: they were done there; DICOM
     columns carried over where the table has them)."""
     rows, images = [], []
@@ -215,4 +228,4 @@ def score_preprocessed_frame(frame: pd.DataFrame, engine: Engine, ood: str = "fl
         row.update({c: frame[c].iat[i] for c in carried})
         images.append(np.frombuffer(image, np.uint8).reshape(int(h), int(w)))
         rows.append(row)
-    return _with_predictions(rows, images, engine, ood)
+    return _with_predictions(rows, images, engine, ood, frontal)

@@ -32,7 +32,7 @@ from cxr.spark import fs
 # Spark types of the row columns that are not strings (every other column of an images or errors row is one)
 COLUMN_TYPES = {"image": T.BinaryType(), "height": T.IntegerType(), "width": T.IntegerType(),
           "orig_height": T.IntegerType(), "orig_width": T.IntegerType(), "length": T.LongType(),
-          "mtime_ms": T.LongType(), "task": T.LongType(), "ood_distance": T.FloatType(),
+          "mtime_ms": T.LongType(), "task": T.LongType(), "ood_distance": T.FloatType(), "scope_score": T.FloatType(),
           "in_distribution": T.BooleanType(), "mean_intensity": T.FloatType(),
           **{c: {"int": T.IntegerType(), "date": T.DateType(), "spacing0": T.DoubleType(),
                  "spacing1": T.DoubleType()}.get(k, T.StringType()) for c, k in COLUMN_KINDS.items()}}

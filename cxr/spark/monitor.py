@@ -29,6 +29,7 @@ from cxr.monitor.plots import thumbnail_uri
 from cxr.monitor.reference import read_reference
 from cxr.monitor.stats import COLUMNS, pooled, run_statistics
 from cxr.score.frames import PROB_COLUMNS
+from cxr.scope.frontal import NOT_FRONTAL, UNLIKE_TRAINING
 from cxr.spark import fs
 from cxr.spark.explain import read_bytes
 
@@ -51,7 +52,8 @@ def _rows(spark: SparkSession, staging: str) -> DataFrame | None:
     parts = []
     if fs.exists(spark, f"{staging}/results"):
         results = spark.read.parquet(f"{staging}/results")
-        parts.append(results.select("path", "sha256", *[c for c in (*COLUMNS, "ood_distance") if c in results.columns]))
+        parts.append(results.select("path", "sha256", *[c for c in (*COLUMNS, "ood_distance", "ood_reason")
+                                                        if c in results.columns]))
     if fs.exists(spark, f"{staging}/unread"):
         parts.append(spark.read.parquet(f"{staging}/unread").select("path", F.lit("error").alias("status"), "stage",
                                                                       "reason"))
@@ -84,6 +86,7 @@ def _watch(spark: SparkSession, staging: str, config: Mapping[str, Any]) -> Watc
                 .collect()]
     stats = pooled(partials) if partials else run_statistics(pd.DataFrame(columns=list(COLUMNS)))
     stats.pop("runs", None)
+    stats["scope_reasons"] = scope_reasons(rows)
     page_rows, k = int(conf["page_rows"]), int(conf["thumbnails"])
     status = F.when(F.col("status") == "out_of_scope", "out of scope").otherwise("rejected").alias("status")
     kept_out = [r.asDict() for r in rows.where(F.col("status") != "ok").select(status, "path", "stage", "reason")
@@ -94,6 +97,18 @@ def _watch(spark: SparkSession, staging: str, config: Mapping[str, Any]) -> Watc
     most = ([r.asDict() for r in scored.where(F.col("ood_distance").isNotNull())
              .orderBy(F.desc("ood_distance"), "path").select(*pick).limit(k).collect()] if k else [])
     return Watch(stats, kept_out, least, most, round(time.perf_counter() - started, 3))
+
+
+def scope_reasons(rows: DataFrame) -> dict[str, int]:
+    """Files each check of the scope gate put out (one file can count under both pixel signals): the header
+    rules (out_of_scope, stage scope), the frontal-film check and the model's distance (flagged or skipped,
+    cxr.scope.frontal.verdicts' reason words)."""
+    reason = F.col("ood_reason") if "ood_reason" in rows.columns else F.lit(None).cast("string")
+    one = lambda cond: F.sum(F.when(cond, 1).otherwise(0))  # noqa: E731
+    r = rows.agg(one((F.col("status") == "out_of_scope") & (F.col("stage") == "scope")).alias("header_rules"),
+                 one(reason.contains(NOT_FRONTAL)).alias("not_frontal"),
+                 one(reason.contains(UNLIKE_TRAINING)).alias("unlike_training")).first()
+    return {k: int(r[k] or 0) for k in ("header_rules", "not_frontal", "unlike_training")}
 
 
 def _earlier_records(spark: SparkSession, out: str, model_id: str, run_id: str) -> list[dict]:

@@ -177,7 +177,7 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
         if is_preprocessed(spark, input_uri):
             mode = "preprocessed"
             counts, bytes_read, flagged = _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, runner,
-                                                     staging, clock, gate.rules.ood, table_format)
+                                                     staging, clock, gate, table_format)
         else:
             mode = "raw"
             counts, bytes_read, flagged = _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors,
@@ -196,7 +196,7 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
             kept_out = rows.where(F.col("status") == "out_of_scope")
             if not kept_out.isEmpty():
                 (kept_out.select("path", "sha256", "stage", "reason", "folder_label", F.lit(mid).alias("model_id"),
-                                 "ood_distance", *DICOM_COLUMNS, stamp.alias("seen_at"))
+                                 "ood_distance", "scope_score", *DICOM_COLUMNS, stamp.alias("seen_at"))
                  .coalesce(1).sortWithinPartitions("path").write.parquet(f"{staging}/out_of_scope"))
         by_source = _source_counts(spark, results)
         errors = _error_rows(spark, staging)
@@ -235,6 +235,8 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
             "params": params.to_dict(), "scope": gate.rules.to_dict(), "ood": meta.get("ood"),
             "scored_out_of_distribution": flagged,   # of counts.scored: in_distribution false (scope.ood: flag)
             "sources": sources.check(by_source, model_card),
+            "scope_reasons": watched.stats.get("scope_reasons"),   # files each check put out (cxr.spark.monitor)
+            "frontal_check": gate.frontal.summary() if gate.frontal else None,
             "patient_key": "HMAC-SHA256 of PatientID" if gate.reader.secret else "off (no secret: column null)",
             "explain": explained, "lease_taken_over": lease.took_over,
             "timings_s": clock.timings, "seconds": round(seconds, 3),
@@ -373,7 +375,7 @@ def _result_counts(spark: SparkSession, staging: str) -> tuple[dict[str, int], i
     return counts, size, flagged
 
 
-def _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, runner, staging, clock, ood,
+def _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, runner, staging, clock, gate,
                         table_format):
     data_params = json.loads(fs.read_text(spark, f"{input_uri.rstrip('/')}/manifest.json")).get("params", {})
     mismatch = params_mismatch(model_params, data_params)
@@ -392,7 +394,8 @@ def _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, ru
                              *[c for c in CARRIED_COLUMNS if c in images.columns])
         if scored is not None:
             todo = todo.join(new, ["path", "sha256"], "left_semi")
-        (todo.mapInPandas(lambda frames: (score_preprocessed_frame(f, runner, ood) for f in frames),
+        (todo.mapInPandas(lambda frames: (score_preprocessed_frame(f, runner, gate.rules.ood, gate.frontal)
+                                          for f in frames),
                           schema=RESULT_SCHEMA)
          .write.parquet(f"{staging}/results"))
     clock.lap("score", "%d images scored on the executors", n_new)
