@@ -23,6 +23,7 @@ from cxr.image.pipeline import PreprocessParams
 from cxr.image.source import VANISHED, read_bytes
 from cxr.models import store
 from cxr.scope.dicom_header import DICOM_COLUMNS, with_column_types
+from cxr.score.known import ALREADY_SCORED, contains
 from cxr.scope.rules import OOD_STAGE, ScopeGate
 
 PROB_COLUMNS = tuple(f"p_{c.lower()}" for c in CLASSES)
@@ -177,9 +178,12 @@ def hash_frame(frame: pd.DataFrame, max_bytes: int | None = None) -> pd.DataFram
 
 
 def score_raw_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, aliases: Mapping[str, str],
-                    engine: Engine, max_bytes: int | None = None, gate: ScopeGate | None = None) -> pd.DataFrame:
-    """Files (path, size, mtime_ms) -> predictions: read here, the preprocess job's own per-file function (with
-    the scope gate: DICOM columns, out-of-scope files not decoded), then the model."""
+                    engine: Engine, max_bytes: int | None = None, gate: ScopeGate | None = None,
+                    known: np.ndarray | None = None) -> pd.DataFrame:
+    """Files (path, size, mtime_ms) -> predictions: read here (once), the preprocess job's own per-file function
+    (with the scope gate: DICOM columns, out-of-scope files not decoded), then the model. known: the digests of
+    the content this model already scored (cxr.score.known): such a file is hashed, not decoded, and its row
+    says already_scored."""
     rows, images = [], []
     for path, size, mtime in zip(frame["path"], frame["size"], frame["mtime_ms"]):
         row = dict.fromkeys(RESULT_COLUMNS)
@@ -188,7 +192,12 @@ def score_raw_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, al
         if problem:
             row.update(status="error", stage="read", reason=problem)
         else:
-            done = process_file(path, content, root, params, aliases, gate)
+            sha = hashlib.sha256(content).hexdigest()
+            if contains(known, sha):
+                row.update(sha256=sha, status=ALREADY_SCORED)
+                rows.append(row)
+                continue
+            done = process_file(path, content, root, params, aliases, gate, sha256=sha)
             row.update({c: done[c] for c in DICOM_COLUMNS})
             row.update(sha256=done["sha256"], folder_label=done["label"], status=done["status"],
                        stage=done["stage"], reason=done["reason"], decode_warnings=done["decode_warnings"],
