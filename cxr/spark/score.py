@@ -56,7 +56,7 @@ from cxr.spark import fs, monitor
 from cxr.spark.images import COLUMN_TYPES, unread_reason, unread_rows as listed_errors
 from cxr.spark.jobs import JobCount
 from cxr.spark.preprocess import Stopwatch
-from cxr.spark.session import default_parallelism, is_connect, master_url
+from cxr.spark.session import default_parallelism, is_connect, master_url, session_conf
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ RESULT_SCHEMA = T.StructType([T.StructField(c, _TYPES.get(c, T.StringType())) fo
 # the scoring pass's output: the result rows and, in one row per task, its summary (cxr.score.summary)
 SUMMARISED_SCHEMA = T.StructType([*RESULT_SCHEMA.fields, T.StructField(SUMMARY_COLUMN, T.StringType())])
 HASH_SCHEMA = T.StructType([T.StructField(c, _TYPES.get(c, T.StringType())) for c in HASH_COLUMNS])
+ARROW_BATCH = "spark.sql.execution.arrow.maxRecordsPerBatch"
 TABLES = ("predictions", "errors", "out_of_scope", "state")
 TABLE_FORMATS = ("parquet", "delta")
 
@@ -353,8 +354,10 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
                 yield from with_summaries((score_raw_frame(frame, root, params, aliases, runner, max_bytes, gate,
                                                            digests) for frame in frames), *page)
 
-            (to_read.repartition(_tasks(spark, n["read"] - n_known, files_per_task))
-             .mapInPandas(score, schema=SUMMARISED_SCHEMA).write.parquet(f"{staging}/results"))
+            # rows in are paths, rows out have no image: Arrow batches of one model batch, not the session's 16
+            with session_conf(spark, ARROW_BATCH, runner.batch_size):
+                (to_read.repartition(_tasks(spark, n["read"] - n_known, files_per_task))
+                 .mapInPandas(score, schema=SUMMARISED_SCHEMA).write.parquet(f"{staging}/results"))
         clock.lap("score", "%d files read and scored on the executors", n["read"] - n_known)
     results, summary = _summarised(spark, staging, SUMMARISED_SCHEMA, unread_rows, page)
     if fs.exists(spark, f"{staging}/results"):

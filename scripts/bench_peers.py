@@ -1,0 +1,430 @@
+#!/usr/bin/env python
+"""The score job beside the engines built for batch inference on Python workers: Pool(2), Daft, Ray Data.
+
+Every side runs the project's own per-file function (cxr.image.batch.process_file) and the same model.onnx (ONNX
+Runtime, 1 thread per worker, batches of 32, the model loaded once per worker), on the same files, 2 workers, and
+writes its predictions to Parquet; one row per file and the same probabilities are checked for every side against
+Pool(2). Each side lives in its own long-lived child process (ChildServer: the Spark session, the Pool, Ray or
+Daft started once, warmed up on the first 8 files, the time that took reported as the cold start); the timed runs
+are interleaved, the order rotated each round, and CPU is read from /proc for the child and every process under
+it (JVM, Python workers, Ray's raylets and workers). `score-before` is the score job of another checkout
+(--before DIR, e.g. `git worktree add /tmp/before main`), in the same harness: before/after in one run.
+The peers run in .venv-peers (`make bench-peers` builds it: the `peers` extra of pyproject.toml).
+
+Parts: `throughput` (the table), `submit` (whole `scripts/submit.sh jobs/score.py --full` with MLflow on vs a fresh
+Pool(2) process, imports and model load included; then an unchanged night), `profile` (where the time of one image
+goes, one process).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cxr.common.bench import (CACHE, ROOT as REPO, Timer, Watch, bench_parser, describe_files, input_files,  # noqa: E402
+                              job_config, kinds_text, load_range, loadavg, machine, random_cnn, rotations,
+                              synthetic_archive, versions)
+from cxr.common.bench.runs import ChildServer, serve  # noqa: E402
+
+BATCH, WORKERS, FIRST = 32, 2, 8
+REAL = ROOT.parent / "shared" / "data" / "cxr"
+PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+EVERYTHING = r"."   # every process under the side's child process
+GROUPS = {"jvm": r"org\.apache\.spark\.deploy\.SparkSubmit|java", "workers": r"pyspark[./](daemon|worker)|"
+          r"multiprocessing\.spawn|spawn_main|ray::|raylet|gcs_server|daft", "all": EVERYTHING}
+
+
+# ----------------------------------------------------------------------------- the per-file work every side runs
+_STATE: dict = {}
+
+
+def _setup(model: str, root: str):
+    """Once per worker process: the model, the preprocessing parameters it was trained with, the labels."""
+    if "predictor" not in _STATE:
+        from cxr.common.labels import alias_table
+        from cxr.image.pipeline import PreprocessParams
+        from cxr.models import store
+
+        _STATE["predictor"] = store.cached_predictor(model, batch_size=BATCH, tf_threads=1, engine="onnx",
+                                                     onnx_threads=1)
+        _STATE["params"] = PreprocessParams.from_dict(store.read_metadata(model)["preprocess"])
+        _STATE["aliases"] = alias_table(job_config()["preprocess"]["labels"])
+        _STATE["root"] = root
+    return _STATE
+
+
+def score_files(paths: list[str], model: str, root: str, contents: list[bytes] | None = None) -> dict[str, list]:
+    """paths (and their bytes, when the engine read them) -> {path, p_covid, p_normal, p_viral} of the ok ones."""
+    import numpy as np
+
+    from cxr.image.batch import process_file
+    from cxr.score.frames import predict_fixed_batches
+
+    s = _setup(model, root)
+    done = []
+    for i, path in enumerate(paths):
+        data = contents[i] if contents is not None else Path(path).read_bytes()
+        done.append(process_file(path, data, root, s["params"], s["aliases"]))
+    ok = [d for d in done if d["status"] == "ok"]
+    out = {"path": [d["path"] for d in ok], "p_covid": [], "p_normal": [], "p_viral": []}
+    if ok:
+        proba, _ = predict_fixed_batches(s["predictor"], np.stack(
+            [np.frombuffer(d["image"], np.uint8).reshape(d["height"], d["width"]) for d in ok]), BATCH)
+        for j, col in enumerate(("p_covid", "p_normal", "p_viral")):
+            out[col] = proba[:, j].tolist()
+    return out
+
+
+def _chunk(paths, model, root):
+    return score_files(paths, model, root)
+
+
+def _write(columns: dict[str, list], out: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), out / "part-0.parquet")
+
+
+def _merge(parts: list[dict]) -> dict[str, list]:
+    keys = ("path", "p_covid", "p_normal", "p_viral")
+    return {k: [v for p in parts for v in p[k]] for k in keys}
+
+
+# ----------------------------------------------------------------------------- the sides (in their child process)
+class Pool2:
+    def __init__(self, files, model, root):
+        import multiprocessing as mp
+
+        self.files, self.model, self.root = files, model, root
+        self.pool = mp.get_context("spawn").Pool(WORKERS)
+
+    def run(self, files, out: Path) -> dict:
+        chunks = [files[i:i + BATCH] for i in range(0, len(files), BATCH)]
+        parts = self.pool.starmap(_chunk, [(c, self.model, self.root) for c in chunks], chunksize=1)
+        _write(_merge(parts), out)
+        return {}
+
+
+class ScoreJob:
+    """cxr.spark.score.run, local[2], conf/default.yaml (UI off), into a fresh PRED_DIR each time."""
+
+    def __init__(self, files, model, root):
+        from cxr.spark.session import get_spark
+
+        self.model, self.root = model, root
+        self.config = job_config()
+        self.spark = get_spark(self.config, master=f"local[{WORKERS}]", app_name="bench-peers",
+                               extra_conf={"spark.ui.enabled": False, "spark.eventLog.enabled": False})
+
+    def prepare(self, files, out: Path) -> None:
+        _link(files, self.root, out.with_name(out.name + "-in"))
+
+    def run(self, files, out: Path) -> dict:
+        from cxr.spark.score import run
+
+        archive = out.with_name(out.name + "-in")
+        before = self._probe()
+        record = run(self.spark, str(archive), self.model, str(out), self.config, full=True, batch_size=BATCH)
+        jobs = self._probe() - before - 1
+        return {"jobs_seen": jobs, **{k: record.get(k) for k in ("spark_jobs", "timings_s", "counts", "read_passes",
+                                                                  "bytes_read")}}
+
+    def _probe(self) -> int:
+        """The id of a job started now (ids count up in a SparkContext): the jobs of a run lie in between."""
+        sc, group = self.spark.sparkContext, f"probe-{time.time_ns()}"
+        sc.setLocalProperty("spark.jobGroup.id", group)
+        sc.parallelize([1], 1).count()
+        sc.setLocalProperty("spark.jobGroup.id", None)
+        return sc.statusTracker().getJobIdsForGroup(group)[0]
+
+
+class Daft:
+    """Daft's native runner: paths in, url.download() reads the bytes, a class UDF (model once per instance)
+    with WORKERS instances."""
+
+    def __init__(self, files, model, root):
+        import daft
+
+        self.daft, self.model, self.root = daft, model, root
+        model_, root_ = model, root
+
+        @daft.udf(return_dtype=daft.DataType.python(), concurrency=WORKERS, batch_size=BATCH)
+        class Score:
+            def __init__(self):
+                _setup(model_, root_)
+
+            def __call__(self, paths, data):
+                return [score_files(paths.to_pylist(), model_, root_, data.to_pylist())]
+
+        self.udf = Score
+
+    def run(self, files, out: Path) -> dict:
+        daft = self.daft
+        df = daft.from_pydict({"path": list(files)}).into_partitions(WORKERS * 4)
+        df = df.with_column("data", df["path"].url.download())
+        parts = df.select(self.udf(df["path"], df["data"]).alias("rows")).to_pydict()["rows"]
+        _write(_merge([p for p in parts if p]), out)
+        return {}
+
+
+class RayData:
+    """Ray Data: from_items(paths) + map_batches of an actor class (model once per actor), WORKERS actors, the
+    actors read the files themselves."""
+
+    def __init__(self, files, model, root):
+        import ray
+
+        ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
+        self.ray, self.model, self.root = ray, model, root
+
+    def run(self, files, out: Path) -> dict:
+        import ray.data
+
+        model, root = self.model, self.root
+
+        class Score:
+            def __init__(self):
+                _setup(model, root)
+
+            def __call__(self, batch):
+                return score_files(list(batch["path"]), model, root)
+
+        ds = ray.data.from_items([{"path": p} for p in files], override_num_blocks=max(WORKERS, len(files) // BATCH))
+        rows = ds.map_batches(Score, batch_size=BATCH, concurrency=WORKERS, num_cpus=1).to_pandas()
+        _write({c: rows[c].tolist() for c in ("path", "p_covid", "p_normal", "p_viral")}, out)
+        return {}
+
+
+SIDES = {"pool2": Pool2, "score": ScoreJob, "score-before": ScoreJob, "daft": Daft, "ray": RayData}
+PEERS = ("daft", "ray")
+
+
+def _link(files, root: str, dst: Path) -> None:
+    """The files hard-linked under dst in their folders (same bytes and times; the job lists dst)."""
+    if dst.exists():
+        return
+    for f in files:
+        target = dst / Path(f).relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(f, target)
+
+
+def _side_server(arg: dict):
+    """The child's handler: `start` builds the side and warms it up on the first 8 files (the cold start),
+    `run` scores every file once, measured."""
+    side: dict = {}
+
+    def handle(req):
+        if req["op"] == "start":
+            files = req["files"]
+            with Watch(GROUPS, include_self=True) as w0:
+                obj = SIDES[arg["side"]](files, arg["model"], arg["root"])
+            if hasattr(obj, "prepare"):
+                obj.prepare(files[:FIRST], Path(req["out"]))
+            with Watch(GROUPS, include_self=True) as w1:
+                obj.run(files[:FIRST], Path(req["out"]))
+            side["obj"] = obj
+            return {"start_s": w0.seconds, "first8_s": w1.seconds, "start_cpu": w0.self_cpu_s + w0.cpu_s["all"],
+                    "first8_cpu": w1.self_cpu_s + w1.cpu_s["all"]}
+        if hasattr(side["obj"], "prepare"):
+            side["obj"].prepare(req["files"], Path(req["out"]))
+        with Watch(GROUPS, include_self=True) as w:
+            extra = side["obj"].run(req["files"], Path(req["out"]))
+        return {"seconds": w.seconds, "self_cpu": w.self_cpu_s, "cpu": w.cpu_s, "load": w.load, **extra}
+    return handle
+
+
+# ----------------------------------------------------------------------------- the parent
+def _server(name: str, model: str, root: str, before: str | None) -> ChildServer:
+    arg = {"side": name, "model": model, "root": root}
+    log = CACHE / "logs" / f"peers-{name}.log"
+    env = {}
+    if name == "score-before":   # the other checkout's cxr, in the child and its Spark workers
+        script = Path(before) / "scripts" / "bench_peers.py"
+        shutil.copy(__file__, script)
+        env["PYTHONPATH"] = str(before)
+    else:
+        script = Path(__file__)
+    python = str(PEERS_PYTHON) if name in PEERS else sys.executable
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return ChildServer(script, name, arg, log, python=python)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def _predictions(name: str, out: Path):
+    import pyarrow.dataset as ds
+
+    folder = out / "predictions" if name.startswith("score") else out
+    table = ds.dataset(str(folder), format="parquet", partitioning="hive").to_table(
+        columns=["path", "p_covid", "p_normal", "p_viral"]).to_pandas()
+    table["path"] = table["path"].str.replace(r"^file:", "", regex=True)
+    return table
+
+
+def _check(name: str, out: Path, reference, files, root: str) -> dict:
+    """One row per file that decodes, and the probabilities of Pool(2) (max |diff|)."""
+    import numpy as np
+
+    got = _predictions(name, out)
+    if name.startswith("score"):   # the job scored hard links of the files under OUT-in
+        got["path"] = got["path"].str.replace(str(out) + "-in", root, regex=False)
+    merged = reference.merge(got, on="path", how="outer", suffixes=("", "_side"), indicator=True)
+    diff = float(np.abs(merged[[f"{c}_side" for c in ("p_covid", "p_normal", "p_viral")]].to_numpy()
+                        - merged[["p_covid", "p_normal", "p_viral"]].to_numpy()).max()) if len(merged) else 0.0
+    return {"rows": int(len(got)), "unique": int(got["path"].nunique()),
+            "matched": bool((merged["_merge"] == "both").all()), "max_abs_diff": diff}
+
+
+def throughput(args, files: list[str], root: str, model: str, label: str) -> dict:
+    sides = [s for s in args.sides if s in SIDES]
+    servers, cold = {}, {}
+    work = CACHE / "peers" / label
+    shutil.rmtree(work, ignore_errors=True)
+    for name in sides:
+        t0 = time.perf_counter()
+        servers[name] = _server(name, model, root, args.before)
+        cold[name] = servers[name].call(op="start", files=files, out=str(work / f"{name}-warm"))
+        cold[name]["process_s"] = time.perf_counter() - t0
+        print(f"  {label} {name}: started, cold start {cold[name]}", flush=True)
+    runs = {name: [] for name in sides}
+    checks = {}
+    reference = None
+    for r, name in rotations(sides, args.rounds):
+        out = work / f"{name}-r{r}"
+        res = servers[name].call(op="run", files=files, out=str(out))
+        res["cpu_total"] = res["self_cpu"] + res["cpu"]["all"]
+        runs[name].append(res)
+        print(f"  {label} round {r} {name}: {res['seconds']:.1f} s, CPU {res['cpu_total']:.1f} s "
+              f"(self {res['self_cpu']:.1f}, jvm {res['cpu']['jvm']:.1f}, workers {res['cpu']['workers']:.1f}), "
+              f"load {res['load'][0]:.1f}", flush=True)
+        if name == "pool2" and reference is None:
+            reference = _predictions(name, out)
+    for name in sides:
+        checks[name] = _check(name, work / f"{name}-r0", reference, files, root) if reference is not None else None
+    for s in servers.values():
+        s.close()
+    return {"files": len(files), "describe": describe_files(files), "cold": cold, "runs": runs, "checks": checks}
+
+
+def profile(files: list[str], root: str, model: str) -> dict:
+    """Where one image's time goes in a score worker, in ONE process (this one; warm: imports, model, 8 files
+    first): CPU ms per image of each step, then the whole worker function (cxr.score.frames.score_raw_frame on
+    batches of 32, the task summary per 64 files) for what the steps leave out (rows, pandas, types)."""
+    import hashlib
+
+    import numpy as np
+    import pandas as pd
+
+    from cxr.image.pipeline import adjust_brightness, decode_with, equalization_input, equalize, resize_square, to_uint8
+    from cxr.scope.rules import ScopeGate
+    from cxr.score.frames import Engine, predict_fixed_batches, score_raw_frame
+    from cxr.score.summary import with_summaries
+
+    config = job_config()
+    s = _setup(model, root)
+    params, gate = s["params"], ScopeGate.from_config(config)
+    steps = dict.fromkeys(("read", "sha256", "dicom header (scope gate)", "decode", "CLAHE", "brightness", "resize",
+                           "ONNX (batches of 32)"), 0.0)
+    clock = time.process_time
+    images = []
+    for f in files[:FIRST]:   # warm
+        score_files([f], model, root)
+    for f in files:
+        t = clock(); data = Path(f).read_bytes(); steps["read"] += clock() - t
+        t = clock(); hashlib.sha256(data).hexdigest(); steps["sha256"] += clock() - t
+        t = clock(); gate.check(data); steps["dicom header (scope gate)"] += clock() - t
+        t = clock(); decoded = decode_with(data, params); steps["decode"] += clock() - t
+        t = clock(); eq = equalize(equalization_input(decoded), params); steps["CLAHE"] += clock() - t
+        t = clock(); bright = adjust_brightness(to_uint8(eq), params.brightness_alpha, params.brightness_beta)
+        steps["brightness"] += clock() - t
+        t = clock(); images.append(resize_square(bright, params.size, params.resize_mode)); steps["resize"] += clock() - t
+    stack = np.stack(images)
+    t = clock(); predict_fixed_batches(s["predictor"], stack, BATCH); steps["ONNX (batches of 32)"] += clock() - t
+    engine = Engine(model, "onnx", BATCH, 1, 1)
+    frame = pd.DataFrame({"path": [f"file:{f}" for f in files], "size": [os.path.getsize(f) for f in files],
+                          "mtime_ms": 0})
+    batches = [frame.iloc[i:i + BATCH] for i in range(0, len(frame), BATCH)]
+    t = clock()
+    for i in range(0, len(batches), 2):   # tasks of 64 files, as score.files_per_task
+        for _ in with_summaries((score_raw_frame(b, f"file:{root}", params, s["aliases"], engine, None, gate)
+                                 for b in batches[i:i + 2]), 6, 200):
+            pass
+    whole = clock() - t
+    n = len(files)
+    ms = {k: 1000 * v / n for k, v in steps.items()}
+    ms["worker function (all of the above + rows, pandas, summary)"] = 1000 * whole / n
+    ms["of which not in the steps above"] = ms["worker function (all of the above + rows, pandas, summary)"] - sum(
+        v for k, v in ms.items() if not k.startswith("worker"))
+    return ms
+
+
+def _median(runs, key):
+    return statistics.median(r[key] for r in runs)
+
+
+def table(result: dict, base: str = "pool2") -> list[str]:
+    runs = result["runs"]
+    ref = _median(runs[base], "cpu_total")
+    lines = ["| side | wall s (median) | CPU s (median, all processes) | of which JVM | Python workers | driver | "
+             "x Pool(2) CPU | Spark jobs | rows / max abs diff vs Pool(2) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, rs in runs.items():
+        c = result["checks"].get(name) or {}
+        lines.append(f"| {name} | {_median(rs, 'seconds'):.1f} | {_median(rs, 'cpu_total'):.1f} | "
+                     f"{statistics.median(r['cpu']['jvm'] for r in rs):.1f} | "
+                     f"{statistics.median(r['cpu']['workers'] for r in rs):.1f} | "
+                     f"{statistics.median(r['self_cpu'] for r in rs):.1f} | "
+                     f"**{_median(rs, 'cpu_total') / ref:.2f}** | {rs[0].get('jobs_seen', '')} | "
+                     f"{c.get('rows')} ({'one per file' if c.get('unique') == c.get('rows') and c.get('matched') else 'MISMATCH'}) / {c.get('max_abs_diff', 0):.1e} |")
+    return lines
+
+
+def main() -> int:
+    p = bench_parser(__doc__, rounds=3)
+    p.add_argument("--sides", nargs="*", default=["pool2", "score", "daft", "ray"])
+    p.add_argument("--before", help="another checkout whose score job runs as side score-before")
+    p.add_argument("--inputs", nargs="*", default=["real", "synth5000"])
+    p.add_argument("--size", type=int, default=128, help="the model's input side")
+    p.add_argument("--profile", type=int, default=0, help="profile the worker function on the first N files instead")
+    args = p.parse_args()
+    if args.serve:
+        return serve(_side_server(json.loads(args.serve)), args.reply_fd)
+    if args.before:
+        args.sides = list(dict.fromkeys([*args.sides, "score-before"]))
+    model = str(random_cnn(args.size))
+    pre = job_config()["preprocess"]
+    results = {}
+    if args.profile:
+        for name in args.inputs:
+            root = (REAL if name == "real" else synthetic_archive(int(name.removeprefix("synth")))).resolve()
+            files = input_files(root, pre)[:args.profile]
+            results[f"profile-{name}"] = profile(files, str(root), model)
+            print(name, json.dumps(results[f"profile-{name}"], indent=1), flush=True)
+        return 0
+    for name in args.inputs:
+        root = (REAL if name == "real" else synthetic_archive(int(name.removeprefix("synth")))).resolve()
+        files = input_files(root, pre)
+        results[name] = throughput(args, files, str(root), model, name)
+        print("\n".join(table(results[name])), flush=True)
+    state = CACHE / "peers-results.json"
+    state.write_text(json.dumps({"versions": versions(), "results": results, "args": vars(args)}, indent=1,
+                                default=str))
+    print(f"results in {state}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
