@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -372,6 +371,55 @@ def profile(files: list[str], root: str, model: str) -> dict:
     return ms
 
 
+def pool_child(root: str, model: str, out: str) -> dict:
+    """A fresh process as a user would write it: imports, a spawn Pool(2), every file through the per-file
+    function and the model (batches of 32), predictions to Parquet."""
+    import multiprocessing as mp
+
+    files = input_files(Path(root), job_config()["preprocess"])
+    chunks = [files[i:i + BATCH] for i in range(0, len(files), BATCH)]
+    with mp.get_context("spawn").Pool(WORKERS) as pool:
+        parts = pool.starmap(_chunk, [(c, model, root) for c in chunks], chunksize=1)
+    _write(_merge(parts), Path(out))
+    return {"files": len(files)}
+
+
+def submit(root: str, model: str, rounds: int) -> dict:
+    """The whole `scripts/submit.sh jobs/score.py --full` (local[2], MLflow on, into a throwaway sqlite store) vs
+    a fresh Pool(2) process (pool_child), alternated; then an unchanged night (the same command without --full).
+    CPU: getrusage of the waited child and its descendants (JVM, Python driver, workers)."""
+    from cxr.common.bench import child_run, run_child
+
+    work = CACHE / "peers" / "submit"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
+    log = CACHE / "logs" / "peers-submit.log"
+    runs = {"submit --full": [], "pool2 process": [], "unchanged night": []}
+
+    def job(out, full):
+        cmd = ["bash", str(ROOT / "scripts" / "submit.sh"), "--master", f"local[{WORKERS}]", str(ROOT / "jobs" / "score.py"),
+               "--input", root, "--model", model, "--output", str(out), *(["--full"] if full else [])]
+        r = run_child(cmd, log, env=env, answer=False, append=True)
+        record = json.loads(max((out / "runs").glob("*.json"), key=os.path.getmtime).read_text())
+        return {"seconds": r.wall_s, "cpu": r.cpu_s, "spark_jobs": record.get("spark_jobs"),
+                "timings_s": record.get("timings_s"), "counts": record.get("counts")}
+
+    for r in range(rounds):
+        out = work / f"pred-{r}"
+        order = ["submit --full", "pool2 process"] if r % 2 == 0 else ["pool2 process", "submit --full"]
+        for side in order:
+            if side == "submit --full":
+                runs[side].append(job(out, True))
+            else:
+                c = child_run(__file__, ["pool", root, model, str(work / f"pool-{r}")], log)
+                runs[side].append({"seconds": c.wall_s, "cpu": c.cpu_s})
+            print(f"  submit round {r} {side}: {runs[side][-1]}", flush=True)
+        runs["unchanged night"].append(job(out, False))
+        print(f"  submit round {r} unchanged night: {runs['unchanged night'][-1]}", flush=True)
+    return runs
+
+
 def _median(runs, key):
     return statistics.median(r[key] for r in runs)
 
@@ -398,10 +446,15 @@ def main() -> int:
     p.add_argument("--before", help="another checkout whose score job runs as side score-before")
     p.add_argument("--inputs", nargs="*", default=["real", "synth5000"])
     p.add_argument("--size", type=int, default=128, help="the model's input side")
+    p.add_argument("--submit", action="store_true", help="the whole spark-submit vs a fresh Pool(2) process instead")
     p.add_argument("--profile", type=int, default=0, help="profile the worker function on the first N files instead")
     args = p.parse_args()
     if args.serve:
         return serve(_side_server(json.loads(args.serve)), args.reply_fd)
+    if args.child:
+        from cxr.common.bench import answer_child
+
+        return answer_child(lambda req: pool_child(*req[1:]), args.child)
     if args.before:
         args.sides = list(dict.fromkeys([*args.sides, "score-before"]))
     model = str(random_cnn(args.size))
@@ -413,6 +466,10 @@ def main() -> int:
             files = input_files(root, pre)[:args.profile]
             results[f"profile-{name}"] = profile(files, str(root), model)
             print(name, json.dumps(results[f"profile-{name}"], indent=1), flush=True)
+        return 0
+    if args.submit:
+        results["submit"] = submit(str(REAL.resolve()), model, args.rounds)
+        (CACHE / "peers-submit.json").write_text(json.dumps(results, indent=1, default=str))
         return 0
     for name in args.inputs:
         root = (REAL if name == "real" else synthetic_archive(int(name.removeprefix("synth")))).resolve()

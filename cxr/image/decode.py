@@ -341,6 +341,11 @@ def dicom():
     return pydicom
 
 
+def pixel_array(ds, index: int = 0):
+    """pydicom's pixel_array (through dicom(): imported at the first DICOM)."""
+    return dicom().pixels.pixel_array(ds, index=index)
+
+
 def _read_dicom(data: bytes, stop_before_pixels: bool):
     """pydicom dcmread of in-memory bytes; returns (dataset, offset of the pixel data element or None)."""
     fp = BytesIO(data)
@@ -394,7 +399,7 @@ def _decode_dicom(data: bytes, max_pixels: int, min_side: int, reduce_to: int = 
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            arr = dicom().pixels.pixel_array(ds, index=0)  # first frame only, YBR converted to RGB
+            arr = pixel_array(ds, index=0)  # first frame only, YBR converted to RGB
     except Exception as exc:
         raise RejectedImage("decode", f"cannot decode DICOM pixel data ({tsyntax.name}): {exc}") from None
     damage += _dicom_codec_damage(str(w.message) for w in caught)

@@ -127,6 +127,27 @@ def _lease_files(spark: SparkSession, out: str):
     return LocalLeaseFiles() if local_path(out) is not None else fs.FsLeaseFiles(spark)
 
 
+def _dealt(spark: SparkSession, files, n_tasks: int, batch: int):
+    """(a DataFrame of n_tasks rows, one per partition; a function turning a task's input frames into its files,
+    in frames of `batch`): the files (path, size, mtime_ms, in path order) dealt round-robin into the tasks, so
+    every task gets the same mix of folders and the cores finish together; broadcast to the workers, so the
+    scoring pass is the run's one Spark job for them (a repartition would add a shuffle and a job). Over Spark
+    Connect (no broadcast): the files as a DataFrame, repartitioned."""
+    if is_connect(spark):
+        frame = spark.createDataFrame(files, "path string, size long, mtime_ms long")
+        return frame.repartition(n_tasks), iter
+    chunks = spark.sparkContext.broadcast([files.iloc[t::n_tasks].reset_index(drop=True) for t in range(n_tasks)])
+
+    def files_of(frames):
+        for frame in frames:
+            for task in frame["id"]:
+                chunk = chunks.value[int(task)]
+                for start in range(0, len(chunk), batch):
+                    yield chunk.iloc[start:start + batch]
+
+    return spark.range(0, n_tasks, 1, n_tasks), files_of
+
+
 def _tasks(spark: SparkSession, n_rows: int, per_task: int) -> int:
     """Enough tasks to keep every core busy, no more than one per `per_task` files."""
     cores = default_parallelism(spark)
@@ -187,7 +208,7 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
         else:
             mode = "raw"
             done = _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, runner, staging, stamp,
-                              clock, int(score_conf.get("files_per_task", 64)), gate, table_format, run_id, page)
+                              clock, int(score_conf.get("files_per_task", 256)), gate, table_format, run_id, page)
         counts, bytes_read, flagged = done.counts, done.bytes_read, done.flagged
         rows = done.results
         if counts["scored"]:
@@ -330,12 +351,12 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
                                        F.lit(None).cast("string").alias("sha256"), F.lit("rejected").alias("status")))
     n_known, bytes_read, hashed, passes = 0, 0, None, 1
     if n["read"]:
-        to_read = frame_of("read").select("path", F.col("length").alias("size"), "mtime_ms")
         bytes_read = int(plan.loc[plan["todo"] == "read", "length"].sum())
         known = None if full else scored_digests(out, mid, table_format)
         if known is not None and len(known) > int(score_conf.get("known_in_workers", 2_000_000)):
             # too much scored content to hand every worker: hash first, join in Spark, read the new content again
             passes, scored = 2, _scored_shas(spark, out, mid, table_format)
+            to_read = frame_of("read").select("path", F.col("length").alias("size"), "mtime_ms")
             hashed = (to_read.repartition(_tasks(spark, n["read"], files_per_task * 4))
                       .mapInPandas(lambda frames: (hash_frame(f, max_bytes) for f in frames), schema=HASH_SCHEMA)
                       .cache())
@@ -348,16 +369,20 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
         if n_known < n["read"]:
             aliases = alias_table(pre["labels"])
             shipped = _ship(spark, known)
+            if hashed is None:   # every listed file to read: dealt into tasks on the driver, no shuffle, no job
+                todo = plan.loc[plan["todo"] == "read", ["path", "length", "mtime_ms"]].rename(columns={"length": "size"})
+                to_read, files_of = _dealt(spark, todo, _tasks(spark, len(todo), files_per_task), runner.batch_size)
+            else:
+                to_read, files_of = to_read.repartition(_tasks(spark, n["read"] - n_known, files_per_task)), iter
 
             def score(frames):
                 digests = shipped() if shipped else None
                 yield from with_summaries((score_raw_frame(frame, root, params, aliases, runner, max_bytes, gate,
-                                                           digests) for frame in frames), *page)
+                                                           digests) for frame in files_of(frames)), *page)
 
             # rows in are paths, rows out have no image: Arrow batches of one model batch, not the session's 16
             with session_conf(spark, ARROW_BATCH, runner.batch_size):
-                (to_read.repartition(_tasks(spark, n["read"] - n_known, files_per_task))
-                 .mapInPandas(score, schema=SUMMARISED_SCHEMA).write.parquet(f"{staging}/results"))
+                to_read.mapInPandas(score, schema=SUMMARISED_SCHEMA).write.parquet(f"{staging}/results")
         clock.lap("score", "%d files read and scored on the executors", n["read"] - n_known)
     results, summary = _summarised(spark, staging, SUMMARISED_SCHEMA, unread_rows, page)
     if fs.exists(spark, f"{staging}/results"):
