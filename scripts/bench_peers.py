@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cxr.common.bench import (CACHE, ROOT as REPO, Timer, Watch, bench_parser, describe_files, input_files,  # noqa: E402
-                              job_config, kinds_text, load_range, loadavg, machine, random_cnn, rotations,
+                              job_config, kinds_text, linked_subset, load_range, loadavg, machine, random_cnn, rotations,
                               synthetic_archive, versions)
 from cxr.common.bench.runs import ChildServer, serve  # noqa: E402
 
@@ -135,8 +135,8 @@ class ScoreJob:
         before = self._probe()
         record = run(self.spark, str(archive), self.model, str(out), self.config, full=True, batch_size=BATCH)
         jobs = self._probe() - before - 1
-        return {"jobs_seen": jobs, **{k: record.get(k) for k in ("spark_jobs", "timings_s", "counts", "read_passes",
-                                                                  "bytes_read")}}
+        return {"jobs_seen": jobs, "monitoring_s": (record.get("monitoring") or {}).get("seconds"),
+                **{k: record.get(k) for k in ("spark_jobs", "timings_s", "counts", "read_passes", "bytes_read")}}
 
     def _probe(self) -> int:
         """The id of a job started now (ids count up in a SparkContext): the jobs of a run lie in between."""
@@ -148,31 +148,36 @@ class ScoreJob:
 
 
 class Daft:
-    """Daft's native runner: paths in, url.download() reads the bytes, a class UDF (model once per instance)
-    with WORKERS instances."""
+    """Daft's native runner: paths in, url.download() reads the bytes, a @daft.cls UDF (model once per instance)
+    with WORKERS instances, batches of 32."""
 
     def __init__(self, files, model, root):
         import daft
 
-        self.daft, self.model, self.root = daft, model, root
-        model_, root_ = model, root
+        self.daft = daft
 
-        @daft.udf(return_dtype=daft.DataType.python(), concurrency=WORKERS, batch_size=BATCH)
+        @daft.cls(max_concurrency=WORKERS)
         class Score:
-            def __init__(self):
-                _setup(model_, root_)
+            def __init__(self, model: str, root: str):
+                self.model, self.root = model, root
+                _setup(model, root)
 
+            @daft.method.batch(return_dtype=daft.DataType.python(), batch_size=BATCH)
             def __call__(self, paths, data):
-                return [score_files(paths.to_pylist(), model_, root_, data.to_pylist())]
+                paths = paths.to_pylist()
+                got = score_files(paths, self.model, self.root, data.to_pylist())
+                probs = dict(zip(got["path"], zip(got["p_covid"], got["p_normal"], got["p_viral"])))
+                return [probs.get(p) for p in paths]
 
-        self.udf = Score
+        self.udf = Score(model, root)
 
     def run(self, files, out: Path) -> dict:
-        daft = self.daft
-        df = daft.from_pydict({"path": list(files)}).into_partitions(WORKERS * 4)
+        df = self.daft.from_pydict({"path": list(files)})
         df = df.with_column("data", df["path"].url.download())
-        parts = df.select(self.udf(df["path"], df["data"]).alias("rows")).to_pydict()["rows"]
-        _write(_merge([p for p in parts if p]), out)
+        got = df.select("path", self.udf(df["path"], df["data"]).alias("p")).to_pydict()
+        rows = [(path, p) for path, p in zip(got["path"], got["p"]) if p is not None]
+        _write({"path": [r[0] for r in rows], "p_covid": [r[1][0] for r in rows],
+                "p_normal": [r[1][1] for r in rows], "p_viral": [r[1][2] for r in rows]}, out)
         return {}
 
 
@@ -218,6 +223,52 @@ def _link(files, root: str, dst: Path) -> None:
         os.link(f, target)
 
 
+class TreeCPU:
+    """CPU seconds of every process under this one during a block, by group (cmdline patterns), polled every
+    0.1 s: a process that exits inside the block keeps the CPU it was last seen with. (Spark kills a Python worker
+    idle for a minute and forks a new one: Watch, reading /proc at the start and the end only, loses the CPU of
+    those that did the work and exited.)"""
+
+    def __init__(self, groups: dict[str, str]):
+        import re
+        import threading
+
+        self.groups = {k: re.compile(v) for k, v in groups.items()}
+        self.base, self.last, self.group_of = {}, {}, {}
+        self._stop, self._thread = threading.Event(), threading.Thread(target=self._loop, daemon=True)
+
+    def _poll(self, first=False):
+        from cxr.common.bench import cmdline, descendants, process_cpu_seconds
+
+        for pid in descendants(os.getpid()):
+            t = process_cpu_seconds(pid)
+            if t is None:
+                continue
+            if pid not in self.group_of:
+                line = cmdline(pid)
+                self.group_of[pid] = [g for g, rx in self.groups.items() if rx.search(line)]
+                self.base[pid] = t if first else 0.0
+            self.last[pid] = t
+
+    def _loop(self):
+        while not self._stop.wait(0.1):
+            self._poll()
+
+    def __enter__(self):
+        self._poll(first=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._poll()
+
+    @property
+    def cpu_s(self) -> dict[str, float]:
+        return {g: sum(self.last[p] - self.base[p] for p, gs in self.group_of.items() if g in gs) for g in self.groups}
+
+
 def _side_server(arg: dict):
     """The child's handler: `start` builds the side and warms it up on the first 8 files (the cold start),
     `run` scores every file once, measured."""
@@ -230,16 +281,17 @@ def _side_server(arg: dict):
                 obj = SIDES[arg["side"]](files, arg["model"], arg["root"])
             if hasattr(obj, "prepare"):
                 obj.prepare(files[:FIRST], Path(req["out"]))
-            with Watch(GROUPS, include_self=True) as w1:
+            with Watch(GROUPS, include_self=True) as w1, TreeCPU(GROUPS) as tree:
                 obj.run(files[:FIRST], Path(req["out"]))
             side["obj"] = obj
             return {"start_s": w0.seconds, "first8_s": w1.seconds, "start_cpu": w0.self_cpu_s + w0.cpu_s["all"],
-                    "first8_cpu": w1.self_cpu_s + w1.cpu_s["all"]}
+                    "first8_cpu": w1.self_cpu_s + tree.cpu_s["all"], "first8_groups": {"driver": w1.self_cpu_s, **tree.cpu_s}}
         if hasattr(side["obj"], "prepare"):
             side["obj"].prepare(req["files"], Path(req["out"]))
-        with Watch(GROUPS, include_self=True) as w:
+        with Watch(GROUPS, include_self=True) as w, TreeCPU(GROUPS) as tree:
             extra = side["obj"].run(req["files"], Path(req["out"]))
-        return {"seconds": w.seconds, "self_cpu": w.self_cpu_s, "cpu": w.cpu_s, "load": w.load, **extra}
+        return {"seconds": w.seconds, "self_cpu": w.self_cpu_s, "cpu": tree.cpu_s, "cpu_watch": w.cpu_s,
+                "load": w.load, **extra}
     return handle
 
 
@@ -384,7 +436,7 @@ def pool_child(root: str, model: str, out: str) -> dict:
     return {"files": len(files)}
 
 
-def submit(root: str, model: str, rounds: int) -> dict:
+def submit(root: str, model: str, rounds: int, before: str | None = None) -> dict:
     """The whole `scripts/submit.sh jobs/score.py --full` (local[2], MLflow on, into a throwaway sqlite store) vs
     a fresh Pool(2) process (pool_child), alternated; then an unchanged night (the same command without --full).
     CPU: getrusage of the waited child and its descendants (JVM, Python driver, workers)."""
@@ -397,19 +449,27 @@ def submit(root: str, model: str, rounds: int) -> dict:
     log = CACHE / "logs" / "peers-submit.log"
     runs = {"submit --full": [], "pool2 process": [], "unchanged night": []}
 
-    def job(out, full):
-        cmd = ["bash", str(ROOT / "scripts" / "submit.sh"), "--master", f"local[{WORKERS}]", str(ROOT / "jobs" / "score.py"),
+    def job(out, full, checkout=None):
+        """checkout: another one (--before): its submit.sh and jobs/score.py, its cxr in the driver and workers."""
+        home = Path(checkout) if checkout else ROOT
+        cmd = ["bash", str(home / "scripts" / "submit.sh"), "--master", f"local[{WORKERS}]", str(home / "jobs" / "score.py"),
                "--input", root, "--model", model, "--output", str(out), *(["--full"] if full else [])]
-        r = run_child(cmd, log, env=env, answer=False, append=True)
+        extra = {"CXR_VENV": str(ROOT / ".venv"), "PYTHONPATH": str(home)} if checkout else {}
+        r = run_child(cmd, log, env={**env, **extra}, answer=False, append=True)
         record = json.loads(max((out / "runs").glob("*.json"), key=os.path.getmtime).read_text())
         return {"seconds": r.wall_s, "cpu": r.cpu_s, "spark_jobs": record.get("spark_jobs"),
                 "timings_s": record.get("timings_s"), "counts": record.get("counts")}
 
+    if before:
+        runs["submit --full (before)"] = []
     for r in range(rounds):
         out = work / f"pred-{r}"
-        order = ["submit --full", "pool2 process"] if r % 2 == 0 else ["pool2 process", "submit --full"]
+        order = ["submit --full", "pool2 process", *(["submit --full (before)"] if before else [])]
+        order = order[r % len(order):] + order[:r % len(order)]
         for side in order:
-            if side == "submit --full":
+            if side == "submit --full (before)":
+                runs[side].append(job(work / f"pred-before-{r}", True, before))
+            elif side == "submit --full":
                 runs[side].append(job(out, True))
             else:
                 c = child_run(__file__, ["pool", root, model, str(work / f"pool-{r}")], log)
@@ -418,6 +478,15 @@ def submit(root: str, model: str, rounds: int) -> dict:
         runs["unchanged night"].append(job(out, False))
         print(f"  submit round {r} unchanged night: {runs['unchanged night'][-1]}", flush=True)
     return runs
+
+
+def _input(name: str) -> Path:
+    """real: ../shared/data/cxr; synthN: the N-file synthetic archive; synthN:K its first K files (hard links)."""
+    if name == "real":
+        return REAL
+    n, _, k = name.removeprefix("synth").partition(":")
+    archive = synthetic_archive(int(n))
+    return linked_subset(archive, int(k), f"score-synth-{n}-first{k}") if k else archive
 
 
 def _median(runs, key):
@@ -462,17 +531,17 @@ def main() -> int:
     results = {}
     if args.profile:
         for name in args.inputs:
-            root = (REAL if name == "real" else synthetic_archive(int(name.removeprefix("synth")))).resolve()
+            root = _input(name).resolve()
             files = input_files(root, pre)[:args.profile]
             results[f"profile-{name}"] = profile(files, str(root), model)
             print(name, json.dumps(results[f"profile-{name}"], indent=1), flush=True)
         return 0
     if args.submit:
-        results["submit"] = submit(str(REAL.resolve()), model, args.rounds)
+        results["submit"] = submit(str(REAL.resolve()), model, args.rounds, args.before)
         (CACHE / "peers-submit.json").write_text(json.dumps(results, indent=1, default=str))
         return 0
     for name in args.inputs:
-        root = (REAL if name == "real" else synthetic_archive(int(name.removeprefix("synth")))).resolve()
+        root = _input(name).resolve()
         files = input_files(root, pre)
         results[name] = throughput(args, files, str(root), model, name)
         print("\n".join(table(results[name])), flush=True)
