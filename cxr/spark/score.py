@@ -286,7 +286,9 @@ def _commit(spark: SparkSession, out: str, staging: str, run_id: str, run_date: 
     return None
 
 
-def _error_rows(results: DataFrame, unread: DataFrame | None) -> DataFrame:
+def _error_rows(results: DataFrame | None, unread: DataFrame | None) -> DataFrame:
+    if results is None:
+        return unread
     rows = results.where(F.col("status") == "error").select("path", "sha256", "stage", "reason", *DICOM_COLUMNS)
     return rows if unread is None else rows.unionByName(unread)
 
@@ -302,7 +304,7 @@ class Scored:
     """What scoring left for the rest of the run: its results (the staged result rows), the listed files never
     read (errors rows, or None), the counts, the task summaries added up (cxr.score.summary.combine), and how
     many times each read file was opened (1: hashed and scored in one pass; 2: hashed first, then scored)."""
-    results: DataFrame
+    results: DataFrame | None
     unread: DataFrame | None
     counts: dict[str, int]
     bytes_read: int
@@ -315,8 +317,8 @@ def _summarised(spark: SparkSession, staging: str, schema: T.StructType, extra_r
     """The staged results (explicit schema: no Spark job to infer it) and their tasks' summaries combined (one
     job reading one column)."""
     path = f"{staging}/results"
-    if not fs.exists(spark, path):
-        return spark.createDataFrame([], schema), combine([], extra_rows, *page)
+    if not fs.exists(spark, path):   # nothing read (an unchanged night): no DataFrame, no Spark call
+        return None, combine([], extra_rows, *page)
     results = spark.read.schema(schema).parquet(path)
     summaries = [json.loads(r[0]) for r in results.where(F.col(SUMMARY_COLUMN).isNotNull())
                  .select(SUMMARY_COLUMN).collect()]
@@ -385,7 +387,7 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
                 to_read.mapInPandas(score, schema=SUMMARISED_SCHEMA).write.parquet(f"{staging}/results")
         clock.lap("score", "%d files read and scored on the executors", n["read"] - n_known)
     results, summary = _summarised(spark, staging, SUMMARISED_SCHEMA, unread_rows, page)
-    if fs.exists(spark, f"{staging}/results"):
+    if results is not None:
         state_rows.append(results.select(
             "path", "size", "mtime_ms", "sha256",
             F.when(F.col("status") == "ok", "scored").when(F.col("status") == "out_of_scope", "out_of_scope")
