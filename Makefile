@@ -11,7 +11,7 @@ export PYSPARK_DRIVER_PYTHON := $(abspath $(BIN)/python)
 export SPARK_LOCAL_IP        ?= 127.0.0.1
 export TF_CPP_MIN_LOG_LEVEL  ?= 2
 
-.PHONY: demo test test-cluster test-connect test-airflow venv clean dist cluster-up cluster-down chromium
+.PHONY: demo test test-cluster test-connect test-airflow bench-peers venv clean dist cluster-up cluster-down chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,20 @@ $(AF_STAMP): pyproject.toml
 
 test-airflow: $(AF_STAMP)
 	$(AF_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/airflow_dag
+
+# The score job beside Pool(2), Daft and Ray Data on the same files and model.onnx (BENCHMARKS.md "Score: peers").
+# The peers live in .venv-peers (the project + the `peers` extra of pyproject.toml), never in .venv.
+PEERS_VENV  := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed-stamp
+
+$(PEERS_STAMP): pyproject.toml
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/pip install --quiet -e '.[peers]'
+	touch $(PEERS_STAMP)
+
+bench-peers: $(STAMP) $(PEERS_STAMP)
+	$(BIN)/python scripts/bench_peers.py $(BENCH_ARGS)
 
 # Cluster packaging: dist/cxr-env.tar.gz (packed venv for the executors, TensorFlow included) + dist/cxr_spark-*.whl.
 dist: $(STAMP)

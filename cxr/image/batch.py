@@ -34,15 +34,16 @@ def relative_to(path: str, root: str | tuple[str, ...]) -> str:
 
 
 def process_file(path: str, content: bytes | None, root: str | tuple[str, ...], params: PreprocessParams,
-                 aliases: Mapping[str, str], gate=None) -> dict:
+                 aliases: Mapping[str, str], gate=None, sha256: str | None = None) -> dict:
     """gate (cxr.scope.rules.ScopeGate): read a DICOM's header into the row and keep an out-of-scope file
-    (lateral, CT, no pixels, ...) from being decoded: status out_of_scope, stage "scope", the reason."""
+    (lateral, CT, no pixels, ...) from being decoded: status out_of_scope, stage "scope", the reason.
+    sha256: the content's digest when the caller already computed it (not hashed twice)."""
     rel = relative_to(path, root)
     row = dict.fromkeys(COLUMNS)
     row.update(path=path, rel_path=rel, label=infer_label(rel, aliases), status="error")
     try:
         data = bytes(content) if content is not None else b""
-        row["sha256"] = hashlib.sha256(data).hexdigest()
+        row["sha256"] = sha256 or hashlib.sha256(data).hexdigest()
         if gate is not None:
             columns, out_of_scope = gate.check(data)
             row.update(columns)

@@ -23,11 +23,7 @@ from io import BytesIO
 
 import cv2
 import numpy as np
-import pydicom
 from PIL import Image, UnidentifiedImageError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
-from pydicom.pixels.utils import get_expected_length
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from cxr.image.damage import (ON_DAMAGED, damage_of, damaged_reason, decoder_messages, png_crc_errors,
                                png_with_fixed_crcs)
@@ -333,13 +329,30 @@ def _check_complete(data: bytes, fmt: str) -> None:
 
 # --------------------------------------------------------------------------------------------- DICOM
 
+def dicom():
+    """pydicom with its pixel and UID modules, imported at the first DICOM: 0.3-0.5 s of CPU that every process
+    decoding PNG/JPEG archives only (each Spark Python worker, the driver) would pay for nothing."""
+    import pydicom
+    import pydicom.multival
+    import pydicom.pixels
+    import pydicom.pixels.utils
+    import pydicom.uid
+
+    return pydicom
+
+
+def pixel_array(ds, index: int = 0):
+    """pydicom's pixel_array (through dicom(): imported at the first DICOM)."""
+    return dicom().pixels.pixel_array(ds, index=index)
+
+
 def _read_dicom(data: bytes, stop_before_pixels: bool):
     """pydicom dcmread of in-memory bytes; returns (dataset, offset of the pixel data element or None)."""
     fp = BytesIO(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns about every odd tag; we judge the result
-            ds = pydicom.dcmread(fp, force=True, stop_before_pixels=stop_before_pixels)
+            ds = dicom().dcmread(fp, force=True, stop_before_pixels=stop_before_pixels)
     except Exception as exc:
         raise RejectedImage("decode", f"corrupt DICOM: cannot parse the data elements ({type(exc).__name__}: "
                                       f"{exc})") from None
@@ -369,12 +382,13 @@ def _decode_dicom(data: bytes, max_pixels: int, min_side: int, reduce_to: int = 
                                       f"cannot be read to its end ({len(data)} bytes in file)")
     if "TransferSyntaxUID" not in ds.file_meta:  # ACR-NEMA / no File Meta: use the encoding pydicom found
         implicit, little = ds.original_encoding
-        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
-                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        uid = dicom().uid
+        ds.file_meta.TransferSyntaxUID = (uid.ImplicitVRLittleEndian if implicit else
+                                          uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian)
     tsyntax = ds.file_meta.TransferSyntaxUID
     damage: list[str] = []
     if not tsyntax.is_compressed and "PixelData" in ds:
-        have, need = len(ds.PixelData), get_expected_length(ds, unit="bytes")
+        have, need = len(ds.PixelData), dicom().pixels.utils.get_expected_length(ds, unit="bytes")
         if have < need:
             damage.append(f"truncated DICOM: pixel data has {have} of the {need} bytes that Rows x Columns x "
                             f"Frames x Samples x BitsAllocated ({rows}x{cols}x{ds.get('NumberOfFrames') or 1}x"
@@ -395,7 +409,7 @@ def _decode_dicom(data: bytes, max_pixels: int, min_side: int, reduce_to: int = 
     out_dtype = np.uint8 if bits <= 8 else np.uint16
     orig_dtype = "uint8" if bits <= 8 else "uint16" if bits <= 16 else str(arr.dtype)
     if photometric == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)
+        arr = dicom().pixels.apply_color_lut(arr, ds)
     if arr.ndim == 3:  # colour: the LUTs below are for grayscale; just take luminance
         arr = cv2.cvtColor(np.ascontiguousarray(arr), cv2.COLOR_RGB2GRAY)
         pixels = _stretch(arr, out_dtype)
@@ -433,8 +447,9 @@ def _display_values(arr: np.ndarray, ds, dtype, *, invert: bool) -> np.ndarray:
         src = np.arange(int(lo), int(hi) + 1).astype(arr.dtype)
     else:
         src = arr
-    values = apply_modality_lut(src, ds)  # stored values -> modality values (e.g. slope/intercept)
-    shown = apply_voi_lut(values, ds, index=0)  # the window / VOI LUT the modality chose
+    pixels = dicom().pixels
+    values = pixels.apply_modality_lut(src, ds)  # stored values -> modality values (e.g. slope/intercept)
+    shown = pixels.apply_voi_lut(values, ds, index=0)  # the window / VOI LUT the modality chose
     if shown is not values and "VOILUTSequence" not in ds and float(ds.get("RescaleSlope") or 1) < 0:
         shown = -shown  # pydicom 3.0 maps a window onto a range flipped by a negative slope: undo that
     shown = _cv_ready(shown)

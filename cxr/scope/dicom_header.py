@@ -21,7 +21,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, Mapping
 
-import pydicom
+from cxr.image.decode import dicom
 
 # column name -> (DICOM keyword, kind); kind: str | multi (backslash-joined) | int | date | spacing
 HEADER_COLUMNS: dict[str, tuple[str, str]] = {
@@ -93,7 +93,7 @@ class HeaderReader:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(fp, force=True, stop_before_pixels=True)
+                ds = dicom().dcmread(fp, force=True, stop_before_pixels=True)
         except Exception:
             return None
         if not any(tag.group in (0x0008, 0x0028) for tag in ds.keys()):
@@ -142,14 +142,14 @@ def _value(ds, keyword: str, kind: str):
         if kind == "str":
             return _text(elem)
         if kind == "multi":
-            values = list(elem) if isinstance(elem, pydicom.multival.MultiValue) else [elem]
+            values = list(elem) if isinstance(elem, dicom().multival.MultiValue) else [elem]
             return "\\".join(str(v).strip() for v in values) or None
         if kind == "int":
             return int(elem)
         if kind == "date":
             return dt.datetime.strptime(str(elem).strip()[:8], "%Y%m%d").date()
         if kind.startswith("spacing"):
-            values = list(elem) if isinstance(elem, pydicom.multival.MultiValue) else [elem]
+            values = list(elem) if isinstance(elem, dicom().multival.MultiValue) else [elem]
             return float(values[int(kind[-1])]) if len(values) > int(kind[-1]) else None
     except (ValueError, TypeError, IndexError):
         return None

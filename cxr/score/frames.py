@@ -25,6 +25,7 @@ from cxr.models import store
 from cxr.common.manifest import site_source
 from cxr.scope.dicom_header import DICOM_COLUMNS, SITE_KEY, with_column_types
 from cxr.scope.frontal import FrontalCheck, verdicts
+from cxr.score.known import ALREADY_SCORED, contains
 from cxr.scope.rules import OOD_STAGE, ScopeGate
 
 PROB_COLUMNS = tuple(f"p_{c.lower()}" for c in CLASSES)
@@ -191,10 +192,11 @@ def hash_frame(frame: pd.DataFrame, max_bytes: int | None = None) -> pd.DataFram
 
 def score_raw_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, aliases: Mapping[str, str],
                     engine: Engine, max_bytes: int | None = None, gate: ScopeGate | None = None,
-                    source: str | None = None) -> pd.DataFrame:
-    """Files (path, size, mtime_ms) -> predictions: read here, the preprocess job's own per-file function (with
-    the scope gate: DICOM columns, out-of-scope files not decoded), then the model. `source`: the run's source
-    (score.source), for files whose DICOM header names no site."""
+                    source: str | None = None, known: np.ndarray | None = None) -> pd.DataFrame:
+    """Files (path, size, mtime_ms) -> predictions: read here (once), the preprocess job's own per-file function
+    (with the scope gate: DICOM columns, out-of-scope files not decoded), then the model. `source`: the run's
+    source (score.source), for files whose DICOM header names no site. known: the digests of the content this
+    model already scored (cxr.score.known): such a file is hashed, not decoded, and its row says already_scored."""
     rows, images = [], []
     for path, size, mtime in zip(frame["path"], frame["size"], frame["mtime_ms"]):
         row = dict.fromkeys(RESULT_COLUMNS)
@@ -203,7 +205,12 @@ def score_raw_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, al
         if problem:
             row.update(status="error", stage="read", reason=problem)
         else:
-            done = process_file(path, content, root, params, aliases, gate)
+            sha = hashlib.sha256(content).hexdigest()
+            if contains(known, sha):
+                row.update(sha256=sha, status=ALREADY_SCORED)
+                rows.append(row)
+                continue
+            done = process_file(path, content, root, params, aliases, gate, sha256=sha)
             row.update({c: done[c] for c in DICOM_COLUMNS})
             row.update(source=site_source(done.get(SITE_KEY)) or source)
             row.update(sha256=done["sha256"], folder_label=done["label"], status=done["status"],

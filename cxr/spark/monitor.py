@@ -1,8 +1,8 @@
 """Run monitoring's Spark side (cxr.monitor holds the statistics, the tests and the page, without Spark).
 
-watch(): before the commit removes the run's staging tables, the statistics of its result rows are computed on
-the executors (one partial per partition, added up on the driver: a first run over millions of files sends
-counts, not rows) and the few rows the page lists are collected. finish(): after the run is in place, the
+watch(): the statistics of the run's rows and the few rows the page lists, from the summaries its scoring tasks
+computed in the scoring pass (cxr/score/summary.py: one partial per task, added up on the driver: a first run
+over millions of files sends counts, not rows). finish(): after the run is in place, the
 statistics are tested against the model's training reference and the last N runs of the same model
 (runs/*.json), each drift is a WARN line, and PRED_DIR/reports/R.html is written. Returns the run record's
 `monitoring` field.
@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from cxr.image.pipeline import preprocess_bytes
@@ -27,9 +27,7 @@ from cxr.monitor.drift import describe
 from cxr.monitor.page import render
 from cxr.monitor.plots import thumbnail_uri
 from cxr.monitor.reference import read_reference
-from cxr.monitor.stats import COLUMNS, pooled, run_statistics
-from cxr.score.frames import PROB_COLUMNS
-from cxr.scope.frontal import NOT_FRONTAL, UNLIKE_TRAINING
+from cxr.monitor.stats import COLUMNS, run_statistics
 from cxr.spark import fs
 from cxr.spark.explain import read_bytes
 
@@ -47,68 +45,19 @@ class Watch:
     error: str | None = None
 
 
-def _rows(spark: SparkSession, staging: str) -> DataFrame | None:
-    """The run's result rows (scored, rejected, out of scope) and the listed files never read (rejected)."""
-    parts = []
-    if fs.exists(spark, f"{staging}/results"):
-        results = spark.read.parquet(f"{staging}/results")
-        parts.append(results.select("path", "sha256", *[c for c in (*COLUMNS, "ood_distance", "ood_reason")
-                                                        if c in results.columns]))
-    if fs.exists(spark, f"{staging}/unread"):
-        parts.append(spark.read.parquet(f"{staging}/unread").select("path", F.lit("error").alias("status"), "stage",
-                                                                      "reason"))
-    if not parts:
-        return None
-    return parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1], allowMissingColumns=True)
-
-
-def _partial_stats(frames):
-    frames = [f for f in frames if len(f)]
-    if frames:
-        yield pd.DataFrame({"stats": [json.dumps(run_statistics(pd.concat(frames, ignore_index=True)))]})
-
-
-def watch(spark: SparkSession, staging: str, config: Mapping[str, Any]) -> Watch:
-    """Never raises: monitoring must not cost a night its predictions (a failure is recorded instead)."""
+def watch(summary: Mapping[str, Any] | None) -> Watch:
+    """The run's statistics and page rows from its scoring tasks' summaries, added up on the driver
+    (cxr.score.summary.combine): no pass of its own over the rows. Never raises: monitoring must not cost a
+    night its predictions (a failure is recorded instead)."""
+    started = time.perf_counter()
     try:
-        return _watch(spark, staging, config)
+        if summary is None:
+            return Watch(run_statistics(pd.DataFrame(columns=list(COLUMNS))))
+        return Watch(dict(summary["stats"]), list(summary["kept_out"]), list(summary["least_confident"]),
+                     list(summary["most_ood"]), round(time.perf_counter() - started, 3))
     except Exception as exc:
         log.exception("run statistics failed; the run goes on without monitoring")
         return Watch({}, error=f"{type(exc).__name__}: {exc}")
-
-
-def _watch(spark: SparkSession, staging: str, config: Mapping[str, Any]) -> Watch:
-    conf, started = config["monitor"], time.perf_counter()
-    rows = _rows(spark, staging)
-    if rows is None:
-        return Watch(run_statistics(pd.DataFrame(columns=list(COLUMNS))))
-    partials = [json.loads(r["stats"]) for r in rows.drop("path", "sha256").mapInPandas(_partial_stats, "stats string")
-                .collect()]
-    stats = pooled(partials) if partials else run_statistics(pd.DataFrame(columns=list(COLUMNS)))
-    stats.pop("runs", None)
-    stats["scope_reasons"] = scope_reasons(rows)
-    page_rows, k = int(conf["page_rows"]), int(conf["thumbnails"])
-    status = F.when(F.col("status") == "out_of_scope", "out of scope").otherwise("rejected").alias("status")
-    kept_out = [r.asDict() for r in rows.where(F.col("status") != "ok").select(status, "path", "stage", "reason")
-                .orderBy("status", "path").limit(page_rows).collect()]
-    scored = rows.where(F.col("status") == "ok").withColumn("p", F.greatest(*PROB_COLUMNS))
-    pick = ("path", "sha256", "label", "p", "ood_distance")
-    least = [r.asDict() for r in scored.orderBy("p", "path").select(*pick).limit(k).collect()] if k else []
-    most = ([r.asDict() for r in scored.where(F.col("ood_distance").isNotNull())
-             .orderBy(F.desc("ood_distance"), "path").select(*pick).limit(k).collect()] if k else [])
-    return Watch(stats, kept_out, least, most, round(time.perf_counter() - started, 3))
-
-
-def scope_reasons(rows: DataFrame) -> dict[str, int]:
-    """Files each check of the scope gate put out (one file can count under both pixel signals): the header
-    rules (out_of_scope, stage scope), the frontal-film check and the model's distance (flagged or skipped,
-    cxr.scope.frontal.verdicts' reason words)."""
-    reason = F.col("ood_reason") if "ood_reason" in rows.columns else F.lit(None).cast("string")
-    one = lambda cond: F.sum(F.when(cond, 1).otherwise(0))  # noqa: E731
-    r = rows.agg(one((F.col("status") == "out_of_scope") & (F.col("stage") == "scope")).alias("header_rules"),
-                 one(reason.contains(NOT_FRONTAL)).alias("not_frontal"),
-                 one(reason.contains(UNLIKE_TRAINING)).alias("unlike_training")).first()
-    return {k: int(r[k] or 0) for k in ("header_rules", "not_frontal", "unlike_training")}
 
 
 def _earlier_records(spark: SparkSession, out: str, model_id: str, run_id: str) -> list[dict]:

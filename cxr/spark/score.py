@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -49,20 +50,25 @@ from cxr.scope.rules import ScopeGate
 from cxr.models import card
 from cxr.score import delta_table, sources
 from cxr.score.incremental import classify, latest_state, list_archive
+from cxr.score.known import ALREADY_SCORED, scored_digests
+from cxr.score.summary import SUMMARY_COLUMN, combine, with_summaries
 from cxr.score.lease import Lease, LocalLeaseFiles
 from cxr.spark import fs, monitor
-from cxr.spark.images import COLUMN_TYPES, unread_reason
+from cxr.spark.images import COLUMN_TYPES, unread_reason, unread_rows as listed_errors
+from cxr.spark.jobs import JobCount
 from cxr.spark.preprocess import Stopwatch
-from cxr.spark.session import default_parallelism, master_url
+from cxr.spark.session import default_parallelism, is_connect, master_url, session_conf
 
 log = logging.getLogger(__name__)
 
 _TYPES = {**COLUMN_TYPES, "size": T.LongType(), "mtime_ms": T.LongType(), **{c: T.FloatType() for c in PROB_COLUMNS}}
 RESULT_SCHEMA = T.StructType([T.StructField(c, _TYPES.get(c, T.StringType())) for c in RESULT_COLUMNS])
+# the scoring pass's output: the result rows and, in one row per task, its summary (cxr.score.summary)
+SUMMARISED_SCHEMA = T.StructType([*RESULT_SCHEMA.fields, T.StructField(SUMMARY_COLUMN, T.StringType())])
 HASH_SCHEMA = T.StructType([T.StructField(c, _TYPES.get(c, T.StringType())) for c in HASH_COLUMNS])
+ARROW_BATCH = "spark.sql.execution.arrow.maxRecordsPerBatch"
 TABLES = ("predictions", "errors", "out_of_scope", "state")
 TABLE_FORMATS = ("parquet", "delta")
-STATUS_OF = {"ok": "scored", "error": "rejected", "out_of_scope": "out_of_scope"}   # result status -> state/counts
 
 
 def is_preprocessed(spark: SparkSession, uri: str) -> bool:
@@ -122,6 +128,27 @@ def _lease_files(spark: SparkSession, out: str):
     return LocalLeaseFiles() if local_path(out) is not None else fs.FsLeaseFiles(spark)
 
 
+def _dealt(spark: SparkSession, files, n_tasks: int, batch: int):
+    """(a DataFrame of n_tasks rows, one per partition; a function turning a task's input frames into its files,
+    in frames of `batch`): the files (path, size, mtime_ms, in path order) dealt round-robin into the tasks, so
+    every task gets the same mix of folders and the cores finish together; broadcast to the workers, so the
+    scoring pass is the run's one Spark job for them (a repartition would add a shuffle and a job). Over Spark
+    Connect (no broadcast): the files as a DataFrame, repartitioned."""
+    if is_connect(spark):
+        frame = spark.createDataFrame(files, "path string, size long, mtime_ms long")
+        return frame.repartition(n_tasks), iter
+    chunks = spark.sparkContext.broadcast([files.iloc[t::n_tasks].reset_index(drop=True) for t in range(n_tasks)])
+
+    def files_of(frames):
+        for frame in frames:
+            for task in frame["id"]:
+                chunk = chunks.value[int(task)]
+                for start in range(0, len(chunk), batch):
+                    yield chunk.iloc[start:start + batch]
+
+    return spark.range(0, n_tasks, 1, n_tasks), files_of
+
+
 def _tasks(spark: SparkSession, n_rows: int, per_task: int) -> int:
     """Enough tasks to keep every core busy, no more than one per `per_task` files."""
     cores = default_parallelism(spark)
@@ -166,8 +193,9 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
     if table_format == "delta":   # Delta's timestamp is microseconds; Spark's default INT96 is not one
         spark.conf.set("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
 
+    page = (int(config["monitor"]["thumbnails"]), int(config["monitor"]["page_rows"]))   # the run page's rows
     lease = Lease(_lease_files(spark, out), out, run_id, float(score_conf.get("lease_seconds", 300)))
-    with lease:
+    with lease, JobCount(spark, f"cxr-score-{run_id}-{uuid.uuid4().hex[:8]}") as jobs:
         start = delta_table.snapshot(out) if table_format == "delta" else None   # what the commit is checked against
         removed = _remove_uncommitted(spark, out, staging_root, table_format)
         if removed:
@@ -176,34 +204,32 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
         stamp = F.lit(started.isoformat()).cast("timestamp")
         if is_preprocessed(spark, input_uri):
             mode = "preprocessed"
-            counts, bytes_read, flagged = _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, runner,
-                                                     staging, clock, gate, table_format)
+            done = _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, runner, staging, clock,
+                                       gate, table_format, page)
         else:
             mode = "raw"
-            counts, bytes_read, flagged = _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors,
-                                            runner, staging, stamp, clock, int(score_conf.get("files_per_task", 64)),
-                                            gate, table_format, run_id)
-        results = f"{staging}/results"
-        if fs.exists(spark, results):
-            rows = spark.read.parquet(results)
+            done = _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, runner, staging, stamp,
+                              clock, int(score_conf.get("files_per_task", 256)), gate, table_format, run_id, page)
+        counts, bytes_read, flagged = done.counts, done.bytes_read, done.flagged
+        rows = done.results
+        if counts["scored"]:
             (rows.where(F.col("status") == "ok")
              .select("path", "sha256", F.lit(mid).alias("model_id"), F.lit(name).alias("model_name"),
                      F.lit(registry.get("name")).cast("string").alias("registered_model"),
                      F.lit(registry.get("version")).cast("int").alias("registered_version"), "source", "label",
                      *PROB_COLUMNS, *OOD_COLUMNS, "folder_label", "decode_warnings", *DICOM_COLUMNS,
                      stamp.alias("scored_at"))  # run_date, run_id: partition columns
-             .sortWithinPartitions("path").write.parquet(f"{staging}/predictions"))
-            kept_out = rows.where(F.col("status") == "out_of_scope")
-            if not kept_out.isEmpty():
-                (kept_out.select("path", "sha256", "stage", "reason", "folder_label", F.lit(mid).alias("model_id"),
-                                 "ood_distance", "scope_score", *DICOM_COLUMNS, stamp.alias("seen_at"))
-                 .coalesce(1).sortWithinPartitions("path").write.parquet(f"{staging}/out_of_scope"))
-        by_source = _source_counts(spark, results)
-        errors = _error_rows(spark, staging)
-        if errors is not None:
-            errors.coalesce(1).write.parquet(f"{staging}/errors")
+             .coalesce(_files_for(counts["scored"])).sortWithinPartitions("path")
+             .write.parquet(f"{staging}/predictions"))
+        if counts["out_of_scope"]:
+            (rows.where(F.col("status") == "out_of_scope")
+             .select("path", "sha256", "stage", "reason", "folder_label", F.lit(mid).alias("model_id"),
+                     "ood_distance", "scope_score", *DICOM_COLUMNS, stamp.alias("seen_at"))
+             .coalesce(1).sortWithinPartitions("path").write.parquet(f"{staging}/out_of_scope"))
+        if counts["rejected"]:
+            _error_rows(rows, done.unread).coalesce(1).write.parquet(f"{staging}/errors")
         clock.lap("write", "predictions, errors and state of run %s", run_id)
-        watched = monitor.watch(spark, staging, config)   # run statistics, before the commit removes the staging
+        watched = monitor.watch(done.summary)   # run statistics: the scoring tasks' summaries added up
         clock.lap("monitor", "run statistics of run %s", run_id)
 
         lease.check()   # a run presumed dead must not commit over its successor
@@ -234,7 +260,7 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
             "counts": counts, "accounted": accounted, "bytes_read": bytes_read, "batch_size": runner.batch_size,
             "params": params.to_dict(), "scope": gate.rules.to_dict(), "ood": meta.get("ood"),
             "scored_out_of_distribution": flagged,   # of counts.scored: in_distribution false (scope.ood: flag)
-            "sources": sources.check(by_source, model_card),
+            "sources": sources.check(done.summary.get("sources") or {}, model_card),
             "scope_reasons": watched.stats.get("scope_reasons"),   # files each check put out (cxr.spark.monitor)
             "frontal_check": gate.frontal.summary() if gate.frontal else None,
             "patient_key": "HMAC-SHA256 of PatientID" if gate.reader.secret else "off (no secret: column null)",
@@ -246,6 +272,8 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
         for warning in record["sources"]["warnings"]:
             log.warning("%s", warning)
         record["monitoring"] = monitor.finish(spark, out, record, watched, model_path, config, input_uri, mode, params)
+        record["spark_jobs"] = jobs.count()   # every Spark job this run started (None over Spark Connect)
+        record["read_passes"] = done.read_passes
         fs.write_text(spark, f"{out}/runs/{run_id}.json", json.dumps(record, indent=2, sort_keys=True))
     return record
 
@@ -266,30 +294,49 @@ def _commit(spark: SparkSession, out: str, staging: str, run_id: str, run_date: 
     return None
 
 
-def _source_counts(spark: SparkSession, results: str) -> dict:
-    """Scored films per source of this run's results ({} when nothing was scored)."""
-    if not fs.exists(spark, results):
-        return {}
-    rows = spark.read.parquet(results).where(F.col("status") == "ok").groupBy("source").count().collect()
-    return {r["source"]: int(r["count"]) for r in rows}
+def _error_rows(results: DataFrame | None, unread: DataFrame | None) -> DataFrame:
+    if results is None:
+        return unread
+    rows = results.where(F.col("status") == "error").select("path", "sha256", "stage", "reason", *DICOM_COLUMNS)
+    return rows if unread is None else rows.unionByName(unread)
 
 
-def _error_rows(spark: SparkSession, staging: str) -> DataFrame | None:
-    parts = []
-    if fs.exists(spark, f"{staging}/results"):
-        parts.append(spark.read.parquet(f"{staging}/results").where(F.col("status") == "error")
-                     .select("path", "sha256", "stage", "reason", *DICOM_COLUMNS))
-    if fs.exists(spark, f"{staging}/unread"):
-        parts.append(spark.read.parquet(f"{staging}/unread"))
-    if not parts:
-        return None
-    return parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])
+def _files_for(rows: int, per_file: int = 1_000_000) -> int:
+    """Parquet files for a run's rows of a table: one per million (the scoring tasks' many small outputs are
+    merged: each written file costs a task)."""
+    return max(1, -(-rows // per_file))
+
+
+@dataclass
+class Scored:
+    """What scoring left for the rest of the run: its results (the staged result rows), the listed files never
+    read (errors rows, or None), the counts, the task summaries added up (cxr.score.summary.combine), and how
+    many times each read file was opened (1: hashed and scored in one pass; 2: hashed first, then scored)."""
+    results: DataFrame | None
+    unread: DataFrame | None
+    counts: dict[str, int]
+    bytes_read: int
+    flagged: int
+    summary: dict[str, Any]
+    read_passes: int = 1
+
+
+def _summarised(spark: SparkSession, staging: str, schema: T.StructType, extra_rows, page) -> tuple[DataFrame, dict]:
+    """The staged results (explicit schema: no Spark job to infer it) and their tasks' summaries combined (one
+    job reading one column)."""
+    path = f"{staging}/results"
+    if not fs.exists(spark, path):   # nothing read (an unchanged night): no DataFrame, no Spark call
+        return None, combine([], extra_rows, *page)
+    results = spark.read.schema(schema).parquet(path)
+    summaries = [json.loads(r[0]) for r in results.where(F.col(SUMMARY_COLUMN).isNotNull())
+                 .select(SUMMARY_COLUMN).collect()]
+    return results, combine(summaries, extra_rows, *page)
 
 
 def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, runner, staging, stamp, clock,
-               files_per_task, gate, table_format, run_id) -> tuple[dict, int]:
-    pre = config["preprocess"]
-    source = (config.get("score") or {}).get("source")
+               files_per_task, gate, table_format, run_id, page) -> Scored:
+    pre, score_conf = config["preprocess"], config.get("score", {})
+    source = score_conf.get("source")
     root = fs.qualified(spark, input_uri)
     max_file_mb = pre["max_file_mb"]
     max_bytes = int(float(max_file_mb) * 1024 * 1024)
@@ -304,44 +351,56 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
         return spark.createDataFrame(rows, "path string, length long, mtime_ms long, kind string")
 
     state_rows = []   # DataFrames of (path, size, mtime_ms, sha256, status) for files this run looked at
-    if n["unread"]:
-        unread = frame_of("unread")
-        unread.select("path", F.lit(None).cast("string").alias("sha256"), F.lit("read").alias("stage"),
-                      unread_reason(max_file_mb).alias("reason"),
-                      *[F.lit(None).cast(_TYPES[c]).alias(c) for c in DICOM_COLUMNS]).write.parquet(f"{staging}/unread")
-        state_rows.append(unread.select("path", F.col("length").alias("size"), "mtime_ms",
-                                        F.lit(None).cast("string").alias("sha256"), F.lit("rejected").alias("status")))
-    n_known, bytes_read, hashed = 0, 0, None
+    unread, unread_rows = None, None
+    if n["unread"]:   # listed but not readable (empty, too large, vanished): errors rows from the listing alone
+        unread_rows = listed_errors(plan[plan["todo"] == "unread"], max_file_mb).assign(status="error")
+        frame = frame_of("unread")
+        unread = frame.select("path", F.lit(None).cast("string").alias("sha256"), F.lit("read").alias("stage"),
+                              unread_reason(max_file_mb).alias("reason"),
+                              *[F.lit(None).cast(_TYPES[c]).alias(c) for c in DICOM_COLUMNS])
+        state_rows.append(frame.select("path", F.col("length").alias("size"), "mtime_ms",
+                                       F.lit(None).cast("string").alias("sha256"), F.lit("rejected").alias("status")))
+    n_known, bytes_read, hashed, passes = 0, 0, None, 1
     if n["read"]:
-        to_read = frame_of("read").select("path", F.col("length").alias("size"), "mtime_ms")
         bytes_read = int(plan.loc[plan["todo"] == "read", "length"].sum())
-        scored = None if full else _scored_shas(spark, out, mid, table_format)
-        if scored is not None:
-            # changed files: hash first; content this model already scored is not decoded again
+        known = None if full else scored_digests(out, mid, table_format)
+        if known is not None and len(known) > int(score_conf.get("known_in_workers", 2_000_000)):
+            # too much scored content to hand every worker: hash first, join in Spark, read the new content again
+            passes, scored = 2, _scored_shas(spark, out, mid, table_format)
+            to_read = frame_of("read").select("path", F.col("length").alias("size"), "mtime_ms")
             hashed = (to_read.repartition(_tasks(spark, n["read"], files_per_task * 4))
                       .mapInPandas(lambda frames: (hash_frame(f, max_bytes) for f in frames), schema=HASH_SCHEMA)
                       .cache())
-            known = hashed.join(scored, "sha256", "left_semi")
-            state_rows.append(known.select("path", "size", "mtime_ms", "sha256",
-                                           F.lit("already_scored").alias("status")))
-            n_known = known.count()
+            found = hashed.join(scored, "sha256", "left_semi")
+            state_rows.append(found.select("path", "size", "mtime_ms", "sha256", F.lit(ALREADY_SCORED).alias("status")))
+            n_known = found.count()
             to_read = hashed.join(scored, "sha256", "left_anti").select("path", "size", "mtime_ms")
             clock.lap("hash", "%d changed files hashed, %d of them already scored by this model", n["read"], n_known)
+            known = None
         if n_known < n["read"]:
             aliases = alias_table(pre["labels"])
+            shipped = _ship(spark, known)
+            if hashed is None:   # every listed file to read: dealt into tasks on the driver, no shuffle, no job
+                todo = plan.loc[plan["todo"] == "read", ["path", "length", "mtime_ms"]].rename(columns={"length": "size"})
+                to_read, files_of = _dealt(spark, todo, _tasks(spark, len(todo), files_per_task), runner.batch_size)
+            else:
+                to_read, files_of = to_read.repartition(_tasks(spark, n["read"] - n_known, files_per_task)), iter
 
             def score(frames):
-                for frame in frames:
-                    yield score_raw_frame(frame, root, params, aliases, runner, max_bytes, gate, source)
+                digests = shipped() if shipped else None
+                yield from with_summaries((score_raw_frame(frame, root, params, aliases, runner, max_bytes, gate,
+                                                           source, digests) for frame in files_of(frames)), *page)
 
-            (to_read.repartition(_tasks(spark, n["read"] - n_known, files_per_task))
-             .mapInPandas(score, schema=RESULT_SCHEMA).write.parquet(f"{staging}/results"))
-            results = spark.read.parquet(f"{staging}/results")
-            state_rows.append(results.select(
-                "path", "size", "mtime_ms", "sha256",
-                F.when(F.col("status") == "ok", "scored").when(F.col("status") == "out_of_scope", "out_of_scope")
-                .otherwise("rejected").alias("status")))
+            # rows in are paths, rows out have no image: Arrow batches of one model batch, not the session's 16
+            with session_conf(spark, ARROW_BATCH, runner.batch_size):
+                to_read.mapInPandas(score, schema=SUMMARISED_SCHEMA).write.parquet(f"{staging}/results")
         clock.lap("score", "%d files read and scored on the executors", n["read"] - n_known)
+    results, summary = _summarised(spark, staging, SUMMARISED_SCHEMA, unread_rows, page)
+    if results is not None:
+        state_rows.append(results.select(
+            "path", "size", "mtime_ms", "sha256",
+            F.when(F.col("status") == "ok", "scored").when(F.col("status") == "out_of_scope", "out_of_scope")
+            .when(F.col("status") == ALREADY_SCORED, ALREADY_SCORED).otherwise("rejected").alias("status")))
     if state_rows:
         frame = state_rows[0]
         for more in state_rows[1:]:
@@ -352,31 +411,28 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
          .coalesce(1).write.parquet(f"{staging}/state"))
     if hashed is not None:
         hashed.unpersist()
-    counts, scored_bytes, flagged = _result_counts(spark, staging)
-    counts.update(input=n["unchanged"] + n["unread"] + n["read"], skipped_unchanged=n["unchanged"],
-                  skipped_already_scored=n_known)
-    counts["rejected"] += n["unread"]
+    c = summary["counts"]
+    counts = {"input": n["unchanged"] + n["unread"] + n["read"], "scored": c["scored"], "rejected": c["rejected"],
+              "out_of_scope": c["out_of_scope"], "skipped_unchanged": n["unchanged"],
+              "skipped_already_scored": n_known + c[ALREADY_SCORED]}
     if hashed is not None:   # changed files were read once to hash them, the new content again to score it
-        bytes_read += scored_bytes
-    return counts, int(bytes_read), flagged
+        bytes_read += summary["bytes"]
+    return Scored(results, unread, counts, int(bytes_read), summary["flagged"], summary, passes)
 
 
-def _result_counts(spark: SparkSession, staging: str) -> tuple[dict[str, int], int, int]:
-    """({scored, rejected, out_of_scope}, bytes of the files behind the results, scored images flagged out of
-    distribution) of this run's results table."""
-    counts, size, flagged = {"scored": 0, "rejected": 0, "out_of_scope": 0}, 0, 0
-    if fs.exists(spark, f"{staging}/results"):
-        away = F.when((F.col("status") == "ok") & ~F.col("in_distribution"), 1).otherwise(0)
-        for r in (spark.read.parquet(f"{staging}/results").groupBy("status")
-                  .agg(F.count("*").alias("n"), F.sum("size").alias("bytes"), F.sum(away).alias("away")).collect()):
-            counts[STATUS_OF.get(r["status"], "rejected")] += int(r["n"])
-            size += int(r["bytes"] or 0)
-            flagged += int(r["away"] or 0)
-    return counts, size, flagged
+def _ship(spark: SparkSession, known):
+    """A function giving the workers the known digests: a broadcast (once per executor) on a classic session,
+    the closure itself over Spark Connect (no SparkContext there). None when there is nothing known."""
+    if known is None or not len(known):
+        return None
+    if is_connect(spark):
+        return lambda: known
+    value = spark.sparkContext.broadcast(known)
+    return lambda: value.value
 
 
 def _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, runner, staging, clock, gate,
-                        table_format):
+                        table_format, page) -> Scored:
     data_params = json.loads(fs.read_text(spark, f"{input_uri.rstrip('/')}/manifest.json")).get("params", {})
     mismatch = params_mismatch(model_params, data_params)
     if mismatch:
@@ -394,11 +450,13 @@ def _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, ru
                              *[c for c in CARRIED_COLUMNS if c in images.columns])
         if scored is not None:
             todo = todo.join(new, ["path", "sha256"], "left_semi")
-        (todo.mapInPandas(lambda frames: (score_preprocessed_frame(f, runner, gate.rules.ood, gate.frontal)
-                                          for f in frames),
-                          schema=RESULT_SCHEMA)
+        (todo.mapInPandas(lambda frames: with_summaries((score_preprocessed_frame(f, runner, gate.rules.ood,
+                                                                                  gate.frontal) for f in frames),
+                                                        *page), schema=SUMMARISED_SCHEMA)
          .write.parquet(f"{staging}/results"))
     clock.lap("score", "%d images scored on the executors", n_new)
-    counts, _, flagged = _result_counts(spark, staging)
-    counts.update(input=n_input, skipped_unchanged=0, skipped_already_scored=n_input - n_new)
-    return counts, 0, flagged
+    results, summary = _summarised(spark, staging, SUMMARISED_SCHEMA, None, page)
+    c = summary["counts"]
+    counts = {"input": n_input, "scored": c["scored"], "rejected": c["rejected"], "out_of_scope": c["out_of_scope"],
+              "skipped_unchanged": 0, "skipped_already_scored": n_input - n_new}
+    return Scored(results, None, counts, 0, summary["flagged"], summary)

@@ -8,6 +8,7 @@ use `spark.conf`, `master_url(spark)` and `default_parallelism(spark)` from here
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -215,3 +216,18 @@ def get_spark(config: Mapping[str, Any], master: str | None = None, app_name: st
     log.info("Spark %s, master %s, app %s", spark.version, master_url(spark),
              spark.conf.get("spark.app.name", name))
     return spark
+
+
+@contextlib.contextmanager
+def session_conf(spark, key: str, value):
+    """A runtime SQL setting for the jobs of one block (e.g. the Arrow batch of one mapInPandas), the session's own
+    value put back afterwards."""
+    before = spark.conf.get(key, None)
+    spark.conf.set(key, _conf_value(value))
+    try:
+        yield
+    finally:
+        if before is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, before)

@@ -144,13 +144,15 @@ class ChildServer:
     --reply-fd N`, requests as JSON lines on its stdin, replies as JSON lines on a pipe of their own (its stdout
     and stderr, Spark's and the JVM's noise included, go to log). The script's main hands --serve to serve()."""
 
-    def __init__(self, script: str | Path, label: str, arg, log: Path, cwd: Path | None = None):
+    def __init__(self, script: str | Path, label: str, arg, log: Path, cwd: Path | None = None,
+                 python: str | None = None):
+        """python: the interpreter of the child (default this one's; another venv's, e.g. .venv-peers)."""
         self.label, self.log = label, Path(log)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         read_fd, write_fd = os.pipe()
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, str(Path(script).resolve()), "--serve", json.dumps(arg), "--reply-fd",
+                [python or sys.executable, str(Path(script).resolve()), "--serve", json.dumps(arg), "--reply-fd",
                  str(write_fd)], stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
                 text=True, cwd=cwd)
         os.close(write_fd)

@@ -1,0 +1,32 @@
+"""How many Spark jobs a block of driver code starts: every run records it, since each job costs the JVM and
+the Python workers a fixed price (scheduling, tasks, a Python runner per task) whatever its size."""
+from __future__ import annotations
+
+from cxr.spark.session import is_connect
+
+_GROUP = "spark.jobGroup.id"
+
+
+class JobCount:
+    """`with JobCount(spark, "cxr-score-R") as jobs: ...; jobs.count()`: the jobs started from this thread inside
+    the block, counted by Spark's own status tracker under a job group of that name (the caller's group is put
+    back afterwards). Over Spark Connect there is no status tracker: count() is None."""
+
+    def __init__(self, spark, group: str):
+        self.sc = None if is_connect(spark) else spark.sparkContext
+        self.group, self._before = group, None
+
+    def __enter__(self) -> "JobCount":
+        if self.sc is not None:
+            self._before = self.sc.getLocalProperty(_GROUP)
+            self.sc.setLocalProperty(_GROUP, self.group)
+        return self
+
+    def __exit__(self, *exc):
+        if self.sc is not None:
+            self.sc.setLocalProperty(_GROUP, self._before)
+
+    def count(self) -> int | None:
+        if self.sc is None:
+            return None
+        return len(self.sc.statusTracker().getJobIdsForGroup(self.group))

@@ -1,0 +1,140 @@
+"""What a score run opens and how many Spark jobs it starts, counted from outside the job: the kernel's own
+inotify events for every open of a file under the archive (by any process: driver, JVM or Python worker),
+and Spark's job ids on both sides of the run."""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import struct
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from cxr.config import load_config
+from cxr.spark import score
+from tests.scoring_models import tiny_keras_cnn
+
+SIZE = 32
+IN_OPEN, IN_Q_OVERFLOW, IN_ISDIR, IN_NONBLOCK = 0x20, 0x4000, 0x40000000, 0o4000
+
+
+class Opens:
+    """Counts the opens of the files in every folder under root (Linux inotify through libc: IN_OPEN)."""
+
+    def __init__(self, root: Path):
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(IN_NONBLOCK)
+        assert self.fd >= 0, f"inotify_init1 failed: errno {ctypes.get_errno()}"
+        self.folders = {}
+        for folder in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+            wd = self.libc.inotify_add_watch(self.fd, str(folder).encode(), IN_OPEN)
+            assert wd >= 0, f"inotify_add_watch {folder} failed: errno {ctypes.get_errno()}"
+            self.folders[wd] = folder
+
+    def take(self) -> Counter:
+        """{file: opens} since the last call."""
+        counts = Counter()
+        while True:
+            try:
+                buf = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                return counts
+            i = 0
+            while i < len(buf):
+                wd, mask, _, length = struct.unpack_from("iIII", buf, i)
+                name = buf[i + 16:i + 16 + length].rstrip(b"\0").decode()
+                i += 16 + length
+                assert not mask & IN_Q_OVERFLOW, "inotify queue overflowed: opens were lost"
+                if name and not mask & IN_ISDIR:
+                    counts[self.folders[wd] / name] += 1
+
+    def close(self):
+        os.close(self.fd)
+
+
+@pytest.fixture(scope="module")
+def read_config():
+    # no thumbnails: the run page reads its chosen images again on the driver (monitor.thumbnails, 6 + 6 files)
+    return load_config(overrides={"preprocess.size": SIZE, "score.batch_size": 8, "monitor.thumbnails": 0})
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    from cxr.datasets.synth import generate_archive
+
+    root = tmp_path_factory.mktemp("reads_archive")
+    generate_archive(root, per_class=5, size=96, seed=12, broken=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(spark, archive, read_config, tmp_path_factory):
+    from cxr.spark import preprocess
+
+    pre = preprocess.run(spark, str(archive), str(tmp_path_factory.mktemp("reads_pre") / "pre"), read_config)
+    return tiny_keras_cnn(tmp_path_factory.mktemp("models") / "cnn-reads", pre["params"], SIZE)
+
+
+def _readable(root: Path, config) -> set[Path]:
+    """The files a run must read: an image extension, not empty (independent of the job's own listing)."""
+    exts = {"." + e for e in config["preprocess"]["extensions"]}
+    return {p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts and p.stat().st_size > 0}
+
+
+def test_a_first_run_opens_every_file_once_and_an_unchanged_night_none(spark, archive, model, read_config, tmp_path):
+    root = shutil.copytree(archive, tmp_path / "in")
+    out = tmp_path / "pred"
+    opens = Opens(root)
+    try:
+        first = score.run(spark, str(root), str(model), str(out), read_config, run_id="first")
+        at_first = opens.take()
+        second = score.run(spark, str(root), str(model), str(out), read_config, run_id="second")
+        at_second = opens.take()
+        touched, moved, copied = sorted(p for p in root.glob("*/*.png")
+                                        if p.stat().st_size > 1000 and "broken" not in p.name)[:3]
+        os.utime(touched, (touched.stat().st_atime + 100, touched.stat().st_mtime + 100))
+        moved = moved.rename(moved.with_name("moved_" + moved.name))
+        copy = Path(shutil.copy(copied, copied.parent / ("copy_" + copied.name)))
+        opens.take()   # the test's own copy
+        third = score.run(spark, str(root), str(model), str(out), read_config, run_id="third")
+        at_third = opens.take()
+    finally:
+        opens.close()
+    expected = _readable(archive, read_config)
+    assert len(expected) > 10 and first["counts"]["scored"] > 10 and first["counts"]["rejected"] >= 3
+    assert at_first == Counter({root / p.relative_to(archive): 1 for p in expected})
+    assert first["read_passes"] == 1 and first["accounted"]
+    assert at_second == Counter() and second["counts"]["skipped_unchanged"] == second["counts"]["input"]
+    # changed paths whose content is already scored: each opened once (hashed), none decoded or scored again
+    assert at_third == Counter({touched: 1, moved: 1, copy: 1})
+    assert third["counts"]["skipped_already_scored"] == 3 and third["counts"]["scored"] == 0 and third["accounted"]
+
+
+def _probe(spark) -> int:
+    """The id of a job started now (job ids count up within a SparkContext)."""
+    group = f"probe-{uuid.uuid4().hex}"
+    sc = spark.sparkContext
+    sc.setLocalProperty("spark.jobGroup.id", group)
+    try:
+        sc.parallelize([1], 1).count()
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+    (job,) = sc.statusTracker().getJobIdsForGroup(group)
+    return job
+
+
+def test_the_run_record_counts_the_spark_jobs_of_the_run(spark, archive, model, read_config, tmp_path):
+    out = tmp_path / "pred"
+    records, started = [], []
+    for run_id, full in (("first", False), ("unchanged", False), ("full", True)):
+        before = _probe(spark)
+        records.append(score.run(spark, str(archive), str(model), str(out), read_config, run_id=run_id, full=full))
+        started.append(_probe(spark) - before - 1)
+    assert [r["spark_jobs"] for r in records] == started
+    assert started[1] == 0   # an unchanged night starts no Spark job at all
+    assert 0 < started[0] <= 8, records[0]["timings_s"]
+    assert json.loads((out / "runs" / "first.json").read_text())["spark_jobs"] == started[0]
