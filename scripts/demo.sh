@@ -27,11 +27,12 @@ $py -m cxr.explain.viz samples "$out/preprocessed" --per-class 4 --out "$out/fig
 
 cat <<EOM
 
-Demo finished (small models on synthetic images: conf/demo.yaml; on real X-rays train with --conf recommended:
-macro-F1 0.949 ± 0.021 in grouped cross-validation on 450 real X-rays, see the README). Results:
+Demo finished (small models on synthetic images: conf/demo.yaml; on real X-rays train with --conf recommended on
+both shared folders, and read the README's "Model quality and its limits" first: docs/sources.md). Results:
   preprocessed images   $out/preprocessed/images/      (Parquet; errors/, out_of_scope/, duplicates/ beside it)
   preprocess manifest   $out/preprocessed/manifest.json
-  models                $out/models/<name>/            (model.keras or model.npz + model.json, model.onnx, metrics.json)
+  models                $out/models/<name>/            (model.keras or model.npz + model.json, model.onnx, metrics.json,
+                        model_card.md: what the model was trained on and its limits)
   training report       $out/models/report.md          (the study's optimizer table, evaluation, plots)
   predictions           $out/predictions/predictions/  (a Delta table, partitioned by run_date and run_id; calls,
                         probabilities, ood_distance / in_distribution, DICOM identity; errors/ and out_of_scope/
