@@ -2,7 +2,7 @@
 the Python workers a fixed price (scheduling, tasks, a Python runner per task) whatever its size."""
 from __future__ import annotations
 
-from cxr.spark.session import is_connect
+from cxr.spark.session import classic_context
 
 _GROUP = "spark.jobGroup.id"
 
@@ -13,7 +13,7 @@ class JobCount:
     back afterwards). Over Spark Connect there is no status tracker: count() is None."""
 
     def __init__(self, spark, group: str):
-        self.sc = None if is_connect(spark) else spark.sparkContext
+        self.sc = classic_context(spark)
         self.group, self._before = group, None
 
     def __enter__(self) -> "JobCount":

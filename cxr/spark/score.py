@@ -57,7 +57,7 @@ from cxr.spark import fs, monitor
 from cxr.spark.images import COLUMN_TYPES, unread_reason, unread_rows as listed_errors
 from cxr.spark.jobs import JobCount
 from cxr.spark.preprocess import Stopwatch
-from cxr.spark.session import default_parallelism, is_connect, master_url, session_conf
+from cxr.spark.session import classic_context, default_parallelism, master_url, session_conf
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +134,11 @@ def _dealt(spark: SparkSession, files, n_tasks: int, batch: int):
     every task gets the same mix of folders and the cores finish together; broadcast to the workers, so the
     scoring pass is the run's one Spark job for them (a repartition would add a shuffle and a job). Over Spark
     Connect (no broadcast): the files as a DataFrame, repartitioned."""
-    if is_connect(spark):
+    context = classic_context(spark)
+    if context is None:
         frame = spark.createDataFrame(files, "path string, size long, mtime_ms long")
         return frame.repartition(n_tasks), iter
-    chunks = spark.sparkContext.broadcast([files.iloc[t::n_tasks].reset_index(drop=True) for t in range(n_tasks)])
+    chunks = context.broadcast([files.iloc[t::n_tasks].reset_index(drop=True) for t in range(n_tasks)])
 
     def files_of(frames):
         for frame in frames:
@@ -425,9 +426,10 @@ def _ship(spark: SparkSession, known):
     the closure itself over Spark Connect (no SparkContext there). None when there is nothing known."""
     if known is None or not len(known):
         return None
-    if is_connect(spark):
+    context = classic_context(spark)
+    if context is None:
         return lambda: known
-    value = spark.sparkContext.broadcast(known)
+    value = context.broadcast(known)
     return lambda: value.value
 
 

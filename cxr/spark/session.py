@@ -62,6 +62,12 @@ def _ensure_event_log_dir(settings: Mapping[str, Any]) -> None:
         os.makedirs(parts.path if parts.scheme else target, exist_ok=True)
 
 
+def classic_context(spark):
+    """The SparkContext of a classic session, None over Spark Connect (which has none): for what only a classic
+    session offers (broadcast variables, the status tracker), each caller keeping a Connect path of its own."""
+    return None if is_connect(spark) else spark.sparkContext   # the one JVM handle in cxr/ (tests/test_connect.py)
+
+
 def master_url(spark) -> str:
     """The session's master URL (local[2], spark://..., yarn); over Connect, the server's."""
     try:
