@@ -15,7 +15,6 @@ exist) and the rejected files, whose reasons come from reading just those files 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -33,7 +32,7 @@ from cxr.common.manifest import read_manifests
 from cxr.common.provenance import package_versions
 from cxr.score.incremental import list_archive
 from cxr.spark import fs
-from cxr.spark.session import default_parallelism, master_url
+from cxr.spark.session import default_parallelism, master_url, session_conf
 from cxr.scope.dicom_header import DICOM_COLUMNS
 from cxr.scope.rules import STAGE as SCOPE_STAGE, ScopeGate
 from cxr.spark.images import (ERROR_COLUMNS, ImageRows, file_tasks, listing_counts, pack_tasks, preprocess_files, rejected_files,
@@ -93,23 +92,6 @@ def _rows_on_disk(uri: str) -> int:
 
     filesystem, path = _arrow_target(uri)
     return ds.dataset(path, filesystem=filesystem, format="parquet").count_rows()
-
-
-@contextlib.contextmanager
-def _plain_execution(spark: SparkSession):
-    """Adaptive execution off for the one-stage write: with nothing to re-plan (a broadcast of a few KB of
-    paths, no shuffle) it only adds planning work, and it would run the stage from its own thread pool,
-    named after that pool instead of the Parquet write in the UI and the REST API."""
-    key = "spark.sql.adaptive.enabled"
-    before = spark.conf.get(key, None)
-    spark.conf.set(key, "false")
-    try:
-        yield
-    finally:
-        if before is None:
-            spark.conf.unset(key)
-        else:
-            spark.conf.set(key, before)
 
 
 def _read(spark: SparkSession, uri: str, columns) -> DataFrame:
@@ -234,7 +216,10 @@ def run(spark: SparkSession, input_dir: str | Sequence[str], output_dir: str, co
         files = read_contents(spark, to_read, tasks)
         # no Parquet dictionary for the pixels: every image is unique, so the writer would hash each 50 KB
         # value into a dictionary only to fall back to plain encoding (measured in the JVM's CPU profile)
-        with _plain_execution(spark):
+        # adaptive execution off for the one-stage write: with nothing to re-plan (a broadcast of a few KB of paths,
+        # no shuffle) it only adds planning work, and it would run the stage from its own thread pool, named after
+        # that pool instead of the Parquet write in the UI and the REST API
+        with session_conf(spark, "spark.sql.adaptive.enabled", False):
             preprocess_files(files, rows).write.option("parquet.enable.dictionary#image", "false").parquet(images_uri)
     else:
         _empty_table(spark, IMAGE_COLUMNS, images_uri)
