@@ -28,15 +28,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cxr.common.bench import (CACHE, ROOT as REPO, Timer, Watch, bench_parser, describe_files, input_files,  # noqa: E402
+from cxr.common.bench import (CACHE, bench_parser, describe_files, input_files,  # noqa: E402
                               job_config, kinds_text, linked_subset, load_range, loadavg, machine, random_cnn, rotations,
                               synthetic_archive, versions)
 from cxr.common.bench.runs import ChildServer, serve  # noqa: E402
+from cxr.common.markdown import publish, table as md_table  # noqa: E402
 
 BATCH, WORKERS, FIRST = 32, 2, 8
 REAL = ROOT.parent / "shared" / "data" / "cxr"
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 EVERYTHING = r"."   # every process under the side's child process
+SECTION = "## Score: the peers side by side (scripts/bench_peers.py)"
+RESULTS, SUBMIT = CACHE / "peers-results.json", CACHE / "peers-submit.json"
 GROUPS = {"jvm": r"org\.apache\.spark\.deploy\.SparkSubmit|java", "workers": r"pyspark[./](daemon|worker)|"
           r"multiprocessing\.spawn|spawn_main|ray::|raylet|gcs_server|daft", "all": EVERYTHING}
 
@@ -148,8 +151,8 @@ class ScoreJob:
 
 
 class Daft:
-    """Daft's native runner: paths in, url.download() reads the bytes, a @daft.cls UDF (model once per instance)
-    with WORKERS instances, batches of 32."""
+    """Daft's native runner: paths in, daft.functions.download() reads the bytes, a @daft.cls UDF (model once per
+    instance) with WORKERS instances, batches of 32."""
 
     def __init__(self, files, model, root):
         import daft
@@ -162,18 +165,18 @@ class Daft:
                 self.model, self.root = model, root
                 _setup(model, root)
 
-            @daft.method.batch(return_dtype=daft.DataType.python(), batch_size=BATCH)
+            @daft.method.batch(return_dtype=daft.DataType.list(daft.DataType.float64()), batch_size=BATCH)
             def __call__(self, paths, data):
                 paths = paths.to_pylist()
                 got = score_files(paths, self.model, self.root, data.to_pylist())
-                probs = dict(zip(got["path"], zip(got["p_covid"], got["p_normal"], got["p_viral"])))
+                probs = dict(zip(got["path"], map(list, zip(got["p_covid"], got["p_normal"], got["p_viral"]))))
                 return [probs.get(p) for p in paths]
 
         self.udf = Score(model, root)
 
     def run(self, files, out: Path) -> dict:
         df = self.daft.from_pydict({"path": list(files)})
-        df = df.with_column("data", df["path"].url.download())
+        df = df.with_column("data", self.daft.functions.download(df["path"]))
         got = df.select("path", self.udf(df["path"], df["data"]).alias("p")).to_pydict()
         rows = [(path, p) for path, p in zip(got["path"], got["p"]) if p is not None]
         _write({"path": [r[0] for r in rows], "p_covid": [r[1][0] for r in rows],
@@ -224,10 +227,14 @@ def _link(files, root: str, dst: Path) -> None:
 
 
 class TreeCPU:
-    """CPU seconds of every process under this one during a block, by group (cmdline patterns), polled every
-    0.1 s: a process that exits inside the block keeps the CPU it was last seen with. (Spark kills a Python worker
-    idle for a minute and forks a new one: Watch, reading /proc at the start and the end only, loses the CPU of
-    those that did the work and exited.)"""
+    """Wall clock and CPU seconds of this process and of every process under it during a block, by group
+    (cmdline patterns), polled every POLL_S: a process that exits inside the block keeps the CPU it was last seen
+    with (Spark kills a Python worker idle for a minute and forks a new one: a reading at the start and the end
+    only would lose the CPU of those that did the work and exited). The polling thread's own CPU is taken out of
+    this process's: walking /proc under a JVM of ~100 threads is not the side's work, and a side with more
+    processes or threads would pay more of it."""
+
+    POLL_S = 0.5
 
     def __init__(self, groups: dict[str, str]):
         import re
@@ -235,6 +242,7 @@ class TreeCPU:
 
         self.groups = {k: re.compile(v) for k, v in groups.items()}
         self.base, self.last, self.group_of = {}, {}, {}
+        self.seconds = self.self_cpu = self.poll_cpu = 0.0
         self._stop, self._thread = threading.Event(), threading.Thread(target=self._loop, daemon=True)
 
     def _poll(self, first=False):
@@ -251,22 +259,35 @@ class TreeCPU:
             self.last[pid] = t
 
     def _loop(self):
-        while not self._stop.wait(0.1):
+        while not self._stop.wait(self.POLL_S):
             self._poll()
+        self.poll_cpu = time.thread_time()
 
     def __enter__(self):
+        self.load = (loadavg(), 0.0)
         self._poll(first=True)
+        self._self0, self._t0 = time.process_time(), time.perf_counter()
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._t0
         self._stop.set()
         self._thread.join()
+        self.self_cpu = time.process_time() - self._self0 - self.poll_cpu
         self._poll()
+        self.load = (self.load[0], loadavg())
 
     @property
     def cpu_s(self) -> dict[str, float]:
         return {g: sum(self.last[p] - self.base[p] for p, gs in self.group_of.items() if g in gs) for g in self.groups}
+
+
+def _engine_version(side: str) -> str:
+    from importlib import metadata
+
+    package = {"daft": "daft", "ray": "ray", "pool2": None}.get(side, "pyspark")
+    return f"{package} {metadata.version(package)}" if package else "multiprocessing"
 
 
 def _side_server(arg: dict):
@@ -277,21 +298,21 @@ def _side_server(arg: dict):
     def handle(req):
         if req["op"] == "start":
             files = req["files"]
-            with Watch(GROUPS, include_self=True) as w0:
+            with TreeCPU(GROUPS) as w0:
                 obj = SIDES[arg["side"]](files, arg["model"], arg["root"])
             if hasattr(obj, "prepare"):
                 obj.prepare(files[:FIRST], Path(req["out"]))
-            with Watch(GROUPS, include_self=True) as w1, TreeCPU(GROUPS) as tree:
+            with TreeCPU(GROUPS) as w1:
                 obj.run(files[:FIRST], Path(req["out"]))
             side["obj"] = obj
-            return {"start_s": w0.seconds, "first8_s": w1.seconds, "start_cpu": w0.self_cpu_s + w0.cpu_s["all"],
-                    "first8_cpu": w1.self_cpu_s + tree.cpu_s["all"], "first8_groups": {"driver": w1.self_cpu_s, **tree.cpu_s}}
+            return {"engine": _engine_version(arg["side"]), "start_s": w0.seconds, "first8_s": w1.seconds,
+                    "start_cpu": w0.self_cpu + w0.cpu_s["all"], "first8_cpu": w1.self_cpu + w1.cpu_s["all"],
+                    "first8_groups": {"driver": w1.self_cpu, **w1.cpu_s}}
         if hasattr(side["obj"], "prepare"):
             side["obj"].prepare(req["files"], Path(req["out"]))
-        with Watch(GROUPS, include_self=True) as w, TreeCPU(GROUPS) as tree:
+        with TreeCPU(GROUPS) as w:
             extra = side["obj"].run(req["files"], Path(req["out"]))
-        return {"seconds": w.seconds, "self_cpu": w.self_cpu_s, "cpu": tree.cpu_s, "cpu_watch": w.cpu_s,
-                "load": w.load, **extra}
+        return {"seconds": w.seconds, "self_cpu": w.self_cpu, "cpu": w.cpu_s, "load": w.load, **extra}
     return handle
 
 
@@ -509,6 +530,53 @@ def table(result: dict, base: str = "pool2") -> list[str]:
     return lines
 
 
+def cold_table(result: dict) -> list[str]:
+    rows = [[name, c.get("engine", ""), f"{c['start_s']:.1f} / {c['start_cpu']:.1f}",
+             f"{c['first8_s']:.1f} / {c['first8_cpu']:.1f}", f"**{c['start_s'] + c['first8_s']:.1f}**"]
+            for name, c in result["cold"].items()]
+    return md_table(["side", "engine", "start: wall s / CPU s", "first 8 files: wall s / CPU s",
+                     "cold start, wall s"], rows)
+
+
+def submit_table(runs: dict) -> list[str]:
+    pool = statistics.median(r["cpu"] for r in runs["pool2 process"])
+    rows = [[name, f"{_median(rs, 'seconds'):.1f}", f"{_median(rs, 'cpu'):.1f}",
+             f"**{_median(rs, 'cpu') / pool:.2f}**", rs[0].get("spark_jobs", "")] for name, rs in runs.items() if rs]
+    return md_table(["run", "wall s (median)", "CPU s (median, the process and its children)", "x Pool(2) process CPU",
+                     "Spark jobs"], rows)
+
+
+def section() -> str:
+    """BENCHMARKS.md's peers section from the saved measurements (RESULTS, SUBMIT): whatever has been measured."""
+    lines = [SECTION, ""]
+    if RESULTS.exists():
+        state = json.loads(RESULTS.read_text())
+        loads = [x for res in state["results"].values() for rs in res["runs"].values() for r in rs for x in r["load"]]
+        lines += [f"{state.get('date', '?')}, {machine()}, 1-minute load {load_range(loads)}; "
+                  f"{', '.join(f'{k} {v}' for k, v in state['versions'].items())}. Every side runs "
+                  "`cxr.image.batch.process_file` and the same model.onnx (the study CNN at "
+                  f"{state['args'].get('size', 128)} px, random weights; ONNX Runtime, 1 thread per worker, batches of "
+                  f"{BATCH}, the model loaded once per worker), 2 workers, predictions to Parquet; "
+                  f"{state['args']['rounds']} timed rounds per side, interleaved, the order rotated each round; "
+                  "CPU of every process under each side's own child process, polled from /proc.", ""]
+        for name, res in state["results"].items():
+            d = res["describe"]
+            lines += [f"### {name}: {d['files']} files ({kinds_text(d['kinds'])}, {d['mb']:.0f} MB)", "",
+                      *table(res), "", "Cold start (a fresh child process: the engine started, then the first "
+                      f"{FIRST} files):", "", *cold_table(res), ""]
+    if SUBMIT.exists():
+        state = json.loads(SUBMIT.read_text())
+        lines += ["### The whole `spark-submit jobs/score.py --full` as a user runs it (450 real X-rays)", "",
+                  f"{state.get('date', '?')}: `scripts/submit.sh --master local[2] jobs/score.py --full` (MLflow on, "
+                  "a sqlite store) vs a fresh Python process running a spawn Pool(2) of the same function and model "
+                  "(imports and model load included), alternated; then an unchanged night (the same command "
+                  "without --full). CPU from getrusage of the waited child and its descendants.", "",
+                  *submit_table(state["submit"]), ""]
+    lines.append("Reproduce: `make bench-peers` (both inputs, every side; BENCH_ARGS='--submit' for the whole "
+                 "spark-submit, '--profile N' for the worker profile, '--report-only' to rewrite this section).")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     p = bench_parser(__doc__, rounds=3)
     p.add_argument("--sides", nargs="*", default=["pool2", "score", "daft", "ray"])
@@ -517,6 +585,7 @@ def main() -> int:
     p.add_argument("--size", type=int, default=128, help="the model's input side")
     p.add_argument("--submit", action="store_true", help="the whole spark-submit vs a fresh Pool(2) process instead")
     p.add_argument("--profile", type=int, default=0, help="profile the worker function on the first N files instead")
+    p.add_argument("--report-only", action="store_true", help="write the section from the saved measurements")
     args = p.parse_args()
     if args.serve:
         return serve(_side_server(json.loads(args.serve)), args.reply_fd)
@@ -524,6 +593,9 @@ def main() -> int:
         from cxr.common.bench import answer_child
 
         return answer_child(lambda req: pool_child(*req[1:]), args.child)
+    if args.report_only:
+        publish(section(), Path(args.out), SECTION, not args.no_write)
+        return 0
     if args.before:
         args.sides = list(dict.fromkeys([*args.sides, "score-before"]))
     model = str(random_cnn(args.size))
@@ -538,17 +610,17 @@ def main() -> int:
         return 0
     if args.submit:
         results["submit"] = submit(str(REAL.resolve()), model, args.rounds, args.before)
-        (CACHE / "peers-submit.json").write_text(json.dumps(results, indent=1, default=str))
+        SUBMIT.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), **results}, indent=1, default=str))
+        publish(section(), Path(args.out), SECTION, not args.no_write)
         return 0
     for name in args.inputs:
         root = _input(name).resolve()
         files = input_files(root, pre)
         results[name] = throughput(args, files, str(root), model, name)
         print("\n".join(table(results[name])), flush=True)
-    state = CACHE / "peers-results.json"
-    state.write_text(json.dumps({"versions": versions(), "results": results, "args": vars(args)}, indent=1,
-                                default=str))
-    print(f"results in {state}")
+    RESULTS.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "versions": versions(), "results": results,
+                                   "args": vars(args)}, indent=1, default=str))
+    publish(section(), Path(args.out), SECTION, not args.no_write)
     return 0
 
 

@@ -77,6 +77,32 @@ def test_a_monitoring_failure_is_recorded_and_never_fails_the_run():
     assert monitor.finish(None, "/nowhere", {}, monitor.Watch({}, error="boom"), "", {}, "", "raw", None)["error"] == "boom"
 
 
+def test_the_page_charts_are_svg_drawn_to_scale():
+    """The run page's charts (SVG written by cxr.monitor.plots, no matplotlib): valid XML, one bar per category
+    and series, each bar's height its share of the tallest."""
+    import base64
+    import xml.etree.ElementTree as ET
+
+    from cxr.monitor import plots
+
+    stats = {"categorical": {"calls": {"COVID": 30, "NORMAL": 10}}, "binned": {}}
+    ref = {"categorical": {"calls": {"COVID": 5, "NORMAL": 10, "VIRAL": 5}}, "binned": {}}
+    uri = plots.distribution(stats, {"training reference": ref}, "calls", "Calls <&>")
+    assert uri.startswith("data:image/svg+xml;base64,")
+    root = ET.fromstring(base64.b64decode(uri.split(",", 1)[1]))
+    ns = "{http://www.w3.org/2000/svg}"
+    bars = [r for r in root.iter(f"{ns}rect") if r.find(f"{ns}title") is not None]
+    assert len(bars) == 2 * 3   # two series x three categories (VIRAL is 0 in this run)
+    heights = {r.find(f"{ns}title").text + r.get("fill"): float(r.get("height")) for r in bars}
+    assert heights["COVID: 0.750" + plots.COLORS[0]] == pytest.approx(plots.HEIGHT - plots.TOP - plots.BOTTOM, abs=0.1)
+    assert heights["NORMAL: 0.250" + plots.COLORS[0]] == pytest.approx(heights["COVID: 0.750" + plots.COLORS[0]] / 3, abs=0.1)
+    assert heights["VIRAL: 0.000" + plots.COLORS[0]] == 0
+    assert "Calls <&>" in [t.text for t in root.iter(f"{ns}text")]
+    nights = plots.over_nights([("r1", {"intensity": 0.1}), ("r2", {"intensity": float("nan")}),
+                                ("r3", {"intensity": 0.4})], 0.25, "PSI")
+    ET.fromstring(base64.b64decode(nights.split(",", 1)[1]))
+
+
 def test_every_profile_inherits_the_monitor_section():
     from cxr.config import CONF_DIR
 
@@ -243,4 +269,4 @@ def test_the_run_page_renders_in_chromium_with_the_counts(nights):
     assert ODD_NAME in text                            # listed as text, with its reason
     assert "Grad-CAM" in text                          # least confident thumbnails: --explain all ran
     assert "Most out-of-distribution images" in text
-    assert images and all(w > 0 and src.startswith(("data:image/png", "data:image/jpeg")) for w, src in images)
+    assert images and all(w > 0 and src.startswith(("data:image/svg", "data:image/jpeg")) for w, src in images)
