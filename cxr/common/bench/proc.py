@@ -205,3 +205,55 @@ class Watch:
     def seen(self) -> dict[str, int]:
         """How many processes of each group were seen (a check that the pattern matched what ran)."""
         return {name: len([k for k in memory.peaks if k != "self"]) for name, memory in self.memory.items()}
+
+
+class TreeCPU:
+    """Wall clock and CPU seconds of this process and of every process under it during a block, by group
+    (cmdline patterns), polled every POLL_S: a process that exits inside the block keeps the CPU it was last seen
+    with (Spark kills a Python worker idle for a minute and forks a new one: a reading at the start and the end
+    only would lose the CPU of those that did the work and exited). The polling thread's own CPU is taken out of
+    this process's: walking /proc under a JVM of ~100 threads is not the side's work, and a side with more
+    processes or threads would pay more of it."""
+
+    POLL_S = 0.25
+
+    def __init__(self, groups: dict[str, str]):
+        self.groups = {k: re.compile(v) for k, v in groups.items()}
+        self.base, self.last, self.group_of = {}, {}, {}
+        self.seconds = self.self_cpu = self.poll_cpu = 0.0
+        self._stop, self._thread = threading.Event(), threading.Thread(target=self._loop, daemon=True)
+
+    def _poll(self, first=False):
+        for pid in descendants(os.getpid()):
+            t = process_cpu_seconds(pid)
+            if t is None:
+                continue
+            if pid not in self.group_of:
+                line = cmdline(pid)
+                self.group_of[pid] = [g for g, rx in self.groups.items() if rx.search(line)]
+                self.base[pid] = t if first else 0.0
+            self.last[pid] = t
+
+    def _loop(self):
+        while not self._stop.wait(self.POLL_S):
+            self._poll()
+        self.poll_cpu = time.thread_time()
+
+    def __enter__(self):
+        self.load = (loadavg(), 0.0)
+        self._poll(first=True)
+        self._self0, self._t0 = time.process_time(), time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._t0
+        self._stop.set()
+        self._thread.join()
+        self.self_cpu = time.process_time() - self._self0 - self.poll_cpu
+        self._poll()
+        self.load = (self.load[0], loadavg())
+
+    @property
+    def cpu_s(self) -> dict[str, float]:
+        return {g: sum(self.last[p] - self.base[p] for p, gs in self.group_of.items() if g in gs) for g in self.groups}
