@@ -47,7 +47,8 @@ def test_films():
 
 
 def test_onnx_equals_keras_within_1e_4(test_films):
-    keras_model = frontal.load_keras_weights(BUILTIN_DIR)
+    members = frontal.load_keras_members(BUILTIN_DIR)
+    assert len(members) == read_meta(BUILTIN_DIR)["members"] >= 1   # one graph: the members' mean
     check = FrontalCheck.load()
     rng = np.random.default_rng(0)
     images = [_prepared(p.read_bytes()) for p in test_films]
@@ -55,7 +56,7 @@ def test_onnx_equals_keras_within_1e_4(test_films):
                for k in REFRAMINGS]
     images += [rng.integers(0, 256, (96, 96), dtype=np.uint8) for _ in range(4)]
     stack = np.stack(images)
-    want = keras_model.predict(frontal.scope_input(stack), verbose=0)[:, frontal.FRONTAL_CLASS]
+    want = frontal.keras_scores(members, stack)
     got = check.scores(stack)
     assert got.shape == want.shape == (len(images),)
     assert np.max(np.abs(got - want)) <= 1e-4
@@ -91,10 +92,9 @@ def test_a_frontal_film_passes_and_the_same_film_reframed_does_not(test_films, k
 
 
 def test_the_threshold_comes_from_the_held_out_val_films():
-    """frontal.json's threshold is the recorded quantile of the Keras network's scores on the val films of both
+    """frontal.json's threshold is the recorded quantile of the Keras members' mean scores on the val films of both
     shared folders, recomputed here from the films themselves; the training films are the train split's."""
     from cxr.scope import frontal_data as fd
-    from cxr.scope.frontal_train import keras_scores
 
     shared_data("cxr")
     shared_data("cxr-adult")
@@ -102,7 +102,7 @@ def test_the_threshold_comes_from_the_held_out_val_films():
     films = fd.load_films(SHARED_DATA)
     val = fd.heldout_set(films, ("val",))
     assert set(val.split) == {"val"} and set(val.folder) == set(fd.FOLDERS)
-    scores = keras_scores(frontal.load_keras_weights(BUILTIN_DIR), val.x)
+    scores = frontal.keras_scores(frontal.load_keras_members(BUILTIN_DIR), val.x)
     assert abs(float(np.quantile(scores, meta["threshold_quantile"])) - meta["threshold"]) <= 1e-4
     train = sorted(f.path for f in films if f.split == "train")
     import hashlib
@@ -177,7 +177,16 @@ def test_score_job_counts_each_reason(spark, tmp_path, test_films):
     assert sideways["ood_reason"].str.startswith(frontal.NOT_FRONTAL).all()
     assert not sideways["in_distribution"].any() and sideways["p_normal"].notna().all()   # flag: kept
     films_rows = preds[preds["path"].str.contains("film")]
-    assert (films_rows["scope_score"] >= record["frontal_check"]["threshold"]).all()
+    # the job's scope_score is the check's own score of the model's image, and it decides the reason; the films
+    # themselves pass but for the check's known error (~2% of held-out frontal films, docs/scope_gate.md): here at
+    # 64 px, a size its threshold was not set on, at most one of the six
+    check = FrontalCheck.load()
+    want_scores = check.scores(np.stack([_prepared((root / "NORMAL" / Path(p).name).read_bytes(), **params)
+                                         for p in films_rows["path"]]))
+    np.testing.assert_allclose(films_rows["scope_score"].to_numpy(), want_scores, atol=1e-5)
+    low = films_rows["scope_score"] < record["frontal_check"]["threshold"]
+    assert low.sum() <= 1
+    assert (films_rows["ood_reason"].fillna("").str.contains(frontal.NOT_FRONTAL) == low).all()
     assert record["scored_out_of_distribution"] == int((~preds["in_distribution"]).sum())
     page = (tmp_path / "preds" / "reports" / f"{record['run_id']}.html").read_text()
     for key, n in want.items():

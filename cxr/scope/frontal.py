@@ -13,8 +13,9 @@ INPUT_SIDE px (INTER_AREA). It runs in ONNX Runtime (frontal.onnx, one session p
 p(frontal chest film) in [0, 1]; an image scoring below the threshold (frontal.json, set on the held-out val
 films of both shared folders, never on out-of-scope material) is "not a frontal chest film".
 
-The shipped model lives in cxr/scope/frontal_model/ (frontal.onnx, frontal.weights.npz: the Keras weights it
-was exported from, plain arrays; frontal.json: threshold, seeds, data and the export check). conf
+The shipped model lives in cxr/scope/frontal_model/ (frontal.onnx: one graph, the mean of a few members
+trained from different seeds, which narrows the tail of frontal films scored low; frontal.weights.npz: the
+members' Keras weights, plain arrays; frontal.json: threshold, seeds, data and the export check). conf
 `scope.frontal`: "builtin" (that folder), a folder with the same three files, or "off".
 """
 from __future__ import annotations
@@ -73,12 +74,23 @@ def build_keras(seed: int = 0, classes: int = 2):
     return keras.Sequential(layers, name="frontal_check")
 
 
-def load_keras_weights(model_dir: str | Path = BUILTIN_DIR):
-    """The Keras network frontal.onnx was exported from (architecture here, weights from the .npz: no pickle)."""
-    model = build_keras()
+def load_keras_members(model_dir: str | Path = BUILTIN_DIR) -> list:
+    """The Keras networks frontal.onnx was exported from (architecture here, weights from the .npz, keyed
+    m<k>_w<i>: no pickle); the check's score is the mean of their p(frontal)."""
     with np.load(Path(model_dir) / WEIGHTS_FILE, allow_pickle=False) as z:
-        model.set_weights([z[f"w{i}"] for i in range(len(z.files))])
-    return model
+        arrays = {k: z[k] for k in z.files}
+    members = []
+    while f"m{len(members)}_w0" in arrays:
+        model, k = build_keras(), len(members)
+        model.set_weights([arrays[f"m{k}_w{i}"] for i in range(len(model.weights))])
+        members.append(model)
+    return members
+
+
+def keras_scores(members: list, images: np.ndarray) -> np.ndarray:
+    """Mean p(frontal) of the Keras members on (N, 64, 64) uint8 images: the oracle of the ONNX graph."""
+    x = scope_input(images)
+    return np.mean([m.predict(x, batch_size=256, verbose=0)[:, FRONTAL_CLASS] for m in members], axis=0)
 
 
 @functools.lru_cache(maxsize=4)
