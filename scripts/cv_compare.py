@@ -1,6 +1,6 @@
 """Rows of grouped cross-validations compared on the same folds: spread over folds x seeds, spread across seeds of
-each seed's CV mean (what one training run varies by), paired differences against the first row, and the
-held-out confusion matrix.
+each seed's CV mean (what one training run varies by), paired differences against the first row, per (source,
+class) recall with its paired differences (runs whose folds.csv has a source), and the held-out confusion matrix.
 
     python scripts/cv_compare.py LABEL=CV_DIR[+CV_DIR...][:MODEL][&CV_DIR...[:MODEL]] ... [--errors LABEL]
         [--json OUT.json]
@@ -146,6 +146,39 @@ def errors_table(label: str, m: np.ndarray) -> str:
     return "\n".join(lines)
 
 
+def source_recalls(runs: list[tuple[list[Path], str | None]]) -> pd.DataFrame | None:
+    """Recall of each (source, class) cell per seed (its held-out images over all folds of the seed); None when
+    the run's folds.csv has no source column (older runs)."""
+    folds = read_many(runs[0][0], FOLDS_FILE)
+    if "source" not in folds:
+        return None
+    pred = shared_predictions(runs).groupby(["seed", "sha256", "y"])[PROBA_COLUMNS].mean().reset_index()
+    part = pred.merge(folds[["seed", "sha256", "source"]].drop_duplicates(), on=["seed", "sha256"])
+    part["hit"] = part[PROBA_COLUMNS].to_numpy().argmax(1) == part["y"]
+    part["class"] = [CLASSES[i] for i in part["y"]]
+    return part.groupby(["source", "class", "seed"])["hit"].mean().unstack("seed")
+
+
+def source_table(specs: list[tuple[str, list]]) -> str | None:
+    """Per (source, class): each row's recall (mean ± sd over seeds) and each later row's paired difference
+    against the first (mean, then per seed): a lever can move one collection's cell and not the pooled score."""
+    recalls = [(label, source_recalls(runs)) for label, runs in specs]
+    if any(r is None for _, r in recalls):
+        return None
+    (base_label, base), rest = recalls[0], recalls[1:]
+    lines = ["| source | class | " + " | ".join(f"{label} recall" for label, _ in recalls) + " | "
+             + " | ".join(f"{label} - {base_label} (mean; per seed)" for label, _ in rest) + " |",
+             "|---|---|" + "---|" * (len(recalls) + len(rest))]
+    for cell in base.index:
+        cells = [f"{r.loc[cell].mean():.3f} ± {r.loc[cell].std(ddof=1):.3f}" if cell in r.index else "n/a"
+                 for _, r in recalls]
+        for _, r in rest:
+            d = (r.loc[cell] - base.loc[cell]).dropna() if cell in r.index else pd.Series(dtype=float)
+            cells.append(f"{d.mean():+.3f}; " + ", ".join(f"{v:+.3f}" for v in d) if len(d) else "n/a")
+        lines.append(f"| {cell[0]} | {cell[1]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("rows", nargs="+", help="LABEL=CV_DIR[:MODEL][&...]; the first row is the paired baseline")
@@ -157,6 +190,10 @@ def main(argv=None) -> int:
     loaded = [(label, *load_runs(runs)) for label, runs in specs]
     results = compare([(label, runs) for label, runs, _ in loaded])
     print(table(results))
+    by_source = source_table(specs)
+    if by_source:
+        print("\nPer source and class, paired by seed (recall of the held-out images of each cell):\n")
+        print(by_source)
     for label in args.errors:
         print("\n" + errors_table(label, confusion(dict(specs)[label])))
     if args.json:

@@ -286,6 +286,35 @@ def test_cv_compare_mixed_row_scores_the_mean_of_two_runs_probabilities(tmp_path
     assert cv_compare.confusion(runs).trace() == 6
 
 
+def test_cv_compare_pairs_each_source_and_class_cell_by_seed(tmp_path):
+    """Two runs on the same folds: per (source, class) recall per seed, and the second's paired difference, as a
+    hand count of the held-out calls gives them."""
+    cv_compare = _load_script("cv_compare")
+    images = [("a0", 0, "site-a"), ("a1", 0, "site-a"), ("b0", 0, "site-b"), ("n0", 1, "site-b")]
+    wrong = {"base": {(42, "a1"), (43, "a0"), (43, "a1")}, "new": {(42, "a1"), (42, "b0")}}
+    for name in ("base", "new"):
+        d = tmp_path / name
+        d.mkdir()
+        rows, folds = [], []
+        for seed in (42, 43):
+            for sha, y, source in images:
+                p = [0.1, 0.1, 0.1]
+                p[(y + 1) % 3 if (seed, sha) in wrong[name] else y] = 0.8
+                rows.append({"seed": seed, "fold": 0, "model": "cnn-adam", "sha256": sha, "y": y,
+                             **dict(zip(["p_COVID", "p_NORMAL", "p_VIRAL"], p))})
+                folds.append({"seed": seed, "sha256": sha, "fold": 0, "source": source})
+        pd.DataFrame(rows).to_csv(d / "predictions.csv.gz", index=False)
+        pd.DataFrame(folds).to_csv(d / "folds.csv", index=False)
+    base = cv_compare.source_recalls([([tmp_path / "base"], "cnn-adam")])
+    assert base.loc[("site-a", "COVID")].tolist() == [0.5, 0.0] and base.loc[("site-b", "COVID")].tolist() == [1, 1]
+    text = cv_compare.source_table([("base", [([tmp_path / "base"], "cnn-adam")]),
+                                    ("new", [([tmp_path / "new"], "cnn-adam")])])
+    # site-a COVID: base 0.5, 0.0; new 0.5, 1.0 -> +0.0, +1.0; site-b COVID: base 1, 1; new 0, 1 -> -1.0, +0.0
+    assert "| site-a | COVID | 0.250 ± 0.354 | 0.750 ± 0.354 | +0.500; +0.000, +1.000 |" in text
+    assert "| site-b | COVID | 1.000 ± 0.000 | 0.500 ± 0.707 | -0.500; -1.000, +0.000 |" in text
+    assert "| site-b | NORMAL |" in text
+
+
 def test_cv_tta_shifts_move_the_image_and_fill_the_edge():
     cv_tta = _load_script("cv_tta")
     x = np.arange(2 * 6 * 7, dtype=np.float32).reshape(2, 6, 7, 1)
