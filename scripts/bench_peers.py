@@ -255,7 +255,8 @@ def _side_server(arg: dict):
             side["obj"].prepare(req["files"], Path(req["out"]))
         with TreeCPU(GROUPS) as w:
             extra = side["obj"].run(req["files"], Path(req["out"]))
-        return {"seconds": w.seconds, "self_cpu": w.self_cpu, "cpu": w.cpu_s, "load": w.load, **extra}
+        return {"seconds": w.seconds, "self_cpu": w.self_cpu, "cpu": w.cpu_s, "machine_cpu": w.machine_cpu,
+                "load": w.load, **extra}
     return handle
 
 
@@ -324,6 +325,7 @@ def throughput(args, files: list[str], root: str, model: str, label: str) -> dic
         res["cpu_total"] = res["self_cpu"] + res["cpu"]["all"]
         runs[name].append(res)
         print(f"  {label} round {r} {name}: {res['seconds']:.1f} s, CPU {res['cpu_total']:.1f} s "
+              f"(machine {res['machine_cpu']:.1f}) "
               f"(self {res['self_cpu']:.1f}, jvm {res['cpu']['jvm']:.1f}, workers {res['cpu']['workers']:.1f}), "
               f"load {res['load'][0]:.1f}", flush=True)
         if name == "pool2" and reference is None:
@@ -461,13 +463,15 @@ def table(result: dict, base: str = "pool2") -> list[str]:
     runs = result["runs"]
     ref = _median(runs[base], "cpu_total")
     lines = ["| side | wall s (median) | CPU s (median, all processes) | of which JVM | Python workers | driver | "
-             "x Pool(2) CPU | Spark jobs | rows / max abs diff vs Pool(2) |", "|---|---|---|---|---|---|---|---|---|"]
+             "machine CPU s (check) | x Pool(2) CPU | Spark jobs | rows / max abs diff vs Pool(2) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, rs in runs.items():
         c = result["checks"].get(name) or {}
         lines.append(f"| {name} | {_median(rs, 'seconds'):.1f} | {_median(rs, 'cpu_total'):.1f} | "
                      f"{statistics.median(r['cpu']['jvm'] for r in rs):.1f} | "
                      f"{statistics.median(r['cpu']['workers'] for r in rs):.1f} | "
                      f"{statistics.median(r['self_cpu'] for r in rs):.1f} | "
+                     f"{statistics.median(r.get('machine_cpu', float('nan')) for r in rs):.1f} | "
                      f"**{_median(rs, 'cpu_total') / ref:.2f}** | {rs[0].get('jobs_seen', '')} | "
                      f"{c.get('rows')} ({'one per file' if c.get('unique') == c.get('rows') and c.get('matched') else 'MISMATCH'}) / {c.get('max_abs_diff', 0):.1e} |")
     return lines
@@ -501,7 +505,10 @@ def section() -> str:
                   f"{state['args'].get('size', 128)} px, random weights; ONNX Runtime, 1 thread per worker, batches of "
                   f"{BATCH}, the model loaded once per worker), 2 workers, predictions to Parquet; "
                   f"{state['args']['rounds']} timed rounds per side, interleaved, the order rotated each round; "
-                  "CPU of every process under each side's own child process, polled from /proc.", ""]
+                  "CPU of every process under each side's own child process, polled from /proc every 0.1 s (the "
+                  "poller's own CPU taken out); \"machine CPU\" is the whole machine's busy CPU over the same "
+                  "run, a check that the tree missed nothing (it also holds the other sides' idle engines and the "
+                  "poller).", ""]
         for name, res in state["results"].items():
             d = res["describe"]
             lines += [f"### {name}: {d['files']} files ({kinds_text(d['kinds'])}, {d['mb']:.0f} MB)", "",

@@ -8,7 +8,7 @@ cxr.common.markdown.publish.
 from cxr.common.bench.inputs import (BASES, CACHE, State, cached, describe_files, input_files, job_config,
                                      kinds_text, linked_subset, random_cnn, synthetic_archive)
 from cxr.common.bench.proc import (POOL_WORKERS, SPARK_JVM, SPARK_WORKERS, TreeCPU, Watch, WorkerMemory, cmdline, cpu_delta,
-                                   cpu_seconds, descendants, loadavg, matching, process_cpu_seconds, reset_peak_rss,
+                                   cpu_seconds, descendants, loadavg, machine_cpu_seconds, matching, process_cpu_seconds, reset_peak_rss,
                                    status_kb)
 from cxr.common.bench.report import (BENCHMARKS, ROOT, bench_parser, command_line, load_range, machine,
                                      quiet_logging, versions)

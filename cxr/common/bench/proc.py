@@ -139,6 +139,14 @@ class WorkerMemory:
         return self.peaks.get("self", 0) / 1024
 
 
+def machine_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all cores; /proc/stat: every state but idle and
+    iowait): over a block on a quiet machine, an upper bound of what the block's processes used."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / _TICK
+
+
 def loadavg() -> float:
     """The 1-minute load average: the benchmarks note it beside their times (the machine is shared)."""
     return os.getloadavg()[0]
@@ -213,14 +221,15 @@ class TreeCPU:
     with (Spark kills a Python worker idle for a minute and forks a new one: a reading at the start and the end
     only would lose the CPU of those that did the work and exited). The polling thread's own CPU is taken out of
     this process's: walking /proc under a JVM of ~100 threads is not the side's work, and a side with more
-    processes or threads would pay more of it."""
+    processes or threads would pay more of it. machine_cpu is the whole machine's busy CPU over the block: on a
+    quiet machine, tree CPU well under it means processes were missed (or something else ran)."""
 
-    POLL_S = 0.25
+    POLL_S = 0.1
 
     def __init__(self, groups: dict[str, str]):
         self.groups = {k: re.compile(v) for k, v in groups.items()}
         self.base, self.last, self.group_of = {}, {}, {}
-        self.seconds = self.self_cpu = self.poll_cpu = 0.0
+        self.seconds = self.self_cpu = self.poll_cpu = self.machine_cpu = 0.0
         self._stop, self._thread = threading.Event(), threading.Thread(target=self._loop, daemon=True)
 
     def _poll(self, first=False):
@@ -242,12 +251,13 @@ class TreeCPU:
     def __enter__(self):
         self.load = (loadavg(), 0.0)
         self._poll(first=True)
-        self._self0, self._t0 = time.process_time(), time.perf_counter()
+        self._self0, self._t0, self._machine0 = time.process_time(), time.perf_counter(), machine_cpu_seconds()
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self._t0
+        self.machine_cpu = machine_cpu_seconds() - self._machine0
         self._stop.set()
         self._thread.join()
         self.self_cpu = time.process_time() - self._self0 - self.poll_cpu
