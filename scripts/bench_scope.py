@@ -187,8 +187,10 @@ def measure(args, state: State) -> None:
         rows = write_material(material, cxr_dir=SHARED / "cxr", mnist_dir=SHARED / "mnist", shared_dir=SHARED)
         save(state, "material", {"files": len(rows), "wall_s": time.perf_counter() - t0})
     if not state.done("preprocess"):
-        save(state, "preprocess", job("preprocess", "preprocess", "--conf", "recommended", "--input", SHARED / "cxr",
-                               "--output", pre, "--manifest", SHARED / "cxr" / "MANIFEST.csv", "--overwrite"))
+        both = [a for folder in ("cxr", "cxr-adult")   # the shipped profile's training population (README)
+                for a in ("--input", SHARED / folder, "--manifest", SHARED / folder / "MANIFEST.csv")]
+        save(state, "preprocess", job("preprocess", "preprocess", "--conf", "recommended", *both, "--output", pre,
+                                      "--overwrite"))
     if not state.done("train"):
         size = ["--ensemble", args.ensemble] if args.ensemble else []
         r = job("train", "train", "--conf", "recommended", "--data", pre, "--out", models, *size, "--no-tracking",

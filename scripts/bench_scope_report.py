@@ -27,9 +27,11 @@ def frontal_paragraph(meta: dict | None) -> str:
         return "The frontal check was off in this run."
     counts = meta["training_set"]
     pos = sum(v for k, v in counts.items() if k.startswith("frontal_") or k == "synth_chest")
-    return (f"Frontal check (`cxr.scope.frontal`, conf `scope.frontal: builtin`): a {meta['params']}-weight CNN on the "
-            f"model's image at {meta['input_side']} px, trained with outlier exposure by `python -m "
-            f"cxr.scope.frontal_train` (seed {meta['seed']}, {meta['epochs']} epochs) on {sum(counts.values())} images "
+    seeds = meta.get("seeds") or [meta["seed"]]
+    return (f"Frontal check (`cxr.scope.frontal`, conf `scope.frontal: builtin`): the mean of {len(seeds)} small CNNs "
+            f"({meta['params']} weights in all) on the model's image at {meta['input_side']} px, trained with outlier "
+            f"exposure by `python -m cxr.scope.frontal_train` (seeds {', '.join(map(str, seeds))}, {meta['epochs']} "
+            f"epochs each) on {sum(counts.values())} images "
             f"made from the TRAIN films only ({', '.join(f'{k}: {v}' for k, v in meta['training_films'].items())}): "
             f"{pos} frontal (jittered copies, synthetic chests) and {sum(counts.values()) - pos} others (re-framed "
             "train films, rendered radiographs, pictures, MNIST train digits); threshold "
@@ -44,13 +46,13 @@ def report(args, st: dict) -> str:
     tr, sc, co = st["train"], st["score"], st["cost"]
     ood, inside, thr = tr["ood"], sc["inscope"]["files"], tr["ood"]["threshold"]
     shrink = ", ".join(f"{r['shrinkage']:.3f}" for r in ood["layers"])
-    d_in = np.array([v["distance"] for k, v in inside.items() if k.startswith("cxr/") and v.get("distance") is not None])
+    d_in = np.array([v["distance"] for v in inside.values() if v.get("distance") is not None])
     auroc = lambda d: float(np.mean(np.asarray(d)[None, :] > d_in[:, None]))  # noqa: E731 (P(farther than in-scope))
-    lines = [SECTION, "", f"Measured {st['date']} on {machine()}, shared with other developers' jobs; "
+    lines = [SECTION, "", f"Measured {st['date']} on {machine()}; "
              f"{st['minutes']:.1f} min in all. Python {st['versions']['python']}, onnxruntime "
              f"{st['versions'].get('onnxruntime', '?')}, pydicom {st['versions'].get('pydicom', '?')}. Model: the "
              f"recommended profile (96 px `pad`, CNN + Adam, {tr.get('epochs', 10)} epochs, seed ensemble of {tr['ensemble']}) trained by "
-             "`jobs/train.py` on the 450 shared X-rays split by patient; its OOD reference: the "
+             "`jobs/train.py` on both shared folders (cxr and cxr-adult, split by patient); its OOD reference: the "
              f"{ood['dims']} features of model.onnx in {len(ood['layers'])} layers of "
              f"{', '.join(str(r['dims']) for r in ood['layers'])} dims (each conv block's activations averaged over "
              "the image, then the penultimate activations; a layer pools that layer of every member), one Mahalanobis "
@@ -60,10 +62,9 @@ def report(args, st: dict) -> str:
              f"threshold **{thr:.2f}** = the {100 * ood['quantile']:.1f}% quantile of {ood['n_calibration']} scores "
              f"({ood['threshold_on']}). Scored by `jobs/score.py` (raw files, scope.ood: flag, local[2]).", "",
              "", frontal_paragraph(sc.get("frontal")), "",
-             "**In-scope films** (goal: <= 1% of the held-out films of both shared folders flagged; the model above "
-             "trained on ../shared/data/cxr only, so the distance sees the adult films as new):", ""]
+             "**In-scope films** (goal: <= 1% of the held-out films of both shared folders flagged):", ""]
     d = sc["parquet_distances"]["train"]
-    rows = [["cxr train (the reference's own images; preprocess Parquet, not scored)", len(d), "-",
+    rows = [["train, both folders (the reference's own images; preprocess Parquet, not scored)", len(d), "-",
              pct(sum(x > thr for x in d), len(d)), "-", "-", f"{np.median(d):.2f} / {max(d):.2f}"]]
     keys = sorted({k.split("/")[0] + "/" + k.split("/")[1] for k in inside})
     for key in [*keys, "cxr", "cxr-adult", None]:
@@ -85,8 +86,7 @@ def report(args, st: dict) -> str:
                                                       or "none") + ".", "",
               "**Out-of-scope material** (`cxr.quality.out_of_scope`; goal: >= 98% kept out). A file counts under "
               "each pixel signal that fired (the two columns can overlap); AUROC: the chance that a file of the kind "
-              "lies farther than an in-scope cxr val/test film.", ""]
-    d_in = np.array([v["distance"] for k, v in inside.items() if k.startswith("cxr/") and v.get("distance") is not None])
+              "lies farther than an in-scope held-out film.", ""]
     mat, groups = sc["material"]["files"], {"header-rule kinds (a, c)": [], "tag-less kinds (b, d, e)": [],
                                             "re-framed held-out films (f)": [], "rendered radiographs (g)": [],
                                             "all": []}
@@ -112,10 +112,10 @@ def report(args, st: dict) -> str:
                     "AUROC (distance)"], rows + [row(f"**{name}**", "", rs) for name, rs in groups.items() if rs])
     d_out = [r["distance"] for r in groups["tag-less kinds (b, d, e)"] if r.get("distance") is not None]
     t95, t2 = np.quantile(d_out, 0.05), np.quantile(d_in, 0.98)
-    lines += ["", f"The distance alone, on the tag-less kinds (b, d, e) against the cxr val + test films: catching 95% "
+    lines += ["", f"The distance alone, on the tag-less kinds (b, d, e) against the held-out films of both folders: catching 95% "
               f"of them takes a threshold of "
-              f"{t95:.2f}, which flags **{pct(sum(d > t95 for d in d_in), len(d_in))}** of the in-scope val + test "
-              f"images; flagging <= 2% of those ({t2:.2f}) catches **{pct(sum(d > t2 for d in d_out), len(d_out))}** "
+              f"{t95:.2f}, which flags **{pct(sum(d > t95 for d in d_in), len(d_in))}** of the in-scope held-out "
+              f"films; flagging <= 2% of those ({t2:.2f}) catches **{pct(sum(d > t2 for d in d_out), len(d_out))}** "
               "of those files." if t95 < t2 else "A threshold between "
               f"{t2:.2f} and {t95:.2f} would meet both goals on this material."]
     cal = tr.get("calibration") or []
@@ -123,7 +123,7 @@ def report(args, st: dict) -> str:
         alt = [(q, float(np.quantile(cal, q))) for q in (0.99, 0.98, 0.95) if q < ood["quantile"]]
         lines += ["", "Other values of `scope.ood_quantile` (the threshold from the same calibration scores): " +
                   "; ".join(f"{q} gives {t:.2f}, which flags {pct(sum(d > t for d in d_in), len(d_in))} of the "
-                            f"in-scope val + test images and catches {pct(sum(d > t for d in d_out), len(d_out))} of the "
+                            f"in-scope held-out films and catches {pct(sum(d > t for d in d_out), len(d_out))} of the "
                             "tag-less files" for q, t in alt) + "."]
     h = co["header_ms"]
     dist_ms = co["onnx_ms"]["with"] - co["onnx_ms"]["without"]
