@@ -30,7 +30,8 @@ def main() -> int:
     check = FrontalCheck.load()
     films = load_films(SHARED)
     held = heldout_set(films)
-    flagged = check.scores(held.x) < check.threshold
+    scores = check.scores(held.x)
+    flagged = scores < check.threshold
     names = list(HELDOUT_VARIANTS)
     rows = []
     for folder in ("cxr", "cxr-adult"):
@@ -43,7 +44,6 @@ def main() -> int:
     test = held.split == "test"
     rows.append(["**all test scores flagged**",
                  f"**{int(flagged[test].sum())}/{int(test.sum())} ({100 * flagged[test].mean():.1f}%)**", ""])
-    low = np.argsort(check.scores(held.x[test]))[:3]
     heldout = [f for f in films if f.split in ("val", "test")]
     caught = {}
     for kind, reframe in REFRAMINGS.items():
@@ -75,8 +75,8 @@ def main() -> int:
         rows.append([f"{kind} ({len(pics)})", *cells])
     print(f"threshold {check.threshold:.4f}\n")
     print("\n".join(md_table(["images", *names], rows)))
-    print("\nlowest test scores:", [(str(held.path[test][i]), str(held.variant[test][i]),
-                                     round(float(check.scores(held.x[test][i:i + 1])[0]), 3)) for i in low])
+    low = np.flatnonzero(test)[np.argsort(scores[test])[:3]]
+    print("\nlowest test scores:", [(str(held.path[i]), str(held.variant[i]), round(float(scores[i]), 3)) for i in low])
     return 0
 
 
