@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from cxr.scope.frontal import (BUILTIN_DIR, FRONTAL_CLASS, INPUT_SIDE, META_FILE, ONNX_FILE, WEIGHTS_FILE,
-                               build_keras, keras_scores)
+                               build_keras, keras_scores, scope_input)
 
 SEED = 31
 MEMBERS = 3                  # networks from seeds SEED, SEED+1, ...: the check scores their mean
@@ -96,8 +96,7 @@ def export(members: list, out: Path, check_x: np.ndarray) -> dict:
     onnx.save(proto, str(out / ONNX_FILE))
     want = keras_scores(members, check_x)
     sess = onnx_session(out / ONNX_FILE, 1)
-    x = check_x[..., None].astype(np.float32) / 255.0
-    got = sess.run([OUTPUT_NAME], {sess.get_inputs()[0].name: x})[0][:, FRONTAL_CLASS]
+    got = sess.run([OUTPUT_NAME], {sess.get_inputs()[0].name: scope_input(check_x)})[0][:, FRONTAL_CLASS]
     diff = float(np.max(np.abs(got - want)))
     if diff > ONNX_ATOL:
         (out / ONNX_FILE).unlink()
@@ -149,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "threshold": threshold, "threshold_quantile": THRESHOLD_QUANTILE,
         "threshold_on": f"the val films of {' and '.join(fd.FOLDERS)} ({int(on_val.sum())} scores: each film "
                         f"under {len(fd.HELDOUT_VARIANTS)} preprocessings {list(fd.HELDOUT_VARIANTS)})",
-        "heldout": flagged, "seed": args.seed, "members": len(members), "seeds": seeds, "epochs": args.epochs, "batch": BATCH, "learning_rate": LEARNING_RATE,
+        "heldout": flagged, "seed": args.seed, "members": len(members), "seeds": seeds, "epochs": args.epochs,
+        "batch": BATCH, "learning_rate": LEARNING_RATE,
         "class_weights": weights, "training_set": data.counts, "training_films": data.films,
         "films_sha256": data.films_sha256, "history": history, "onnx_check": check,
         "onnx_sha256": sha256(out / ONNX_FILE), "weights_sha256": sha256(out / WEIGHTS_FILE),
