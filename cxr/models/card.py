@@ -108,6 +108,7 @@ def build(model_dir: str | Path, meta: pd.DataFrame, config: Mapping[str, Any]) 
             "population": population(meta, config.get("sources")),
             "class_weight": ((m.get("training") or {}).get("class_weight") or {}).get("mode"),
             "site_augment": bool(((m.get("training") or {}).get("site_augment") or {}).get("enabled")),
+            "source_adversary": bool(((m.get("training") or {}).get("source_adversary") or {}).get("enabled")),
             "by_source": [], "leave_one_source_out": []}
     card["sources"] = sorted({s for pop in card["population"].values() for s in pop["sources"]})
     card["limits"] = limits(card)
@@ -140,7 +141,8 @@ def format_card(card: Mapping[str, Any]) -> str:
     """model_card.md."""
     lines = [f"# Model card: {card['model']}", "",
              f"- family {card['family']}; class weights {card.get('class_weight')}; site augmentation "
-             f"{'on' if card.get('site_augment') else 'off'}",
+             f"{'on' if card.get('site_augment') else 'off'}; source adversary "
+             f"{'on' if card.get('source_adversary') else 'off'}",
              f"- trained on `{card['trained_on']['data']}` ({', '.join(card['trained_on']['splits'])} splits)", "",
              "## Training population", "",
              "| class | source | images | patients | population | views | formats | original width (min/median/max) |",

@@ -13,13 +13,15 @@ from cxr.data.stream import as_unit_float
 
 
 def tf_dataset(source, batch_size: int, shuffle: bool = False, seed: int = 0, one_hot: bool = False,
-               row_weights: np.ndarray | None = None, augment: Mapping | None = None):
+               row_weights: np.ndarray | None = None, augment: Mapping | None = None,
+               sources: tuple[np.ndarray, np.ndarray] | None = None):
     """A tf.data.Dataset of (float32 (b, H, W, 1) in [0, 1], int64 labels) minibatches (float32 one-hot
     labels with `one_hot`, which label smoothing needs), plus float32 sample weights when `row_weights` (one per
-    row of the source) is given. Each iteration (one per epoch: Keras starts a new iterator every epoch) reads
-    the source again, epoch number e shuffled with (seed, e) as the source defines, and, with `augment`
-    (cxr.train.site_augment settings, enabled), augmented with (seed, e); the cardinality is known, so Keras
-    shows steps and needs no first pass."""
+    row of the source) is given. With `sources` ((target, weight) per row for cxr.train.source_adversary's head)
+    the inputs are (images, one-hot labels) and the targets and weights {"label", "source"} dicts. Each iteration
+    (one per epoch: Keras starts a new iterator every epoch) reads the source again, epoch number e shuffled with
+    (seed, e) as the source defines, and, with `augment` (cxr.train.site_augment settings, enabled), augmented
+    with (seed, e); the cardinality is known, so Keras shows steps and needs no first pass."""
     import tensorflow as tf
 
     from cxr.train.site_augment import augment_batch, epoch_rng
@@ -27,24 +29,36 @@ def tf_dataset(source, batch_size: int, shuffle: bool = False, seed: int = 0, on
     h, w = source.image_size
     started = {"epochs": 0}
     eye = np.eye(len(CLASSES), dtype=np.float32)
-    weighted = row_weights is not None
+    weighted, adversary = row_weights is not None, sources is not None
     augmenting = bool(augment and augment.get("enabled"))
+    # the source hands each batch its rows' positions in the split (as per-row "weights"): they pick the rows'
+    # weights and source targets
+    positions = np.arange(len(source), dtype=np.float32) if weighted or adversary else None
 
     def generate():
         epoch = started["epochs"]
         started["epochs"] += 1
         rng = epoch_rng(seed, epoch) if augmenting else None
-        for batch in source.batches(batch_size, epoch=epoch, shuffle=shuffle, seed=seed, weights=row_weights):
+        for batch in source.batches(batch_size, epoch=epoch, shuffle=shuffle, seed=seed, weights=positions):
             images, labels = batch[0], batch[1].astype(np.int64)
             if augmenting:
                 images = augment_batch(images, rng, augment)
-            out = (as_unit_float(images), (eye[labels] if one_hot else labels))
-            yield out + ((np.asarray(batch[2], np.float32),) if weighted else ())
+            x, y = as_unit_float(images), (eye[labels] if one_hot else labels)
+            pos = None if positions is None else batch[2].astype(np.int64)
+            rows_w = np.asarray(row_weights, np.float32)[pos] if weighted else np.ones(len(labels), np.float32)
+            if adversary:
+                yield ((x, eye[labels]), {"label": y, "source": sources[0][pos]},
+                       {"label": rows_w, "source": sources[1][pos]})
+            else:
+                yield (x, y) + ((rows_w,) if weighted else ())
 
     label_spec = tf.TensorSpec((None, len(CLASSES)), tf.float32) if one_hot else tf.TensorSpec((None,), tf.int64)
-    spec = (tf.TensorSpec((None, h, w, 1), tf.float32), label_spec)
-    if weighted:
-        spec = spec + (tf.TensorSpec((None,), tf.float32),)
+    image_spec, row_spec = tf.TensorSpec((None, h, w, 1), tf.float32), tf.TensorSpec((None,), tf.float32)
+    if adversary:
+        spec = ((image_spec, tf.TensorSpec((None, len(CLASSES)), tf.float32)),
+                {"label": label_spec, "source": tf.TensorSpec((None,), tf.int64)}, {"label": row_spec, "source": row_spec})
+    else:
+        spec = (image_spec, label_spec) + ((row_spec,) if weighted else ())
     ds = tf.data.Dataset.from_generator(generate, output_signature=spec)
     n_batches = -(-len(source) // int(batch_size))
     ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
@@ -89,13 +103,15 @@ def learning_rate(conf: Mapping, overrides: Mapping | None, epochs: int, steps_p
 def train_keras(spec: dict, train, val, conf: Mapping, weights: dict | None, epochs: int,
                 seed: int, row_weights: np.ndarray | None = None) -> tuple[Any, dict, list[float], dict]:
     """Build, compile and fit one Keras model on the train source (val for the curves). row_weights (one per
-    train row: train.class_weight balanced_by_source) replace the per-class `weights`."""
-    from cxr.train.site_augment import settings as site_settings
-
+    train row: train.class_weight balanced_by_source) replace the per-class `weights`. With
+    train.source_adversary on, the fit runs on cxr.train.source_adversary's wrapper; the classifier inside it
+    is what is returned."""
     import keras
 
     from cxr.models.keras_models import architecture, augmentation, build, optimizer, optimizer_config
+    from cxr.train import source_adversary
     from cxr.train.history import history_dict
+    from cxr.train.site_augment import settings as site_settings
 
     family = spec["family"]
     arch = architecture(family, (conf.get("keras") or {}).get(family))
@@ -108,7 +124,6 @@ def train_keras(spec: dict, train, val, conf: Mapping, weights: dict | None, epo
     smoothing = label_smoothing(conf)
     loss = (keras.losses.CategoricalCrossentropy(label_smoothing=smoothing) if smoothing
             else "sparse_categorical_crossentropy")
-    model.compile(optimizer=opt, loss=loss, metrics=["accuracy"])
     times: list[float] = []
     cpu: list[float] = []
 
@@ -123,18 +138,40 @@ def train_keras(spec: dict, train, val, conf: Mapping, weights: dict | None, epo
             times.append(round(time.perf_counter() - self._t, 3))
             cpu.append(round(time.process_time() - self._c, 3))
 
-    cw = {i: weights[c] for i, c in enumerate(CLASSES)} if weights and row_weights is None else None
     one_hot = bool(smoothing)
     site = site_settings(conf.get("site_augment"))
-    history = model.fit(tf_dataset(train, bs, shuffle=True, seed=seed, one_hot=one_hot, row_weights=row_weights,
-                                   augment=site), epochs=epochs,
-                        validation_data=tf_dataset(val, bs, one_hot=one_hot) if len(val) else None,
-                        class_weight=cw, shuffle=False,  # the dataset shuffles (cxr.data.stream)
-                        verbose=int(conf.get("verbose", 2)),
-                        callbacks=[EpochTimer()])
+    adv = source_adversary.settings(conf.get("source_adversary"))
+    callbacks: list = [EpochTimer()]
+    train_sources = val_sources = None
+    if adv["enabled"]:
+        index = source_adversary.source_index(train.source)
+        train_sources = source_adversary.source_targets(train.source, index)
+        val_sources = source_adversary.source_targets(val.source, index)
+        if row_weights is None and weights:  # class_weight does not reach a model with two outputs: row weights do
+            row_weights = np.array([weights[CLASSES[int(y)]] for y in train.y], np.float32)
+        fitted, strength = source_adversary.wrap(model, len(index), len(CLASSES), adv["hidden"])
+        fitted.compile(optimizer=opt, loss={"label": loss, "source": "sparse_categorical_crossentropy"},
+                       metrics={"label": ["accuracy"], "source": ["accuracy"]})
+
+        class Ramp(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                strength.assign(source_adversary.ramp(epoch, epochs, adv["weight"]))
+
+        callbacks.append(Ramp())
+    else:
+        fitted = model
+        fitted.compile(optimizer=opt, loss=loss, metrics=["accuracy"])
+    cw = {i: weights[c] for i, c in enumerate(CLASSES)} if weights and row_weights is None else None
+    history = fitted.fit(tf_dataset(train, bs, shuffle=True, seed=seed, one_hot=one_hot, row_weights=row_weights,
+                                    augment=site, sources=train_sources), epochs=epochs,
+                         validation_data=tf_dataset(val, bs, one_hot=one_hot, sources=val_sources) if len(val) else None,
+                         class_weight=cw, shuffle=False,  # the dataset shuffles (cxr.data.stream)
+                         verbose=int(conf.get("verbose", 2)), callbacks=callbacks)
     details = {"architecture": {"family": family, **arch, "params": int(model.count_params())},
                "optimizer": {"name": spec["optimizer"], "config": optimizer_config(opt)},
                "augment": {**aug, "seed": seed} if aug["enabled"] else {"enabled": False}, "epoch_cpu_s": cpu,
                "site_augment": {**site, "seed": seed} if site["enabled"] else {"enabled": False},
+               "source_adversary": ({**adv, "sources": list(index)} if adv["enabled"] else {"enabled": False}),
                "label_smoothing": smoothing, "lr_schedule": lr_schedule(conf)}
-    return model, history_dict(history.history), times, details
+    hist = source_adversary.history(history.history) if adv["enabled"] else history_dict(history.history)
+    return model, hist, times, details
