@@ -48,16 +48,20 @@ def test_reversal_is_identity_forward_and_flips_the_source_gradient():
         out = trainer([x, onehot], training=False)
         reversed_loss = loss(target, out["source"])
         f = features(x, training=False)
-        plain = head(hidden(ops.reshape(f[:, :, None] * onehot[:, None, :], (6, -1))))
+        centred = f - ops.mean(f, axis=-1, keepdims=True)
+        unit = centred / ops.sqrt(ops.mean(centred * centred, axis=-1, keepdims=True) + 1e-3)  # Keras' epsilon
+        plain = head(hidden(ops.reshape(unit[:, :, None] * onehot[:, None, :], (6, -1))))
         plain_loss = loss(target, plain)
-    np.testing.assert_allclose(out["label"], model(x, training=False), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(out["source"], plain, rtol=1e-5, atol=1e-7)
+    as_np = ops.convert_to_numpy
+    np.testing.assert_allclose(as_np(out["label"]), as_np(model(x, training=False)), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(as_np(out["source"]), as_np(plain), rtol=1e-5, atol=1e-7)
     for w in hidden.trainable_weights + head.trainable_weights:
-        np.testing.assert_allclose(tape.gradient(reversed_loss, w), tape.gradient(plain_loss, w), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(as_np(tape.gradient(reversed_loss, w)), as_np(tape.gradient(plain_loss, w)),
+                                   rtol=1e-4, atol=1e-7)
     for w in model.trainable_weights[:-2]:   # everything below the class output
-        g_plain = tape.gradient(plain_loss, w).numpy()
+        g_plain = as_np(tape.gradient(plain_loss, w))
         assert np.abs(g_plain).max() > 0
-        np.testing.assert_allclose(tape.gradient(reversed_loss, w), -0.4 * g_plain, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(as_np(tape.gradient(reversed_loss, w)), -0.4 * g_plain, rtol=1e-4, atol=1e-7)
     keras.backend.clear_session()
 
 

@@ -86,7 +86,11 @@ def wrap(model, n_sources: int, n_classes: int, hidden: int):
 
     label_in = keras.Input(shape=(n_classes,), name="label_onehot")
     reversed_ = GradientReversal(name="reverse")(features)
-    joint = L.Flatten()(ops.expand_dims(reversed_, 2) * ops.expand_dims(label_in, 1))
+    # the head sees the features standardised per film (no learnt scale): a scale-invariant input, so the
+    # classifier cannot beat the head by blowing the features up (measured: without it the losses ran to ~100
+    # in the 8th of 12 epochs and the class accuracy fell to 0.45)
+    unit = L.LayerNormalization(center=False, scale=False, name="source_standardise")(reversed_)
+    joint = L.Flatten()(ops.expand_dims(unit, 2) * ops.expand_dims(label_in, 1))
     h = L.Dense(int(hidden), activation="relu", name="source_hidden")(joint)
     source_out = L.Dense(int(n_sources), activation="softmax", name="source")(h)
     trainer = keras.Model(inputs=[model.inputs[0], label_in], outputs={"label": model.outputs[0], "source": source_out},
