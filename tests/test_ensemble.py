@@ -15,7 +15,6 @@ from cxr.score.frames import PROB_COLUMNS, model_id
 from tests.train_data import pre_out, train_config  # noqa: F401 (fixtures)
 
 K = 3
-ZOOM = 0.1
 
 
 def _conf(train_config, **train):
@@ -24,13 +23,11 @@ def _conf(train_config, **train):
 
 @pytest.fixture(scope="module")
 def ensembles(pre_out, train_config, tmp_path_factory):
-    """cnn-adam as a 3-member ensemble (the third member's view zoomed: train.ensemble_zoom) and scratch-dnn as a
-    2-member one, plus cnn-adam alone with seed 42."""
+    """cnn-adam as a 3-member ensemble and scratch-dnn as a 2-member one, plus cnn-adam alone with seed 42."""
     from cxr.train import run
 
     out = tmp_path_factory.mktemp("ensembles")
-    run(str(pre_out), str(out / "k"), _conf(train_config, ensemble=K, ensemble_zoom=[0, None, ZOOM]), models="cnn",
-        optimizers="adam")
+    run(str(pre_out), str(out / "k"), _conf(train_config, ensemble=K), models="cnn", optimizers="adam")
     run(str(pre_out), str(out / "k"), _conf(train_config, ensemble=2), models="scratch-dnn")
     run(str(pre_out), str(out / "single"), _conf(train_config), models="cnn", optimizers="adam")
     return out
@@ -81,36 +78,6 @@ def test_probabilities_are_the_members_mean(ensembles, pre_out, name):
 
     graph = onnx_lib.load(str(d / "model.onnx")).graph
     assert [n.op_type for n in graph.node][-1] == "Mean" and len(graph.node[-1].input) == len(store.ensemble_members(d))
-
-
-def test_a_zoomed_member_sees_the_centre_in_keras_onnx_and_gradcam(ensembles, pre_out):
-    """train.ensemble_zoom: the third member's view is the film with ZOOM of each side cut off and resized back,
-    inside the model (same input); its ONNX export equals it and its heatmap stays inside that box."""
-    import cv2
-    import keras
-
-    from cxr.explain.gradcam import gradcam
-
-    d = ensembles / "k" / "cnn-adam"
-    members = store.ensemble_members(d)
-    assert store.read_metadata(d)["training"]["ensemble"]["centre_zoom"] == [0.0, 0.0, ZOOM]
-    zoomed = store.load_keras(members[2] / store.KERAS_FILE)
-    assert [type(layer).__name__ for layer in zoomed.layers[:2]] == ["Cropping2D", "Resizing"]
-    assert not any(type(layer).__name__ == "Cropping2D" for layer in store.load_keras(members[0] / store.KERAS_FILE).layers)
-    x = load_split(str(pre_out), "test").x[:6]
-    h, w = x.shape[1:3]
-    m = round(h * ZOOM)
-    xf = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
-    view = keras.Sequential(zoomed.layers[:2])(xf).numpy()[..., 0]
-    want = np.stack([cv2.resize(img[m:h - m, m:w - m, 0], (w, h), interpolation=cv2.INTER_LINEAR)  # oracle: OpenCV
-                     for img in xf])
-    assert np.max(np.abs(view - want)) <= 1e-5
-    onnx = store.load_predictor(members[2], engine="onnx").predict_proba(x)
-    assert np.max(np.abs(onnx - store.load_predictor(members[2]).predict_proba(x))) <= 1e-5
-    cams, _ = gradcam(zoomed, x)
-    outside = np.ones((h, w), bool)
-    outside[m:h - m, m:w - m] = False
-    assert cams[:, outside].max() == 0 and cams.max() > 0
 
 
 def test_score_job_scores_it_as_one_model(spark, ensembles, pre_out, train_config, tmp_path):

@@ -127,8 +127,6 @@ def gradcam(model, images: np.ndarray, class_index: int | Sequence[int] | None =
     layer = conv_layer(model, layer_name)
     forward = _split_forward(model, layer)
     cams = np.zeros((n, h, w), np.float32)
-    (top_px, bottom_px), (left_px, right_px) = _view_crop(model)   # a centre-zoom member sees only this box
-    box_h, box_w = h - top_px - bottom_px, w - left_px - right_px
     proba = np.zeros((n, int(model.layers[-1].units)), np.float32)
     wanted = None if class_index is None else np.broadcast_to(np.asarray(class_index, np.int64), (n,))
     for start in range(0, n, batch_size):
@@ -146,21 +144,9 @@ def gradcam(model, images: np.ndarray, class_index: int | Sequence[int] | None =
         for i, m in enumerate(maps):
             top = float(m.max())
             if top > 0:
-                cams[start + i, top_px:top_px + box_h, left_px:left_px + box_w] = cv2.resize(
-                    m / top, (box_w, box_h), interpolation=cv2.INTER_LINEAR)
+                cams[start + i] = cv2.resize(m / top, (w, h), interpolation=cv2.INTER_LINEAR)
     np.clip(cams, 0.0, 1.0, out=cams)
     return cams, proba
-
-
-def _view_crop(model) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((top, bottom), (left, right)) pixels of the input a Cropping2D in front of the model cuts off (a
-    train.ensemble_zoom member): its heatmap covers the rest of the film only."""
-    for layer in model.layers:
-        if type(layer).__name__ == "Cropping2D":
-            return tuple(tuple(int(v) for v in pair) for pair in layer.cropping)
-        if type(layer).__name__ in ("Conv2D", "SeparableConv2D", "Dense"):
-            break
-    return (0, 0), (0, 0)
 
 
 def _ensemble_gradcam(models: list, images: np.ndarray, class_index, layer_name, batch_size: int,

@@ -55,31 +55,16 @@ def _augment_layers(aug: Mapping[str, Any]) -> list:
             L.RandomZoom(z, z, fill_mode="nearest", seed=seed + 2)]
 
 
-def centre_zoom_layers(input_shape: tuple[int, ...], fraction: float) -> list:
-    """The view of a film with `fraction` of each side cut off and the rest resized back (bilinear) to the input
-    size: the padded film's bands and outer frame gone, what a `crop`-preprocessed member sees, from the same
-    `pad` input (train.ensemble_zoom). Built-in layers: safe-mode loading and the ONNX export take them."""
-    from keras import layers as L
-
-    if not fraction:
-        return []
-    h, w = int(input_shape[0]), int(input_shape[1])
-    mh, mw = round(h * float(fraction)), round(w * float(fraction))
-    if not (0 < mh and 0 < mw and 2 * mh < h and 2 * mw < w):
-        raise ValueError(f"a centre zoom of {fraction} of each side leaves nothing of a {h}x{w} input")
-    return [L.Cropping2D(((mh, mh), (mw, mw))), L.Resizing(h, w, interpolation="bilinear")]
-
-
 def build(family: str, input_shape: tuple[int, int, int], conf: Mapping[str, Any] | None = None,
-          augment: Mapping[str, Any] | None = None, centre_zoom: float = 0.0):
-    """An uncompiled keras.Sequential for (H, W, 1) inputs already scaled to [0, 1], with the centre-zoom
-    layers (centre_zoom_layers) and the augmentation layers in front when asked for."""
+          augment: Mapping[str, Any] | None = None):
+    """An uncompiled keras.Sequential for (H, W, 1) inputs already scaled to [0, 1], with the augmentation
+    layers in front when `augment` is enabled."""
     import keras
     from keras import layers as L
 
     arch = architecture(family, conf)
     n = len(CLASSES)
-    body: list = centre_zoom_layers(input_shape, centre_zoom) + _augment_layers(augmentation(augment))
+    body: list = _augment_layers(augmentation(augment))
     if family == "cnn":
         for f in arch["filters"]:
             body += [L.Conv2D(int(f), arch["kernel_size"], activation="relu"), L.MaxPooling2D(2)]

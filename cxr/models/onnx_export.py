@@ -362,30 +362,6 @@ class _Graph:
             raise OnnxExportError(f"cannot bring a {self.layout} tensor to {layout}")
         self.layout = layout
 
-    def int_const(self, values: Sequence[int]) -> str:
-        from onnx import numpy_helper
-
-        name = f"W{len(self.inits)}"
-        self.inits.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
-        return name
-
-    def crop(self, top: int, bottom: int, left: int, right: int) -> None:
-        """Keras' Cropping2D: a Slice of H and W (NHWC)."""
-        self.to("nhwc")
-        big = np.iinfo(np.int64).max
-        self.op("Slice", [self.name, self.int_const([top, left]),
-                          self.int_const([-bottom if bottom else big, -right if right else big]),
-                          self.int_const([1, 2])])
-
-    def resize_bilinear(self, height: int, width: int) -> None:
-        """Keras' Resizing(interpolation="bilinear"): TensorFlow's half-pixel-centre bilinear resize, an ONNX
-        Resize (linear, half_pixel) on NCHW to sizes (N, C, height, width), N and C read from the tensor."""
-        self.to("nchw")
-        x = self.name
-        nc = self.op("Slice", [self.op("Shape", [x]), self.int_const([0]), self.int_const([2]), self.int_const([0])])
-        sizes = self.op("Concat", [nc, self.int_const([height, width])], axis=0)
-        self.op("Resize", [x, "", "", sizes], mode="linear", coordinate_transformation_mode="half_pixel")
-
     def conv(self, kernel_oihw: np.ndarray, bias: np.ndarray | None, pads: list[int], group: int = 1) -> None:
         self.to("nchw")
         kh, kw = kernel_oihw.shape[2:]
@@ -527,16 +503,6 @@ def keras_sequential_to_onnx(model, opset: int = OPSET):
             g.op("GlobalAveragePool", [g.name])
             g.op("Flatten", [g.name], axis=1)
             g.layout = "flat"
-        elif kind == "Cropping2D":
-            if getattr(layer, "data_format", "channels_last") != "channels_last":
-                raise OnnxExportError(f"{layer.name}: channels_first")
-            (top, bottom), (left, right) = layer.cropping
-            g.crop(int(top), int(bottom), int(left), int(right))
-        elif kind == "Resizing":
-            if layer.interpolation != "bilinear" or layer.crop_to_aspect_ratio or \
-                    getattr(layer, "pad_to_aspect_ratio", False) or getattr(layer, "antialias", False):
-                raise OnnxExportError(f"{layer.name}: only plain bilinear resizing is written directly")
-            g.resize_bilinear(int(layer.height), int(layer.width))
         elif kind == "Flatten":
             g.flatten()
         elif kind == "Dense":

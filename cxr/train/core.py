@@ -265,10 +265,10 @@ def train_and_save(spec: dict, train, val, conf: Mapping[str, Any], cw: dict, ep
         meta = _fit_and_save(spec, train, val, conf, cw, epochs, seed, target, data_record, manifest, quantile)
     else:
         members = []
-        for i, s in enumerate(ensemble.member_seeds(seed, k)):
+        for s in ensemble.member_seeds(seed, k):
             name = ensemble.member_name(spec["name"], s)
-            members.append(_fit_and_save({**spec, "name": name}, train, val, ensemble.member_conf(conf, i), cw,
-                                         epochs, s, target / store.MEMBERS_DIR / name, data_record, manifest))
+            members.append(_fit_and_save({**spec, "name": name}, train, val, conf, cw, epochs, s,
+                                         target / store.MEMBERS_DIR / name, data_record, manifest))
         ensemble.save(target, spec, members)
         timings = store.read_metadata(target)["timings_s"]
         _export(target, train, val, timings, quantile)  # one reference on the members' concatenated features

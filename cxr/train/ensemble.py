@@ -33,21 +33,6 @@ def member_seeds(seed: int, k: int) -> list[int]:
     return [int(seed) + i for i in range(int(k))]
 
 
-def member_conf(conf: Mapping[str, Any], index: int) -> dict[str, Any]:
-    """The train conf of member `index`: train.ensemble_zoom[index] (the fraction of each side its view cuts
-    off, cxr.models.keras_models.centre_zoom_layers; 0 or missing: the whole film) as its centre_zoom.
-
-    Why: on the patient-grouped folds of both shared folders, a member that saw the films cropped instead of
-    padded, beside one that saw them padded, raised pooled macro-F1 more than a second padded seed did
-    (docs/sources.md "Levers"); a centre zoom gives that member its view from the same padded input, inside
-    the model, so one preprocessing and one graph still serve the ensemble."""
-    zooms = list(conf.get("ensemble_zoom") or [])
-    zoom = float(zooms[index]) if index < len(zooms) and zooms[index] is not None else 0.0
-    if not 0.0 <= zoom < 0.5:
-        raise ValueError(f"train.ensemble_zoom[{index}] must be in [0, 0.5), got {zoom}")
-    return {**conf, "centre_zoom": zoom}
-
-
 def member_name(name: str, seed: int) -> str:
     return f"{name}-seed{seed}"
 
@@ -66,8 +51,7 @@ def save(target: Path, spec: Mapping[str, Any], members: Sequence[Mapping[str, A
                                   "preprocess", "preprocess_versions", "versions") if k in first}
     training = {k: v for k, v in first["training"].items() if k != "seeds"}
     training["seeds"] = {**first["training"]["seeds"], "seed": seeds[0], "members": seeds}
-    training["ensemble"] = {"members": len(members), "seeds": seeds, "combine": "mean of the members' probabilities",
-                            "centre_zoom": [float(m["architecture"].get("centre_zoom", 0.0)) for m in members]}
+    training["ensemble"] = {"members": len(members), "seeds": seeds, "combine": "mean of the members' probabilities"}
     meta.update({
         "name": spec["name"],
         "training": training,

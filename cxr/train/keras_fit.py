@@ -116,8 +116,7 @@ def train_keras(spec: dict, train, val, conf: Mapping, weights: dict | None, epo
     family = spec["family"]
     arch = architecture(family, (conf.get("keras") or {}).get(family))
     aug = augmentation(conf.get("augment"))
-    zoom = float(conf.get("centre_zoom") or 0.0)   # this member's view (cxr.train.ensemble.member_conf)
-    model = build(family, (*train.image_size, 1), arch, augment={**aug, "seed": seed}, centre_zoom=zoom)
+    model = build(family, (*train.image_size, 1), arch, augment={**aug, "seed": seed})
     bs = int(conf["batch_size"])
     steps = -(-len(train) // bs)
     opt = optimizer(spec["optimizer"], learning_rate(
@@ -168,8 +167,7 @@ def train_keras(spec: dict, train, val, conf: Mapping, weights: dict | None, epo
                          validation_data=tf_dataset(val, bs, one_hot=one_hot, sources=val_sources) if len(val) else None,
                          class_weight=cw, shuffle=False,  # the dataset shuffles (cxr.data.stream)
                          verbose=int(conf.get("verbose", 2)), callbacks=callbacks)
-    details = {"architecture": {"family": family, **arch, "params": int(model.count_params()),
-                                **({"centre_zoom": zoom} if zoom else {})},
+    details = {"architecture": {"family": family, **arch, "params": int(model.count_params())},
                "optimizer": {"name": spec["optimizer"], "config": optimizer_config(opt)},
                "augment": {**aug, "seed": seed} if aug["enabled"] else {"enabled": False}, "epoch_cpu_s": cpu,
                "site_augment": {**site, "seed": seed} if site["enabled"] else {"enabled": False},
