@@ -34,6 +34,7 @@ def tf_dataset(source, batch_size: int, shuffle: bool = False, seed: int = 0, on
     # the source hands each batch its rows' positions in the split (as per-row "weights"): they pick the rows'
     # weights and source targets
     positions = np.arange(len(source), dtype=np.float32) if weighted or adversary else None
+    by_position = np.asarray(row_weights, np.float32) if weighted else None
 
     def generate():
         epoch = started["epochs"]
@@ -45,10 +46,11 @@ def tf_dataset(source, batch_size: int, shuffle: bool = False, seed: int = 0, on
                 images = augment_batch(images, rng, augment)
             x, y = as_unit_float(images), (eye[labels] if one_hot else labels)
             pos = None if positions is None else batch[2].astype(np.int64)
-            rows_w = np.asarray(row_weights, np.float32)[pos] if weighted else np.ones(len(labels), np.float32)
+            rows_w = by_position[pos] if weighted else None
             if adversary:
                 yield ((x, eye[labels]), {"label": y, "source": sources[0][pos]},
-                       {"label": rows_w, "source": sources[1][pos]})
+                       {"label": np.ones(len(labels), np.float32) if rows_w is None else rows_w,
+                        "source": sources[1][pos]})
             else:
                 yield (x, y) + ((rows_w,) if weighted else ())
 
