@@ -302,6 +302,41 @@ def test_evaluate_external_archive_reports_beside_the_estimate_with_intervals(bo
     assert pre["params"]["size"] == 96 and pre["params"]["resize_mode"] == "pad"   # the model's own image steps
 
 
+def test_framing_probe_reproduces_the_job_as_filed_and_scores_every_shape(both_folders, tmp_path, capsys):
+    """scripts/framing_probe.py on the trained slice: the films as filed, decoded from their raw files, reach the
+    recall the model gives the preprocess job's own images (Keras on the Parquet images: an independent path);
+    every (source, class) of the held-out films has a row per framing."""
+    import importlib.util
+
+    import pyarrow.dataset as pads
+
+    from cxr.models import store
+    from cxr.score.frames import predict_fixed_batches
+
+    _, pre, models, _ = both_folders
+    spec = importlib.util.spec_from_file_location("framing_probe", "scripts/framing_probe.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "framing.json"
+    assert script.main(["--data", str(pre), "--split", "train", "--json", str(out), f"m={models / 'cnn-adam'}"]) == 0
+    assert "| landscape 1.22 |" in capsys.readouterr().out
+    rows = pd.DataFrame(json.loads(out.read_text())["m"])
+    table = pads.dataset(f"{pre}/images", format="parquet", partitioning="hive").to_table().to_pandas()
+    table = table[table["split"] == "train"]
+    cells = table.groupby(["source", "label"]).size()
+    assert len(rows) == len(cells) * 4 and set(rows["framing"]) == {"as filed", "portrait 0.82", "square",
+                                                                    "landscape 1.22"}
+    predictor = store.load_predictor(models / "cnn-adam", engine="keras")
+    x = np.stack([np.frombuffer(b, np.uint8).reshape(int(h), int(w))
+                  for b, h, w in zip(table["image"], table["height"], table["width"])])
+    called = np.asarray(CLASSES)[predict_fixed_batches(predictor, x, 32)[0].argmax(axis=1)]
+    as_filed = rows[rows["framing"] == "as filed"].set_index(["source", "class"])
+    for (source, label), n in cells.items():
+        sel = ((table["source"] == source) & (table["label"] == label)).to_numpy()
+        assert as_filed.loc[(source, label), "films"] == n
+        assert as_filed.loc[(source, label), "recall"] == pytest.approx((called[sel] == label).mean(), abs=1e-9)
+
+
 def test_row_weights_reach_the_keras_loss(pre_out):
     """Per-row weights (balanced_by_source) weigh each row's cross-entropy in the fit, class weights ignored:
     the reported loss of a frozen model equals the weighted mean computed in NumPy on its own predictions."""

@@ -87,6 +87,17 @@ def to_square(image: np.ndarray, mode: str) -> np.ndarray:
     raise ValueError(f"unknown resize mode {mode!r}; expected one of {RESIZE_MODES}")
 
 
+def centre_cut(image: np.ndarray, aspect: float) -> np.ndarray:
+    """The image cut at its centre to width / height = aspect (only cut, never padded): the same film as an archive
+    whose films have another shape would hold it."""
+    h, w = image.shape[:2]
+    if w / h > aspect:
+        cut = max(1, int(round(h * aspect)))
+        return image[:, (w - cut) // 2:(w - cut) // 2 + cut]
+    cut = max(1, int(round(w / aspect)))
+    return image[(h - cut) // 2:(h - cut) // 2 + cut]
+
+
 def resize_square(image: np.ndarray, size: int, mode: str = "stretch") -> np.ndarray:
     """size x size; INTER_AREA when shrinking (no aliasing), INTER_LINEAR when enlarging."""
     square = to_square(image, mode)

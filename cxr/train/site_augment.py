@@ -17,6 +17,8 @@ from typing import Any, Mapping
 import cv2
 import numpy as np
 
+from cxr.image.enhance import centre_cut, resize_square
+
 DEFAULTS: dict[str, Any] = {
     "enabled": False,
     "crop_scale": [0.70, 1.0],     # area fraction of the random crop, resized back to the full side
@@ -30,6 +32,8 @@ DEFAULTS: dict[str, Any] = {
     "noise_sd": [0.01, 0.04],      # ... of this standard deviation on [0, 1]
     "border_p": 0.5,               # probability of masking a band along each side ...
     "border_max": 0.10,            # ... up to this fraction of the side, filled black, white or the mean
+    "framing_p": 0.0,              # probability of re-framing the film as another archive frames it ...
+    "framing_aspect": [0.8, 1.25], # ... cut to this width/height (centred), then padded back to the square
 }
 
 
@@ -59,6 +63,25 @@ def _crop(image: np.ndarray, rng: np.random.Generator, scale, ratio) -> np.ndarr
     return cv2.resize(image[top:top + ch, left:left + cw], (w, h), interpolation=cv2.INTER_LINEAR)
 
 
+def _content_box(image: np.ndarray) -> tuple[int, int, int, int]:
+    """The film inside the bands `pad` added (constant rows or columns at the edges): top, bottom, left, right."""
+    rows = np.flatnonzero(image.max(axis=1) != image.min(axis=1))
+    cols = np.flatnonzero(image.max(axis=0) != image.min(axis=0))
+    if not len(rows) or not len(cols):
+        return 0, image.shape[0], 0, image.shape[1]
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def reframe(image: np.ndarray, aspect: float) -> np.ndarray:
+    """The film (bands taken off) cut at its centre to width/height = aspect, then padded back to the square
+    side as the preprocess job pads (cxr.image.enhance): what the same film looks like from an archive whose
+    films have another shape. Only cuts, never invents pixels. Why: every NIH NORMAL film is square and most
+    COVID films are landscape, so with `pad` the bands' shape names the class (docs/sources.md, "Framing")."""
+    top, bottom, left, right = _content_box(image)
+    film = centre_cut(image[top:bottom, left:right], aspect)
+    return resize_square(film, image.shape[0], "pad") if image.shape[0] == image.shape[1] else image
+
+
 def _mask_borders(x: np.ndarray, rng: np.random.Generator, p: float, most: float) -> None:
     h, w = x.shape
     fill = (0.0, 1.0, float(x.mean()))[int(rng.integers(3))]
@@ -78,7 +101,10 @@ def _mask_borders(x: np.ndarray, rng: np.random.Generator, p: float, most: float
 
 def augment_image(image: np.ndarray, rng: np.random.Generator, conf: Mapping[str, Any]) -> np.ndarray:
     """One uint8 (H, W) image -> an augmented uint8 (H, W) image (conf: settings())."""
-    img = _crop(image, rng, conf["crop_scale"], conf["crop_ratio"])
+    img = image
+    if rng.random() < float(conf["framing_p"]):
+        img = reframe(img, float(np.exp(_uniform(rng, np.log(np.asarray(conf["framing_aspect"], np.float64))))))
+    img = _crop(img, rng, conf["crop_scale"], conf["crop_ratio"])
     x = img.astype(np.float32) / 255.0
     x = np.power(x, _uniform(rng, conf["gamma"]), dtype=np.float32)
     mean = float(x.mean())

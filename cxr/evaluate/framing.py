@@ -1,0 +1,108 @@
+"""The framing probe: does a model's call survive the same film framed as another archive frames it?
+
+Why: in the shared folders every NIH NORMAL film is a 224 px square and most COVID films are landscape (aspect
+~1.2), so with `pad` the shape of the bands the preprocessing adds tells the classes apart, and no fold of a
+cross-validation over the same files can see it: every held-out film is framed as its source frames films. A
+hospital's films have their own shapes. The probe cuts each held-out raw film at its centre to a few common
+shapes (only cut, never padded: no pixel invented), runs the model's own preprocessing and the model on each,
+and reports the recall of each (source, class) per shape beside the film as filed. A class whose recall falls
+when only the frame changes is known by its frame.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cxr import CLASSES
+from cxr.image.enhance import centre_cut
+from cxr.image.pipeline import PreprocessParams, preprocess_pixels
+
+# width / height; None: the film as filed
+FRAMINGS: dict[str, float | None] = {"as filed": None, "portrait 0.82": 0.82, "square": 1.0, "landscape 1.22": 1.22}
+
+
+def framed_images(pixels: Sequence[np.ndarray], params: PreprocessParams,
+                  framings: Mapping[str, float | None] = FRAMINGS) -> dict[str, np.ndarray]:
+    """Decoded films (2-D, any dtype the decoder gives) -> {framing: (N, size, size) uint8 model inputs}."""
+    return {name: np.stack([preprocess_pixels(p if aspect is None else centre_cut(p, aspect), params)
+                            for p in pixels])
+            for name, aspect in framings.items()}
+
+
+def recall_table(labels: Sequence[str], sources: Sequence[str], calls: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """calls: {framing: the predicted class of every film}. One row per (source, class, framing): films, recall,
+    and the share called each class."""
+    labels, sources = np.asarray(labels), np.asarray(sources)
+    rows = []
+    for (source, label), idx in pd.Series(range(len(labels))).groupby([sources, labels]).groups.items():
+        idx = np.asarray(list(idx))
+        for name, called in calls.items():
+            got = np.asarray(called)[idx]
+            rows.append({"source": source, "class": label, "framing": name, "films": len(idx),
+                         "recall": float((got == label).mean()),
+                         **{f"called {c}": float((got == c).mean()) for c in CLASSES}})
+    return pd.DataFrame(rows)
+
+
+def probe(predict, pixels: Sequence[np.ndarray], labels: Sequence[str], sources: Sequence[str],
+          params: PreprocessParams, framings: Mapping[str, float | None] = FRAMINGS) -> pd.DataFrame:
+    """predict: (N, size, size) uint8 -> (N, 3) probabilities (the model as it scores). The recall table."""
+    calls = {name: np.asarray(CLASSES)[np.asarray(predict(x)).argmax(axis=1)]
+             for name, x in framed_images(pixels, params, framings).items()}
+    return recall_table(labels, sources, calls)
+
+
+def markdown(tables: Mapping[str, pd.DataFrame]) -> str:
+    """{model name: recall table} -> one markdown table: recall per (source, class, framing), a column per model."""
+    from cxr.common.markdown import table
+
+    names = list(tables)
+    first = tables[names[0]]
+
+    def cell(t, i):
+        sd = t.loc[i, "recall_sd"] if "recall_sd" in t else None
+        return f"{t.loc[i, 'recall']:.3f}" + ("" if sd is None or pd.isna(sd) else f" ± {sd:.3f}")
+
+    rows = [[r["source"], r["class"], r["framing"], int(r["films"]), *(cell(tables[n], i) for n in names)]
+            for i, r in first.iterrows()]
+    return "\n".join(table(["source", "class", "framing", "films", *names], rows))
+
+
+def crossval_probe(cv_dir: str | Path, pixels_of, predictor_of) -> pd.DataFrame:
+    """The probe out of fold: each film framed every way and called by the model of the fold that held it out,
+    for every seed of a jobs/crossval.py run kept with --keep-models (its folds.csv and models/seed*/fold*/).
+    pixels_of(sha256s, params) -> decoded films; predictor_of(model_dir) -> a predict function as probe() takes.
+    One row per (source, class, framing): films, recall's mean and sd over the seeds."""
+    cv = Path(cv_dir)
+    folds = pd.read_csv(cv / "folds.csv")
+    films = folds.drop_duplicates("sha256").reset_index(drop=True)
+    position = {sha: i for i, sha in enumerate(films["sha256"])}
+    models = sorted((cv / "models").glob("seed*/fold*/*/metrics.json"))
+    if not models:
+        raise FileNotFoundError(f"{cv}/models holds no fold models: run jobs/crossval.py with --keep-models")
+    params = PreprocessParams.from_dict(json.loads(models[0].read_text())["preprocess"])
+    framed = framed_images(pixels_of(list(films["sha256"]), params), params)
+    per_seed = []
+    for seed, part in folds.groupby("seed"):
+        calls = {name: np.empty(len(films), object) for name in framed}
+        for fold, rows in part.groupby("fold"):
+            (model_dir,) = {m.parent for m in models if m.parent.parent.name == f"fold{fold}"
+                            and m.parent.parent.parent.name == f"seed{seed}"}
+            predict = predictor_of(model_dir)
+            idx = np.array([position[s] for s in rows["sha256"]])
+            for name, x in framed.items():
+                calls[name][idx] = np.asarray(CLASSES)[np.asarray(predict(x[idx])).argmax(axis=1)]
+        seen = np.array([position[s] for s in part["sha256"]])
+        per_seed.append(recall_table(films["label"].to_numpy()[seen], films["source"].to_numpy()[seen],
+                                     {n: c[seen] for n, c in calls.items()}).assign(seed=seed))
+    both = pd.concat(per_seed, ignore_index=True)
+    order = {n: i for i, n in enumerate(framed)}
+    out = (both.groupby(["source", "class", "framing"], sort=False)
+           .agg(films=("films", "first"), recall=("recall", "mean"), recall_sd=("recall", "std"),
+                seeds=("seed", "nunique")).reset_index())
+    return out.sort_values(["source", "class", "framing"], key=lambda c: c.map(order) if c.name == "framing" else c,
+                           kind="stable").reset_index(drop=True)

@@ -1,0 +1,77 @@
+"""The framing probe and the framing augmentation (issue 30: a class known by the shape of its films)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cxr.evaluate.framing import FRAMINGS, framed_images, recall_table
+from cxr.image.enhance import centre_cut, resize_square
+from cxr.image.pipeline import PreprocessParams
+from cxr.train.site_augment import _content_box, augment_batch, epoch_rng, reframe, settings
+
+
+def _film(h, w):
+    """A film with structure everywhere (no constant row or column), so bands are only what pad adds."""
+    y, x = np.mgrid[0:h, 0:w]
+    return (40 + (x * 7 + y * 3) % 170 + (x % 5)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("h,w,aspect,want", [(100, 100, 1.25, (80, 100)), (100, 100, 0.8, (100, 80)),
+                                             (80, 120, 1.0, (80, 80)), (120, 80, 1.0, (80, 80)),
+                                             (100, 100, 1.0, (100, 100))])
+def test_centre_cut_only_cuts_at_the_centre(h, w, aspect, want):
+    film = _film(h, w)
+    cut = centre_cut(film, aspect)
+    assert cut.shape == want
+    top, left = (h - want[0]) // 2, (w - want[1]) // 2
+    assert np.array_equal(cut, film[top:top + want[0], left:left + want[1]])
+
+
+def test_reframe_gives_a_square_film_the_bands_of_another_shape():
+    square = resize_square(_film(200, 200), 96, "pad")
+    assert _content_box(square) == (0, 96, 0, 96)
+    landscape = reframe(square, 1.25)
+    top, bottom, left, right = _content_box(landscape)
+    assert (left, right) == (0, 96) and 8 <= top <= 10 and 86 <= bottom <= 88   # 96 / 1.25 = 77 rows of film
+    assert landscape.shape == square.shape and landscape.dtype == np.uint8
+    portrait = reframe(landscape, 0.8)    # the landscape film's bands come off first, then its sides are cut
+    top, bottom, left, right = _content_box(portrait)
+    assert (top, bottom) == (0, 96) and 8 <= left <= 10 and 86 <= right <= 88
+    assert np.array_equal(reframe(square, 1.0), square)   # a film's own shape: unchanged
+
+
+def test_framing_augmentation_is_off_by_default_and_seeded_when_on():
+    x = resize_square(_film(120, 150), 64, "pad")[None].repeat(6, 0)
+    identity = {"enabled": True, "crop_scale": [1, 1], "crop_ratio": [1, 1], "gamma": [1, 1], "contrast": [1, 1],
+                "brightness": [0, 0], "blur_p": 0, "noise_p": 0, "border_p": 0}
+    assert np.array_equal(augment_batch(x, epoch_rng(3, 0), settings(identity)), x)   # framing_p 0 by default
+    conf = settings({**identity, "framing_p": 1.0, "framing_aspect": [0.8, 1.25]})
+    a = augment_batch(x, epoch_rng(3, 0), conf)
+    assert np.array_equal(a, augment_batch(x, epoch_rng(3, 0), conf))
+    boxes = {_content_box(im) for im in a}
+    assert len(boxes) >= 3   # six copies of one film, framed several ways
+
+
+def test_recall_table_equals_a_hand_count():
+    labels = ["COVID", "COVID", "NORMAL", "NORMAL", "NORMAL"]
+    sources = ["a", "a", "b", "b", "c"]
+    calls = {"as filed": np.array(["COVID", "NORMAL", "NORMAL", "NORMAL", "COVID"]),
+             "square": np.array(["COVID", "COVID", "COVID", "NORMAL", "NORMAL"])}
+    t = recall_table(labels, sources, calls).set_index(["source", "class", "framing"])
+    assert t.loc[("a", "COVID", "as filed"), "recall"] == 0.5
+    assert t.loc[("a", "COVID", "square"), "recall"] == 1.0
+    assert t.loc[("b", "NORMAL", "square"), "recall"] == 0.5
+    assert t.loc[("b", "NORMAL", "square"), "called COVID"] == 0.5
+    assert t.loc[("c", "NORMAL", "as filed"), "recall"] == 0.0 and t.loc[("c", "NORMAL", "square"), "films"] == 1
+    assert len(t) == 3 * 2
+
+
+def test_framed_images_are_the_model_inputs_of_each_shape():
+    params = PreprocessParams(size=32, resize_mode="pad")
+    out = framed_images([_film(90, 120), _film(100, 100)], params)
+    assert set(out) == set(FRAMINGS)
+    for name, x in out.items():
+        assert x.shape == (2, 32, 32) and x.dtype == np.uint8
+    # the square film as filed and cut square are the same image; cut landscape it gains bands
+    assert np.array_equal(out["as filed"][1], out["square"][1])
+    assert _content_box(out["landscape 1.22"][1])[0] > 0
