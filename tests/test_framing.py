@@ -7,7 +7,7 @@ import pytest
 from cxr.evaluate.framing import FRAMINGS, framed_images, recall_table
 from cxr.image.enhance import centre_cut, resize_square
 from cxr.image.pipeline import PreprocessParams
-from cxr.train.site_augment import _content_box, augment_batch, epoch_rng, reframe, settings
+from cxr.train.site_augment import _content_box, augment_batch, epoch_rng, framing_settings, reframe, settings
 
 
 def _film(h, w):
@@ -40,16 +40,23 @@ def test_reframe_gives_a_square_film_the_bands_of_another_shape():
     assert np.array_equal(reframe(square, 1.0), square)   # a film's own shape: unchanged
 
 
-def test_framing_augmentation_is_off_by_default_and_seeded_when_on():
+def test_framing_augmentation_is_off_by_default_seeded_and_runs_without_the_site_augmentation():
     x = resize_square(_film(120, 150), 64, "pad")[None].repeat(6, 0)
-    identity = {"enabled": True, "crop_scale": [1, 1], "crop_ratio": [1, 1], "gamma": [1, 1], "contrast": [1, 1],
-                "brightness": [0, 0], "blur_p": 0, "noise_p": 0, "border_p": 0}
-    assert np.array_equal(augment_batch(x, epoch_rng(3, 0), settings(identity)), x)   # framing_p 0 by default
-    conf = settings({**identity, "framing_p": 1.0, "framing_aspect": [0.8, 1.25]})
-    a = augment_batch(x, epoch_rng(3, 0), conf)
-    assert np.array_equal(a, augment_batch(x, epoch_rng(3, 0), conf))
-    boxes = {_content_box(im) for im in a}
-    assert len(boxes) >= 3   # six copies of one film, framed several ways
+    site_off = settings(None)
+    assert np.array_equal(augment_batch(x, epoch_rng(3, 0), site_off, framing_settings(None)), x)   # p 0: off
+    framing = framing_settings({"p": 1.0})
+    a = augment_batch(x, epoch_rng(3, 0), site_off, framing)
+    assert np.array_equal(a, augment_batch(x, epoch_rng(3, 0), site_off, framing))
+    assert len({_content_box(im) for im in a}) >= 3   # six copies of one film, framed several ways
+    for im in a:   # only re-framed: each is the film cut to some shape and padded back, nothing else changed
+        top, bottom, left, right = _content_box(im)
+        assert 0.78 <= (right - left) / (bottom - top) <= 1.28
+    # the site augmentation's own draws are unchanged by a framing switched off (earlier runs reproduce)
+    site_on = settings({"enabled": True})
+    assert np.array_equal(augment_batch(x, epoch_rng(5, 0), site_on), augment_batch(x, epoch_rng(5, 0), site_on,
+                                                                                    framing_settings({"p": 0.0})))
+    with pytest.raises(ValueError, match="unknown keys"):
+        framing_settings({"prob": 0.5})
 
 
 def test_recall_table_equals_a_hand_count():

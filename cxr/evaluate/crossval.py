@@ -366,7 +366,7 @@ def run(spark, data_dir: str, out_dir: str, config: Mapping[str, Any], folds: in
         "folds": k, "seeds": seed_values, "epochs": epochs, "models": [t["name"] for t in todo],
         "group_by": group_by, "source_folds": source_folds,
         "train": {key: tconf.get(key) for key in ("batch_size", "class_weight", "augment", "site_augment",
-                                                  "source_adversary", "optimizer_config", "ensemble")},
+                                                  "framing", "source_adversary", "optimizer_config", "ensemble")},
         "members_evaluated": members, "train_fraction": fraction,
         "fold_sizes": fold_table(assignment, data),
         "grouping_checked": True,

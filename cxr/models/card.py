@@ -109,6 +109,7 @@ def build(model_dir: str | Path, meta: pd.DataFrame, config: Mapping[str, Any]) 
             "class_weight": ((m.get("training") or {}).get("class_weight") or {}).get("mode"),
             "site_augment": bool(((m.get("training") or {}).get("site_augment") or {}).get("enabled")),
             "source_adversary": bool(((m.get("training") or {}).get("source_adversary") or {}).get("enabled")),
+            "framing": float(((m.get("training") or {}).get("framing") or {}).get("p") or 0.0),
             "by_source": [], "leave_one_source_out": []}
     card["sources"] = sorted({s for pop in card["population"].values() for s in pop["sources"]})
     card["limits"] = limits(card)
@@ -142,7 +143,8 @@ def format_card(card: Mapping[str, Any]) -> str:
     lines = [f"# Model card: {card['model']}", "",
              f"- family {card['family']}; class weights {card.get('class_weight')}; site augmentation "
              f"{'on' if card.get('site_augment') else 'off'}; source adversary "
-             f"{'on' if card.get('source_adversary') else 'off'}",
+             f"{'on' if card.get('source_adversary') else 'off'}; framing augmentation "
+             f"{'p ' + format(card['framing'], 'g') if card.get('framing') else 'off'}",
              f"- trained on `{card['trained_on']['data']}` ({', '.join(card['trained_on']['splits'])} splits)", "",
              "## Training population", "",
              "| class | source | images | patients | population | views | formats | original width (min/median/max) |",

@@ -180,6 +180,7 @@ def _fit_and_save(spec: dict, train, val, conf: Mapping[str, Any], cw: dict, epo
                      "label_smoothing": details.get("label_smoothing", 0.0),
                      "class_weight": cw, "seeds": seeds, "augment": details.get("augment", {"enabled": False}),
                      "site_augment": details.get("site_augment", {"enabled": False}),
+                     "framing": details.get("framing", {"p": 0.0}),
                      "source_adversary": details.get("source_adversary", {"enabled": False})},
         "history": history,
         "epoch_times_s": times,

@@ -14,7 +14,7 @@ from cxr.data.stream import as_unit_float
 
 def tf_dataset(source, batch_size: int, shuffle: bool = False, seed: int = 0, one_hot: bool = False,
                row_weights: np.ndarray | None = None, augment: Mapping | None = None,
-               sources: tuple[np.ndarray, np.ndarray] | None = None):
+               sources: tuple[np.ndarray, np.ndarray] | None = None, framing: Mapping | None = None):
     """A tf.data.Dataset of (float32 (b, H, W, 1) in [0, 1], int64 labels) minibatches (float32 one-hot
     labels with `one_hot`, which label smoothing needs), plus float32 sample weights when `row_weights` (one per
     row of the source) is given. With `sources` ((target, weight) per row for cxr.train.source_adversary's head)
@@ -24,13 +24,13 @@ def tf_dataset(source, batch_size: int, shuffle: bool = False, seed: int = 0, on
     with (seed, e); the cardinality is known, so Keras shows steps and needs no first pass."""
     import tensorflow as tf
 
-    from cxr.train.site_augment import augment_batch, epoch_rng
+    from cxr.train.site_augment import active, augment_batch, epoch_rng
 
     h, w = source.image_size
     started = {"epochs": 0}
     eye = np.eye(len(CLASSES), dtype=np.float32)
     weighted, adversary = row_weights is not None, sources is not None
-    augmenting = bool(augment and augment.get("enabled"))
+    augmenting = active(augment, framing)
     # the source hands each batch its rows' positions in the split (as per-row "weights"): they pick the rows'
     # weights and source targets
     positions = np.arange(len(source), dtype=np.float32) if weighted or adversary else None
@@ -43,7 +43,7 @@ def tf_dataset(source, batch_size: int, shuffle: bool = False, seed: int = 0, on
         for batch in source.batches(batch_size, epoch=epoch, shuffle=shuffle, seed=seed, weights=positions):
             images, labels = batch[0], batch[1].astype(np.int64)
             if augmenting:
-                images = augment_batch(images, rng, augment)
+                images = augment_batch(images, rng, augment or {}, framing)
             x, y = as_unit_float(images), (eye[labels] if one_hot else labels)
             pos = None if positions is None else batch[2].astype(np.int64)
             rows_w = by_position[pos] if weighted else None
@@ -113,7 +113,7 @@ def train_keras(spec: dict, train, val, conf: Mapping, weights: dict | None, epo
     from cxr.models.keras_models import architecture, augmentation, build, optimizer, optimizer_config
     from cxr.train import source_adversary
     from cxr.train.history import history_dict
-    from cxr.train.site_augment import settings as site_settings
+    from cxr.train.site_augment import framing_settings, settings as site_settings
 
     family = spec["family"]
     arch = architecture(family, (conf.get("keras") or {}).get(family))
@@ -142,6 +142,7 @@ def train_keras(spec: dict, train, val, conf: Mapping, weights: dict | None, epo
 
     one_hot = bool(smoothing)
     site = site_settings(conf.get("site_augment"))
+    framing = framing_settings(conf.get("framing"))
     adv = source_adversary.settings(conf.get("source_adversary"))
     callbacks: list = [EpochTimer()]
     train_sources = val_sources = None
@@ -165,7 +166,7 @@ def train_keras(spec: dict, train, val, conf: Mapping, weights: dict | None, epo
         fitted.compile(optimizer=opt, loss=loss, metrics=["accuracy"])
     cw = {i: weights[c] for i, c in enumerate(CLASSES)} if weights and row_weights is None else None
     history = fitted.fit(tf_dataset(train, bs, shuffle=True, seed=seed, one_hot=one_hot, row_weights=row_weights,
-                                    augment=site, sources=train_sources), epochs=epochs,
+                                    augment=site, sources=train_sources, framing=framing), epochs=epochs,
                          validation_data=tf_dataset(val, bs, one_hot=one_hot, sources=val_sources) if len(val) else None,
                          class_weight=cw, shuffle=False,  # the dataset shuffles (cxr.data.stream)
                          verbose=int(conf.get("verbose", 2)), callbacks=callbacks)
@@ -173,6 +174,7 @@ def train_keras(spec: dict, train, val, conf: Mapping, weights: dict | None, epo
                "optimizer": {"name": spec["optimizer"], "config": optimizer_config(opt)},
                "augment": {**aug, "seed": seed} if aug["enabled"] else {"enabled": False}, "epoch_cpu_s": cpu,
                "site_augment": {**site, "seed": seed} if site["enabled"] else {"enabled": False},
+               "framing": {**framing, "seed": seed} if framing["p"] > 0 else {"p": 0.0},
                "source_adversary": ({**adv, "sources": list(index)} if adv["enabled"] else {"enabled": False}),
                "label_smoothing": smoothing, "lr_schedule": lr_schedule(conf)}
     hist = source_adversary.history(history.history) if adv["enabled"] else history_dict(history.history)

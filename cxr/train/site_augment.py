@@ -32,17 +32,31 @@ DEFAULTS: dict[str, Any] = {
     "noise_sd": [0.01, 0.04],      # ... of this standard deviation on [0, 1]
     "border_p": 0.5,               # probability of masking a band along each side ...
     "border_max": 0.10,            # ... up to this fraction of the side, filled black, white or the mean
-    "framing_p": 0.0,              # probability of re-framing the film as another archive frames it ...
-    "framing_aspect": [0.8, 1.25], # ... cut to this width/height (centred), then padded back to the square
 }
+# train.framing, its own switch (it runs with or without the rest): the probability that a film is re-framed as
+# an archive of other shapes frames it, and the range of those shapes (width / height)
+FRAMING_DEFAULTS: dict[str, Any] = {"p": 0.0, "aspect": [0.8, 1.25]}
+
+
+def _filled(conf: Mapping[str, Any] | None, defaults: Mapping[str, Any], name: str) -> dict[str, Any]:
+    unknown = set(conf or {}) - set(defaults)
+    if unknown:   # a typo would silently do nothing
+        raise ValueError(f"{name}: unknown keys {sorted(unknown)}; known: {sorted(defaults)}")
+    return {**defaults, **(conf or {})}
 
 
 def settings(conf: Mapping[str, Any] | None) -> dict[str, Any]:
-    """train.site_augment with defaults filled in; unknown keys are refused (a typo would silently do nothing)."""
-    unknown = set(conf or {}) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"train.site_augment: unknown keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    return {**DEFAULTS, **(conf or {})}
+    """train.site_augment with defaults filled in; unknown keys are refused."""
+    return _filled(conf, DEFAULTS, "train.site_augment")
+
+
+def framing_settings(conf: Mapping[str, Any] | None) -> dict[str, Any]:
+    """train.framing with defaults filled in; unknown keys are refused."""
+    return _filled(conf, FRAMING_DEFAULTS, "train.framing")
+
+
+def active(site: Mapping[str, Any] | None, framing: Mapping[str, Any] | None = None) -> bool:
+    return bool((site or {}).get("enabled")) or float((framing or {}).get("p", 0.0)) > 0
 
 
 def _uniform(rng: np.random.Generator, bounds) -> float:
@@ -99,11 +113,16 @@ def _mask_borders(x: np.ndarray, rng: np.random.Generator, p: float, most: float
             x[:, w - n:] = fill
 
 
-def augment_image(image: np.ndarray, rng: np.random.Generator, conf: Mapping[str, Any]) -> np.ndarray:
-    """One uint8 (H, W) image -> an augmented uint8 (H, W) image (conf: settings())."""
+def augment_image(image: np.ndarray, rng: np.random.Generator, conf: Mapping[str, Any],
+                  framing: Mapping[str, Any] | None = None) -> np.ndarray:
+    """One uint8 (H, W) image -> an augmented uint8 (H, W) image (conf: settings(); framing: framing_settings(),
+    applied first; with the site augmentation off, the only step)."""
     img = image
-    if rng.random() < float(conf["framing_p"]):
-        img = reframe(img, float(np.exp(_uniform(rng, np.log(np.asarray(conf["framing_aspect"], np.float64))))))
+    p = float((framing or {}).get("p", 0.0))
+    if p > 0 and rng.random() < p:
+        img = reframe(img, float(np.exp(_uniform(rng, np.log(np.asarray(framing["aspect"], np.float64))))))
+    if not conf.get("enabled"):
+        return img
     img = _crop(img, rng, conf["crop_scale"], conf["crop_ratio"])
     x = img.astype(np.float32) / 255.0
     x = np.power(x, _uniform(rng, conf["gamma"]), dtype=np.float32)
@@ -117,9 +136,10 @@ def augment_image(image: np.ndarray, rng: np.random.Generator, conf: Mapping[str
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
-def augment_batch(images: np.ndarray, rng: np.random.Generator, conf: Mapping[str, Any]) -> np.ndarray:
+def augment_batch(images: np.ndarray, rng: np.random.Generator, conf: Mapping[str, Any],
+                  framing: Mapping[str, Any] | None = None) -> np.ndarray:
     """A uint8 minibatch (b, H, W) -> its augmented copy (the input is left as it is)."""
-    return np.stack([augment_image(im, rng, conf) for im in images]) if len(images) else images.copy()
+    return np.stack([augment_image(im, rng, conf, framing) for im in images]) if len(images) else images.copy()
 
 
 def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
