@@ -236,6 +236,12 @@ def test_recommended_profile_writes_a_model_card_covered_by_the_model_id(both_fo
     assert c["population"]["VIRAL"]["sources"]["kermany-guangzhou"]["population"] == "children aged 1-5"
     assert any(line.startswith("VIRAL: one source only") for line in c["limits"])
     assert c["by_source"] and c["evaluated_on"] == "test"            # the train job's evaluation added its numbers
+    from cxr.config import load_config
+
+    framing = load_config("recommended")["train"]["framing"]["p"]
+    assert framing > 0 and c["framing"] == framing                   # the profile re-frames its films (docs/sources.md)
+    assert store.read_metadata(d)["training"]["framing"]["p"] == framing
+    assert f"framing augmentation p {framing:g}" in (d / "model_card.md").read_text()
     assert store.CARD_FILE in store.weight_files(d)
     before = model_id(d)
     (d / store.CARD_FILE).write_text(json.dumps({**c, "limits": []}))
