@@ -81,17 +81,16 @@ def crossval_probe(cv_dir: str | Path, pixels_of, predictor_of) -> pd.DataFrame:
     folds = pd.read_csv(cv / "folds.csv")
     films = folds.drop_duplicates("sha256").reset_index(drop=True)
     position = {sha: i for i, sha in enumerate(films["sha256"])}
-    models = sorted((cv / "models").glob("seed*/fold*/*/metrics.json"))
-    if not models:
+    first = next((cv / "models").glob("seed*/fold*/*/metrics.json"), None)
+    if first is None:
         raise FileNotFoundError(f"{cv}/models holds no fold models: run jobs/crossval.py with --keep-models")
-    params = PreprocessParams.from_dict(json.loads(models[0].read_text())["preprocess"])
+    params = PreprocessParams.from_dict(json.loads(first.read_text())["preprocess"])
     framed = framed_images(pixels_of(list(films["sha256"]), params), params)
     per_seed = []
     for seed, part in folds.groupby("seed"):
         calls = {name: np.empty(len(films), object) for name in framed}
         for fold, rows in part.groupby("fold"):
-            (model_dir,) = {m.parent for m in models if m.parent.parent.name == f"fold{fold}"
-                            and m.parent.parent.parent.name == f"seed{seed}"}
+            (model_dir,) = [m.parent for m in (cv / "models" / f"seed{seed}" / f"fold{fold}").glob("*/metrics.json")]
             predict = predictor_of(model_dir)
             idx = np.array([position[s] for s in rows["sha256"]])
             for name, x in framed.items():

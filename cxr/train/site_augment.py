@@ -87,13 +87,13 @@ def _content_box(image: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def reframe(image: np.ndarray, aspect: float) -> np.ndarray:
-    """The film (bands taken off) cut at its centre to width/height = aspect, then padded back to the square
-    side as the preprocess job pads (cxr.image.enhance): what the same film looks like from an archive whose
-    films have another shape. Only cuts, never invents pixels. Why: every NIH NORMAL film is square and most
-    COVID films are landscape, so with `pad` the bands' shape names the class (docs/sources.md, "Framing")."""
+    """A square model input: its film (bands taken off) cut at its centre to width/height = aspect, then padded
+    back to the square as the preprocess job pads (cxr.image.enhance): what the same film looks like from an
+    archive whose films have another shape. Only cuts, never invents pixels. Why: every NIH NORMAL film is square
+    and most COVID films are landscape, so with `pad` the bands' shape names the class (docs/sources.md,
+    "Framing")."""
     top, bottom, left, right = _content_box(image)
-    film = centre_cut(image[top:bottom, left:right], aspect)
-    return resize_square(film, image.shape[0], "pad") if image.shape[0] == image.shape[1] else image
+    return resize_square(centre_cut(image[top:bottom, left:right], aspect), image.shape[0], "pad")
 
 
 def _mask_borders(x: np.ndarray, rng: np.random.Generator, p: float, most: float) -> None:
