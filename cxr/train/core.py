@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 SCRATCH_FAMILIES = ("scratch-cnn", "scratch-dnn")
 ALL_MODELS = (*FAMILIES, *SCRATCH_FAMILIES)
-DEFAULT_OOD_QUANTILE = 0.98    # scope.ood_quantile when the config has none
+DEFAULT_OOD_QUANTILE = 0.995   # scope.ood_quantile when the config has none (conf/default.yaml says why)
 
 
 class OutputExistsError(RuntimeError):
