@@ -113,6 +113,32 @@ def test_the_threshold_comes_from_the_held_out_val_films():
     assert meta["training_films"] == {k: sum(f.folder == k for f in films if f.split == "train") for k in fd.FOLDERS}
 
 
+def test_out_of_fold_calibration_scores_each_train_film_by_members_that_never_saw_it():
+    """frontal_train --folds K (measured, not shipped): every train film is scored once per held-out preprocessing,
+    in the fold its patient hashes to, by members trained on the other folds' films only (the training set's size
+    says which films it was made from: COPIES + REFRAMED_PER_FILM images per film, plus the fixed renderings)."""
+    from cxr.scope import frontal_data as fd
+    from cxr.scope.frontal_train import out_of_fold_scores
+
+    shared_data("cxr")
+    shared_data("cxr-adult")
+    groups = {p: g for p, _, g in fd.film_groups(SHARED_DATA)}
+    rows = [r for r in fd.film_splits(SHARED_DATA) if r[2] == "train"][::40]
+    films = [fd.Film(p, f, s, fd.decode_film((SHARED_DATA / p).read_bytes()), groups[p]) for p, f, s in rows]
+    lines: list[str] = []
+    oof = out_of_fold_scores(films, None, seed=31, members=1, epochs=1, folds=2, threads=2, log=lines.append)
+    assert sorted(zip(oof["path"].tolist(), oof["variant"].tolist())) == sorted(
+        (f.path, v) for f in films for v in fd.HELDOUT_VARIANTS)
+    fold_of = {f.path: fd.calibration_fold(f.group, 2, 31) for f in films}
+    assert [fold_of[p] for p in oof["path"].tolist()] == oof["fold"].tolist()
+    assert set(fold_of.values()) == {0, 1}
+    fixed = fd.SYNTH_CHESTS + len(fd.RENDERED) * fd.RENDERED_EACH + 4 * fd.PICTURES_EACH
+    for k, line in enumerate(lines):
+        others = sum(v != k for v in fold_of.values())
+        assert f"trained on {others * (fd.COPIES + fd.REFRAMED_PER_FILM) + fixed} images" in line, line
+    assert np.all((oof["score"] >= 0) & (oof["score"] <= 1))
+
+
 def test_verdicts_name_each_signal_that_fired():
     inside, reasons = frontal.verdicts(np.array([0.9, 0.02, 0.9, 0.01]), 0.3, np.array([1.0, 2.0, 9.0, 9.5]), 7.0)
     assert inside.tolist() == [True, False, False, False]

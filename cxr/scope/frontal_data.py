@@ -40,6 +40,7 @@ class Film:
     folder: str
     split: str
     pixels: np.ndarray   # decoded gray uint8, at most DECODED_SIDE a side
+    group: str = ""      # the patient key the split (and the calibration's folds) are drawn by
 
 
 def split_conf() -> dict:
@@ -50,10 +51,10 @@ def split_conf() -> dict:
     return {"ratios": validate_ratios(split), "seed": int(split.get("seed", 42))}
 
 
-def film_splits(shared: Path) -> list[tuple[str, str, str]]:
-    """(FOLDER/relative_path, folder, split) of every film in the shared MANIFESTs: the group key is the
-    manifest's patient_id (else the file's sha256), hashed as cxr.spark.images does."""
-    conf, out = split_conf(), []
+def film_groups(shared: Path) -> list[tuple[str, str, str]]:
+    """(FOLDER/relative_path, folder, group key) of every film in the shared MANIFESTs: the key is the
+    manifest's patient_id (else the file's sha256), as cxr.spark.images keys it."""
+    out = []
     for folder in FOLDERS:
         manifest = shared / folder / "MANIFEST.csv"
         if not manifest.is_file():
@@ -61,10 +62,20 @@ def film_splits(shared: Path) -> list[tuple[str, str, str]]:
         with open(manifest, newline="") as fh:
             for row in csv.DictReader(fh):
                 pid = (row.get("patient_id") or "").strip()
-                key = f"patient:{pid}" if pid else f"sha256:{row['sha256']}"
                 out.append((f"{folder}/{row['relative_path']}", folder,
-                            assign_split(key, conf["ratios"], conf["seed"])))
+                            f"patient:{pid}" if pid else f"sha256:{row['sha256']}"))
     return out
+
+
+def film_splits(shared: Path) -> list[tuple[str, str, str]]:
+    """(FOLDER/relative_path, folder, split) of every shared film, split by patient as the preprocess job does."""
+    conf = split_conf()
+    return [(p, f, assign_split(key, conf["ratios"], conf["seed"])) for p, f, key in film_groups(shared)]
+
+
+def calibration_fold(group: str, folds: int, seed: int) -> int:
+    """Which of `folds` folds a train film's patient falls in (a keyed hash: every film of a patient together)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{group}".encode()).digest()[:8], "big") % folds
 
 
 def decode_film(data: bytes, side: int = DECODED_SIDE) -> np.ndarray:
@@ -83,12 +94,13 @@ def decode_film(data: bytes, side: int = DECODED_SIDE) -> np.ndarray:
 
 def load_films(shared: Path, cache: Path | None = None) -> list[Film]:
     """Every shared film decoded, with its folder and split (cached in `cache`, an .npz of plain arrays)."""
-    listing = film_splits(shared)
+    conf = split_conf()
+    listing = [(p, f, assign_split(g, conf["ratios"], conf["seed"]), g) for p, f, g in film_groups(shared)]
     if cache is not None and cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
-            if list(z["paths"]) == [p for p, _, _ in listing]:
-                return [Film(p, f, s, z[f"f{i}"]) for i, (p, f, s) in enumerate(listing)]
-    films = [Film(p, f, s, decode_film((shared / p).read_bytes())) for p, f, s in listing]
+            if list(z["paths"]) == [p for p, _, _, _ in listing]:
+                return [Film(p, f, s, z[f"f{i}"], g) for i, (p, f, s, g) in enumerate(listing)]
+    films = [Film(p, f, s, decode_film((shared / p).read_bytes()), g) for p, f, s, g in listing]
     if cache is not None:
         np.savez(cache, paths=np.array([f.path for f in films]), **{f"f{i}": f.pixels for i, f in enumerate(films)})
     return films

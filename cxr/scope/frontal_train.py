@@ -11,8 +11,14 @@ preprocessing with varied params (size, resize mode, equalisation, brightness), 
 images reach the check at score time. No val or test film, no pydicom file and no scikit-image picture is
 trained on.
 
-Threshold: the THRESHOLD_QUANTILE of the check's scores on the VAL films of both folders, each under the
-recommended (96 px pad) and the default (224 px stretch) preprocessing; the test films stay for measuring.
+Threshold: the THRESHOLD_QUANTILE of the check's scores on the VAL films of both folders (scored by the shipped
+members), each under the recommended (96 px pad) and the default (224 px stretch) preprocessing; the test films
+stay for measuring. `--folds K` pools them with out-of-fold scores of the TRAIN films, as the OOD distance's
+threshold is calibrated (cxr.scope.reference): K folds by patient, each fold's films scored by members trained
+with the same seeds on the other folds' films only (negatives made from them included), kept in
+frontal.calibration.npz. Measured with K 5 and not shipped (docs/scope_gate.md "The frontal-film check"): 45 of
+the 855 train films score under the val threshold out of fold, which puts the 0.5% quantile at 0.30, where 30%
+of the one-side-mirrored pictures pass. `--recalibrate` redoes only this step for the members already in --out.
 Members: MEMBERS networks on the same training set, each from its own seed (initial weights, dropout, batch
 order), merged into one ONNX graph that takes the mean of their p(frontal) (cxr.models.onnx_export.ensemble_to_onnx):
 one session per worker as before. A single network put 4 of 170 held-out test scores under a threshold set at the
@@ -21,6 +27,7 @@ narrows that tail.
 Deterministic: seeds fixed (SEED + member, recorded), TF op determinism on, fixed epochs, no early stopping.
 
     python -m cxr.scope.frontal_train [--shared ../shared/data] [--out cxr/scope/frontal_model] [--epochs N]
+                                      [--recalibrate]
 """
 from __future__ import annotations
 
@@ -35,14 +42,16 @@ from typing import Sequence
 import numpy as np
 
 from cxr.scope.frontal import (BUILTIN_DIR, FRONTAL_CLASS, INPUT_SIDE, META_FILE, ONNX_FILE, WEIGHTS_FILE,
-                               build_keras, keras_scores, scope_input)
+                               build_keras, keras_scores, load_keras_members, read_meta, scope_input)
 
 SEED = 31
 MEMBERS = 3                  # networks from seeds SEED, SEED+1, ...: the check scores their mean
 EPOCHS = 14
 BATCH = 64
 LEARNING_RATE = 1e-3
-THRESHOLD_QUANTILE = 0.005   # of the held-out val films' scores: ~0.5% of frontal films below it by design
+THRESHOLD_QUANTILE = 0.005   # of the calibration scores: ~0.5% of frontal films below it by design
+CALIBRATION_FOLDS = 0        # out-of-fold folds over the train films pooled with val (0: val alone)
+CALIBRATION_FILE = "frontal.calibration.npz"
 ONNX_ATOL = 1e-4             # ONNX vs Keras p(frontal), max |difference|
 
 
@@ -104,6 +113,67 @@ def export(members: list, out: Path, check_x: np.ndarray) -> dict:
     return {"images": int(len(check_x)), "max_abs_diff": diff, "atol": ONNX_ATOL}
 
 
+def out_of_fold_scores(films: list, mnist_dir: Path | None, seed: int, members: int, epochs: int, folds: int,
+                       threads: int = 2, log=print) -> dict[str, np.ndarray]:
+    """Each train film's score by members that never saw it: for each fold (by patient), the training set is made
+    from the other folds' train films (cxr.scope.frontal_data.training_set, same seed), `members` networks are
+    trained from the shipped seeds, and the fold's films are scored under every HELDOUT_VARIANTS preprocessing."""
+    from dataclasses import replace
+
+    import keras
+
+    from cxr.scope import frontal_data as fd
+
+    out: dict[str, list] = {"path": [], "variant": [], "fold": [], "score": []}
+    for k in range(folds):
+        marked = [replace(f, split="calibration") if f.split == "train"
+                  and fd.calibration_fold(f.group, folds, seed) == k else f for f in films]
+        data = fd.training_set(marked, mnist_dir, seed)
+        nets = [train(data, epochs, seed + m, threads, log=lambda line: None)[0] for m in range(members)]
+        held = fd.heldout_set(marked, ("calibration",))
+        scores = keras_scores(nets, held.x)
+        out["path"] += list(held.path)
+        out["variant"] += list(held.variant)
+        out["fold"] += [k] * len(scores)
+        out["score"] += list(scores)
+        log(f"calibration fold {k + 1}/{folds}: {len(scores)} scores, trained on {len(data.y)} images; "
+            f"lowest {np.sort(scores)[:3].round(3).tolist()}")
+        keras.backend.clear_session()
+    return {"path": np.array(out["path"]), "variant": np.array(out["variant"]),
+            "fold": np.array(out["fold"], np.int64), "score": np.array(out["score"], np.float32)}
+
+
+def calibrate(members: list, films: list, out: Path, mnist_dir: Path | None, seed: int, epochs: int, folds: int,
+              threads: int, log=print) -> dict:
+    """The threshold and what it was set on (frontal.json's calibration keys); writes CALIBRATION_FILE."""
+    from cxr.scope import frontal_data as fd
+
+    heldout = fd.heldout_set(films)
+    scores = keras_scores(members, heldout.x)
+    on_val = heldout.split == "val"
+    sample, on = [scores[on_val]], [f"the val films of {' and '.join(fd.FOLDERS)} ({int(on_val.sum())} scores)"]
+    calibration = {"folds": int(folds), "val_scores": int(on_val.sum()),
+                   "val_only_threshold": float(np.quantile(scores[on_val], THRESHOLD_QUANTILE))}
+    (out / CALIBRATION_FILE).unlink(missing_ok=True)
+    if folds >= 2:
+        oof = out_of_fold_scores(films, mnist_dir, seed, len(members), epochs, folds, threads, log)
+        np.savez(out / CALIBRATION_FILE, **oof)
+        sample.append(oof["score"])
+        on.insert(0, f"out-of-fold train films (k={folds} by patient, {len(oof['score'])} scores)")
+        calibration.update(oof_scores=int(len(oof["score"])), file=CALIBRATION_FILE,
+                           sha256=sha256(out / CALIBRATION_FILE),
+                           fold_scores=np.bincount(oof["fold"], minlength=folds).tolist())
+    threshold = float(np.quantile(np.concatenate(sample), THRESHOLD_QUANTILE))
+    flagged = {f"{folder}/{split}": {"films": int(sel.sum() // len(fd.HELDOUT_VARIANTS)),
+                                    "scores": int(sel.sum()), "flagged": int((scores[sel] < threshold).sum())}
+               for folder in fd.FOLDERS for split in ("val", "test")
+               for sel in [(heldout.folder == folder) & (heldout.split == split)]}
+    return {"threshold": threshold, "threshold_quantile": THRESHOLD_QUANTILE,
+            "threshold_on": " + ".join(on) + f": each film under {len(fd.HELDOUT_VARIANTS)} preprocessings "
+                            f"{list(fd.HELDOUT_VARIANTS)}",
+            "heldout": flagged, "calibration": calibration}
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -120,49 +190,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--members", type=int, default=MEMBERS)
     p.add_argument("--threads", type=int, default=2, help="TF threads")
     p.add_argument("--cache", default="/tmp/cxr-scope-films.npz", help="decoded films (re-made when missing)")
+    p.add_argument("--folds", type=int, default=CALIBRATION_FOLDS,
+                   help="out-of-fold calibration folds over the train films (0: the val films' scores alone)")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="keep the members already in --out; set the threshold again (frontal.json, "
+                        f"{CALIBRATION_FILE})")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     shared, out = Path(args.shared), Path(args.out)
     films = fd.load_films(shared, Path(args.cache))
     print(f"{len(films)} films decoded ({time.perf_counter() - t0:.0f}s): "
           + ", ".join(f"{s}: {sum(f.split == s for f in films)}" for s in ("train", "val", "test")), flush=True)
-    data = fd.training_set(films, shared / "mnist", args.seed)
-    print(f"training set: {len(data.y)} images ({int(data.y.sum())} frontal) in {time.perf_counter() - t0:.0f}s; "
-          f"{data.counts}", flush=True)
-    seeds = [args.seed + k for k in range(args.members)]
-    members, history = [], {}
-    for seed in seeds:
-        model, history[seed], weights = train(data, args.epochs, seed, args.threads)
-        members.append(model)
-    heldout = fd.heldout_set(films)
-    check = export(members, out, heldout.x[:512])
-    scores = keras_scores(members, heldout.x)
-    on_val = heldout.split == "val"
-    threshold = float(np.quantile(scores[on_val], THRESHOLD_QUANTILE))
-    flagged = {f"{folder}/{split}": {"films": int(sel.sum() // len(fd.HELDOUT_VARIANTS)),
-                                    "scores": int(sel.sum()), "flagged": int((scores[sel] < threshold).sum())}
-               for folder in fd.FOLDERS for split in ("val", "test")
-               for sel in [(heldout.folder == folder) & (heldout.split == split)]}
-    meta = {
-        "what": "p(frontal chest radiograph) of the model's preprocessed image at 64 px (cxr.scope.frontal)",
-        "threshold": threshold, "threshold_quantile": THRESHOLD_QUANTILE,
-        "threshold_on": f"the val films of {' and '.join(fd.FOLDERS)} ({int(on_val.sum())} scores: each film "
-                        f"under {len(fd.HELDOUT_VARIANTS)} preprocessings {list(fd.HELDOUT_VARIANTS)})",
-        "heldout": flagged, "seed": args.seed, "members": len(members), "seeds": seeds, "epochs": args.epochs,
-        "batch": BATCH, "learning_rate": LEARNING_RATE,
-        "class_weights": weights, "training_set": data.counts, "training_films": data.films,
-        "films_sha256": data.films_sha256, "history": history, "onnx_check": check,
-        "onnx_sha256": sha256(out / ONNX_FILE), "weights_sha256": sha256(out / WEIGHTS_FILE),
-        "params": int(sum(m.count_params() for m in members)), "input_side": INPUT_SIDE,
-        "split": fd.split_conf(), "train_s": round(time.perf_counter() - t0, 1),
-        "command": "python -m cxr.scope.frontal_train " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
+    command = "python -m cxr.scope.frontal_train " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.recalibrate:   # the members in --out stay; only the threshold is set again
+        members, meta = load_keras_members(out), read_meta(out)
+        meta["calibration_command"] = command
+    else:
+        data = fd.training_set(films, shared / "mnist", args.seed)
+        print(f"training set: {len(data.y)} images ({int(data.y.sum())} frontal) in {time.perf_counter() - t0:.0f}s;"
+              f" {data.counts}", flush=True)
+        seeds = [args.seed + k for k in range(args.members)]
+        members, history = [], {}
+        for seed in seeds:
+            model, history[seed], weights = train(data, args.epochs, seed, args.threads)
+            members.append(model)
+        check = export(members, out, fd.heldout_set(films).x[:512])
+        meta = {
+            "what": "p(frontal chest radiograph) of the model's preprocessed image at 64 px (cxr.scope.frontal)",
+            "seed": args.seed, "members": len(members), "seeds": seeds, "epochs": args.epochs,
+            "batch": BATCH, "learning_rate": LEARNING_RATE,
+            "class_weights": weights, "training_set": data.counts, "training_films": data.films,
+            "films_sha256": data.films_sha256, "history": history, "onnx_check": check,
+            "onnx_sha256": sha256(out / ONNX_FILE), "weights_sha256": sha256(out / WEIGHTS_FILE),
+            "params": int(sum(m.count_params() for m in members)), "input_side": INPUT_SIDE,
+            "split": fd.split_conf(), "train_s": round(time.perf_counter() - t0, 1), "command": command,
+        }
+    meta.update(calibrate(members, films, out, shared / "mnist", meta["seed"], meta["epochs"], args.folds,
+                          args.threads))
+    meta["calibration"]["s"] = round(time.perf_counter() - t0, 1)
     from cxr.common.provenance import package_versions
 
     meta["versions"] = package_versions()
     (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    print(f"threshold {threshold:.4f} (q {THRESHOLD_QUANTILE} of {int(on_val.sum())} val scores); held-out "
-          f"flagged: {flagged}; ONNX check {check['max_abs_diff']:.2e}; {time.perf_counter() - t0:.0f}s", flush=True)
+    print(f"threshold {meta['threshold']:.4f} ({meta['threshold_on']}); held-out flagged: {meta['heldout']}; "
+          f"{time.perf_counter() - t0:.0f}s", flush=True)
     return 0
 
 
