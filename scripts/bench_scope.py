@@ -144,7 +144,7 @@ def costs(model: Path, files: list[Path], dicoms: list[Path], n_shared: int, rou
         rows = [process_file(str(p), p.read_bytes(), str(p.parents[1]), params, aliases, gate) for p in files]
         images = np.stack([np.frombuffer(r["image"], np.uint8).reshape(r["height"], r["width"]) for r in rows])
         predict_fixed_batches(predictor, images, BATCH)
-        frontal.scores(images)
+        frontal.assess(images)
         return images
     images = score_all()   # warm: OpenCV, ONNX Runtime, the file cache
     score_ms = 1000 * fastest_cpu(score_all, max(2, rounds // 2)) / len(files)
@@ -158,13 +158,13 @@ def costs(model: Path, files: list[Path], dicoms: list[Path], n_shared: int, rou
                 "without": (store.onnx_session(bare, 1), [proba])}
     x = np.concatenate([x] * -(-512 // len(x)))     # >= 512 images a round: the difference is small
     u8 = np.concatenate([images] * -(-512 // len(images)))
-    frontal = FrontalCheck(frontal.model_dir, frontal.threshold, batch_size=BATCH)
+    frontal = FrontalCheck(frontal.model_dir, frontal.threshold, BATCH, frontal.asymmetry_threshold)
 
     def onnx(sess, names):
         feed = sess.get_inputs()[0].name
         for start in range(0, len(x), BATCH):
             sess.run(names, {feed: x[start:start + BATCH]})
-    timed = {**{k: lambda k=k: onnx(*sessions[k]) for k in sessions}, "frontal": lambda: frontal.scores(u8)}
+    timed = {**{k: lambda k=k: onnx(*sessions[k]) for k in sessions}, "frontal": lambda: frontal.assess(u8)}
     runs = interleaved({k: lambda k=k: fastest_cpu(timed[k], 1, per=len(x)) for k in timed},
                        rounds, rotate=False)   # alternated, so that the machine's load hits all alike
     onnx_ms = {k: 1000 * min(v) for k, v in runs.items()}

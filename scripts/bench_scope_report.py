@@ -36,7 +36,11 @@ def frontal_paragraph(meta: dict | None) -> str:
             f"{pos} frontal (jittered copies, synthetic chests) and {sum(counts.values()) - pos} others (re-framed "
             "train films, rendered radiographs, pictures, MNIST train digits); threshold "
             f"**{meta['threshold']:.3f}** = the {100 * meta['threshold_quantile']:.1f}% quantile of its scores on "
-            f"{meta['threshold_on']}. Its ONNX graph equals Keras within {meta['onnx_check']['max_abs_diff']:.1e}.")
+            f"{meta['threshold_on']}. Its ONNX graph equals Keras within {meta['onnx_check']['max_abs_diff']:.1e}."
+            + ("" if meta.get("asymmetry_threshold") is None else
+               f" Beside it the mirror prior: an image whose halves mirror each other (asymmetry under "
+               f"**{meta['asymmetry_threshold']:.3f}**, the {100 * meta['asymmetry_quantile']:.1f}% quantile of "
+               f"{meta['asymmetry_on']}) is not a frontal chest film."))
 
 
 def report(args, st: dict) -> str:
@@ -140,7 +144,8 @@ def report(args, st: dict) -> str:
                   *([label, f"{co['onnx_ms'][k]:.3f}", f"{100 * co['onnx_ms'][k] / co['score_ms']:.1f}%"]
                     for label, k in (("ONNX without the ood_distance output", "without"), ("ONNX with it", "with"))),
                   ["**the distance** (with - without)", f"{dist_ms:.3f}", f"**{100 * dist_ms / co['score_ms']:.2f}%**"],
-                  *([["**the frontal check** (resize to 64 px + its ONNX graph)", f"{co['onnx_ms']['frontal']:.3f}",
+                  *([["**the frontal check** (resize to 64 px + its ONNX graph + the mirror prior)",
+                      f"{co['onnx_ms']['frontal']:.3f}",
                       f"**{100 * co['onnx_ms']['frontal'] / co['score_ms']:.2f}%** ("
                       f"{100 * co['onnx_ms']['frontal'] / co['onnx_ms']['with']:.0f}% of the model's ONNX cost)"]]
                     if "frontal" in co["onnx_ms"] else [])]),

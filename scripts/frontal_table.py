@@ -3,7 +3,8 @@
 
 Held-out (val, test) films of both shared folders under the two preprocessings the threshold was set with, the
 same films re-framed, rendered radiographs and pictures at seeds the check never trained on, MNIST test digits:
-the share of each that `cxr.scope.frontal.FrontalCheck` (the shipped ONNX graph and threshold) flags or catches.
+the share of each that `cxr.scope.frontal.FrontalCheck` (the shipped ONNX graph and threshold, and the mirror
+prior) flags or catches.
 Prints a Markdown table; nothing is written.
 """
 from __future__ import annotations
@@ -28,10 +29,14 @@ RENDERED_N = 40
 
 def main() -> int:
     check = FrontalCheck.load()
+
+    def kept_out(x: np.ndarray) -> np.ndarray:   # the check's verdict: its network or the mirror prior
+        return ~check.verdicts(*check.assess(x))[0]
+
     films = load_films(SHARED)
     held = heldout_set(films)
     scores = check.scores(held.x)
-    flagged = scores < check.threshold
+    flagged = kept_out(held.x)
     names = list(HELDOUT_VARIANTS)
     rows = []
     for folder in ("cxr", "cxr-adult"):
@@ -50,7 +55,7 @@ def main() -> int:
         rng = np.random.default_rng([SEED, len(caught)])
         for v, params in HELDOUT_VARIANTS.items():
             x = np.stack([prepared(reframe(f.pixels, rng), params) for f in heldout])
-            caught[(kind, v)] = float((check.scores(x) < check.threshold).mean())
+            caught[(kind, v)] = float(kept_out(x).mean())
         rows.append([f"held-out films {kind} ({len(heldout)})",
                      *(f"{100 * caught[(kind, v)]:.0f}% caught" for v in names)])
     rng = np.random.default_rng([SEED, 100])
@@ -71,9 +76,9 @@ def main() -> int:
         cells = []
         for params in HELDOUT_VARIANTS.values():
             x = np.stack([prepared(p, params) for p in pics])
-            cells.append(f"{100 * (check.scores(x) < check.threshold).mean():.0f}% caught")
+            cells.append(f"{100 * kept_out(x).mean():.0f}% caught")
         rows.append([f"{kind} ({len(pics)})", *cells])
-    print(f"threshold {check.threshold:.4f}\n")
+    print(f"threshold {check.threshold:.4f}, asymmetry threshold {check.asymmetry_threshold}\n")
     print("\n".join(md_table(["images", *names], rows)))
     low = np.flatnonzero(test)[np.argsort(scores[test])[:3]]
     print("\nlowest test scores:", [(str(held.path[i]), str(held.variant[i]), round(float(scores[i]), 3)) for i in low])

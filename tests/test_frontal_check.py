@@ -1,9 +1,10 @@
 """The frontal-film check (cxr.scope.frontal): its ONNX graph against the Keras network it came from, real shared
 films through the project's own preprocessing (a frontal film passes, the same film sideways, mirrored into one
-side or cut to one lung does not), its threshold recomputed from the held-out val films it says it was set on,
+side or cut to one lung does not), its thresholds recomputed from the films they say they were set on,
 and the score job counting each reason of the gate (header rules, frontal check, distance)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -70,32 +71,35 @@ PREPROCESSINGS = {"96-pad": {}, "224-stretch": {"size": 224, "resize_mode": "str
 
 @pytest.mark.parametrize("kind", ["rotated_90", "mirrored_one_side", "one_lung"])
 def test_a_frontal_film_passes_and_the_same_film_reframed_does_not(test_films, kind):
-    """Every film passes and every re-framed copy is kept out, under both preprocessings; except that a film's half
-    mirrored into a symmetric picture is the check's known weak kind (docs/scope_gate.md: 93-96% caught): at 224 px
-    stretch one of the six may pass (a single network let 16745_4_1.png through at 0.70), so there 5 of 6 are
-    required and the rest is reported."""
+    """Every film passes the check's verdict (its network and the mirror prior) and every re-framed copy is kept out,
+    under both preprocessings; the network alone always finds the copy less frontal than its film, and a film's
+    half mirrored into a whole picture is the mirror prior's (asymmetry under its threshold)."""
     check = FrontalCheck.load()
+    assert check.asymmetry_threshold is not None
     rng = np.random.default_rng(31)
-    missed = {name: [] for name in PREPROCESSINGS}
     for path in test_films:
         data = path.read_bytes()
         gray = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
         changed = REFRAMINGS[kind](gray, rng)
         for name, params in PREPROCESSINGS.items():
-            film, other = check.scores(np.stack([_prepared(data, **params), _prepared(_png(changed), **params)]))
-            assert film >= check.threshold, f"{path.name} ({name}): frontal film scored {film:.3f}"
-            assert other < film   # always less frontal than the film it came from
-            if other >= check.threshold:
-                missed[name].append(f"{path.name}: {other:.3f}")
-    allowed = {"96-pad": 0, "224-stretch": 1 if kind == "mirrored_one_side" else 0}
-    for name, files in missed.items():
-        assert len(files) <= allowed[name], f"{kind} ({name}) passes the check: {files}"
+            scores, asym = check.assess(np.stack([_prepared(data, **params), _prepared(_png(changed), **params)]))
+            inside, reasons = check.verdicts(scores, asym)
+            assert inside[0], f"{path.name} ({name}): frontal film kept out: {reasons[0]}"
+            assert not inside[1], (f"{kind} of {path.name} ({name}) passes (scope {scores[1]:.3f}, "
+                                   f"asymmetry {asym[1]:.3f})")
+            assert scores[1] < scores[0]   # always less frontal than the film it came from
+            if kind == "mirrored_one_side":
+                assert asym[1] < check.asymmetry_threshold <= asym[0]
 
 
-def test_the_threshold_comes_from_the_held_out_val_films():
-    """frontal.json's threshold is the recorded quantile of the Keras members' mean scores on the val films of both
-    shared folders, recomputed here from the films themselves; the training films are the train split's."""
+def test_the_thresholds_come_from_films_the_scoring_members_never_saw():
+    """frontal.json's threshold is the recorded quantile of (a) the shipped Keras members' mean scores on the val
+    films of both shared folders, recomputed here from the films themselves, pooled with (b) the out-of-fold scores
+    of the train films kept in frontal.calibration.npz: every train film under every held-out preprocessing, in the
+    fold its patient hashes to, no val or test film among them. The mirror prior's threshold is the recorded
+    quantile of the train and val films' own asymmetry. The training films are the train split's."""
     from cxr.scope import frontal_data as fd
+    from cxr.scope.frontal_train import CALIBRATION_FILE
 
     shared_data("cxr")
     shared_data("cxr-adult")
@@ -104,12 +108,24 @@ def test_the_threshold_comes_from_the_held_out_val_films():
     val = fd.heldout_set(films, ("val",))
     assert set(val.split) == {"val"} and set(val.folder) == set(fd.FOLDERS)
     scores = frontal.keras_scores(frontal.load_keras_members(BUILTIN_DIR), val.x)
-    assert abs(float(np.quantile(scores, meta["threshold_quantile"])) - meta["threshold"]) <= 1e-4
-    train = sorted(f.path for f in films if f.split == "train")
-    import hashlib
-
-    assert meta["films_sha256"] == hashlib.sha256("\n".join(train).encode()).hexdigest()
-    assert not {f.path for f in films if f.split != "train"} & set(train)
+    folds = meta["calibration"]["folds"]
+    with np.load(BUILTIN_DIR / CALIBRATION_FILE, allow_pickle=False) as z:
+        oof = {k: z[k] for k in z.files}
+    train = {f.path: f for f in films if f.split == "train"}
+    assert sorted(zip(oof["path"].tolist(), oof["variant"].tolist())) == sorted(
+        (path, v) for path in train for v in fd.HELDOUT_VARIANTS)
+    assert [fd.calibration_fold(train[p].group, folds, meta["seed"]) for p in oof["path"].tolist()] == \
+        oof["fold"].tolist()
+    assert len(set(oof["fold"].tolist())) == folds >= 2
+    sample = np.concatenate([oof["score"], scores])
+    assert abs(float(np.quantile(sample, meta["threshold_quantile"])) - meta["threshold"]) <= 1e-4
+    assert meta["calibration"]["sha256"] == hashlib.sha256((BUILTIN_DIR / CALIBRATION_FILE).read_bytes()).hexdigest()
+    known = fd.heldout_set(films, ("train", "val"))
+    asym = frontal.asymmetry(frontal.scope_input(known.x))
+    assert abs(float(np.quantile(asym, meta["asymmetry_quantile"])) - meta["asymmetry_threshold"]) <= 1e-6
+    train_paths = sorted(train)
+    assert meta["films_sha256"] == hashlib.sha256("\n".join(train_paths).encode()).hexdigest()
+    assert not {f.path for f in films if f.split != "train"} & set(train_paths)
     assert meta["training_films"] == {k: sum(f.folder == k for f in films if f.split == "train") for k in fd.FOLDERS}
 
 
@@ -148,6 +164,20 @@ def test_verdicts_name_each_signal_that_fired():
     assert reasons[3].startswith(frontal.NOT_FRONTAL) and frontal.UNLIKE_TRAINING in reasons[3]
     inside, reasons = frontal.verdicts(None, None, np.array([1.0, 8.0]), 7.0)   # frontal check off
     assert inside.tolist() == [True, False] and reasons[0] is None
+    inside, reasons = frontal.verdicts(np.array([0.9, 0.9]), 0.3, None, None, np.array([0.35, 0.05]), 0.2)
+    assert inside.tolist() == [True, False]
+    assert reasons[1] == "not a frontal chest film (mirror-symmetric: asymmetry 0.05 under 0.20)"
+
+
+def test_asymmetry_is_zero_for_a_mirror_image_and_ignores_contrast():
+    rng = np.random.default_rng(0)
+    half = rng.integers(0, 256, (64, 32)).astype(np.uint8)
+    mirrored = np.concatenate([half, half[:, ::-1]], axis=1)[None]
+    lopsided = np.concatenate([half, rng.integers(0, 256, (64, 32)).astype(np.uint8)], axis=1)[None]
+    a = frontal.asymmetry(frontal.scope_input(np.concatenate([mirrored, lopsided])))
+    assert a[0] == 0 and a[1] > 0.5
+    scaled = frontal.asymmetry(frontal.scope_input(lopsided // 2))   # half the contrast, the same ratio
+    assert abs(float(scaled[0]) - float(a[1])) < 0.02
 
 
 def _table(path: Path):
@@ -208,12 +238,14 @@ def test_score_job_counts_each_reason(spark, tmp_path, test_films):
     # themselves pass but for the check's known error (~2% of held-out frontal films, docs/scope_gate.md): here at
     # 64 px, a size its threshold was not set on, at most one of the six
     check = FrontalCheck.load()
-    want_scores = check.scores(np.stack([_prepared((root / "NORMAL" / Path(p).name).read_bytes(), **params)
-                                         for p in films_rows["path"]]))
+    want_scores, asym = check.assess(np.stack([_prepared((root / "NORMAL" / Path(p).name).read_bytes(), **params)
+                                              for p in films_rows["path"]]))
     np.testing.assert_allclose(films_rows["scope_score"].to_numpy(), want_scores, atol=1e-5)
-    low = films_rows["scope_score"] < record["frontal_check"]["threshold"]
-    assert low.sum() <= 1
-    assert (films_rows["ood_reason"].fillna("").str.contains(frontal.NOT_FRONTAL) == low).all()
+    assert record["frontal_check"]["threshold"] == check.threshold
+    assert record["frontal_check"]["asymmetry_threshold"] == check.asymmetry_threshold
+    out = ~check.verdicts(films_rows["scope_score"].to_numpy(), asym)[0]
+    assert out.sum() <= 1
+    assert (films_rows["ood_reason"].fillna("").str.contains(frontal.NOT_FRONTAL).to_numpy() == out).all()
     assert record["scored_out_of_distribution"] == int((~preds["in_distribution"]).sum())
     page = (tmp_path / "preds" / "reports" / f"{record['run_id']}.html").read_text()
     for key, n in want.items():

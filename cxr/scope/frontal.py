@@ -10,8 +10,14 @@ check.
 
 It sees what the model sees: the model's preprocessed image (any size, any resize mode) resized to
 INPUT_SIDE px (INTER_AREA). It runs in ONNX Runtime (frontal.onnx, one session per Python worker) and returns
-p(frontal chest film) in [0, 1]; an image scoring below the threshold (frontal.json, set on the held-out val
-films of both shared folders, never on out-of-scope material) is "not a frontal chest film".
+p(frontal chest film) in [0, 1]; an image scoring below the threshold (frontal.json, set on frontal films of both
+shared folders the network never saw: out of fold and val; never on out-of-scope material) is "not a frontal
+chest film".
+
+Beside the network, one anatomical prior: the heart and the mediastinum make every frontal chest film
+lopsided, so an image whose halves mirror each other (asymmetry under its own threshold in frontal.json, a low
+quantile of the shared frontal films' own asymmetry) is not one, whatever the network says. The network is
+weakest exactly there: a film's half mirrored into a symmetric picture has two lungs either side of a spine.
 
 The shipped model lives in cxr/scope/frontal_model/ (frontal.onnx: one graph, the mean of a few members
 trained from different seeds, which narrows the tail of frontal films scored low; frontal.weights.npz: the
@@ -54,6 +60,15 @@ def scope_input(images: np.ndarray) -> np.ndarray:
                              interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
         out[i, ..., 0] = img
     return out / np.float32(255.0)
+
+
+def asymmetry(x: np.ndarray) -> np.ndarray:
+    """(N, 64, 64, 1) scope_input images -> (N,) float32: mean |image - its mirror image| over mean |image - its
+    mean|. The shared frontal films score 0.20 and up, a film's half mirrored into a whole picture under 0.16."""
+    img = np.asarray(x, np.float32)[..., 0]
+    diff = np.abs(img - img[:, :, ::-1]).mean(axis=(1, 2))
+    spread = np.abs(img - img.mean(axis=(1, 2), keepdims=True)).mean(axis=(1, 2))
+    return (diff / np.maximum(spread, np.float32(1e-6))).astype(np.float32)
 
 
 def build_keras(seed: int = 0, classes: int = 2):
@@ -106,12 +121,15 @@ class FrontalCheck:
     model_dir: str
     threshold: float
     batch_size: int = 64
+    asymmetry_threshold: float | None = None   # None: the mirror prior is off (a model folder without it)
 
     @classmethod
     def load(cls, model_dir: str | Path = BUILTIN_DIR) -> "FrontalCheck":
         d = Path(model_dir)
         meta = read_meta(d)
-        return cls(str(d.resolve()), float(meta["threshold"]))
+        asym = meta.get("asymmetry_threshold")
+        return cls(str(d.resolve()), float(meta["threshold"]),
+                   asymmetry_threshold=None if asym is None else float(asym))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "FrontalCheck | None":
@@ -123,19 +141,30 @@ class FrontalCheck:
 
     def scores(self, images: np.ndarray) -> np.ndarray:
         """(N,) float32 p(frontal chest film) of (N, H, W) uint8 images (the model's preprocessed images)."""
-        if len(images) == 0:
+        return self._network(scope_input(images))
+
+    def assess(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(p(frontal), asymmetry) of (N, H, W) uint8 images, from one resize to the check's input."""
+        x = scope_input(images)
+        return self._network(x), asymmetry(x)
+
+    def _network(self, x: np.ndarray) -> np.ndarray:
+        if len(x) == 0:
             return np.zeros(0, np.float32)
         path = Path(self.model_dir) / ONNX_FILE
         sess = _session(str(path), path.stat().st_mtime_ns)
         feed, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
-        x = scope_input(images)
         return np.concatenate([sess.run([out], {feed: x[i:i + self.batch_size]})[0][:, FRONTAL_CLASS]
                                for i in range(0, len(x), self.batch_size)]).astype(np.float32)
+
+    def verdicts(self, scores: np.ndarray, asym: np.ndarray, distance: np.ndarray | None = None,
+                 distance_threshold: float | None = None) -> tuple[np.ndarray, list[str | None]]:
+        return verdicts(scores, self.threshold, distance, distance_threshold, asym, self.asymmetry_threshold)
 
     def summary(self) -> dict:
         meta = read_meta(self.model_dir)
         return {"model": self.model_dir, "threshold": self.threshold, "threshold_on": meta.get("threshold_on"),
-                "onnx_sha256": meta.get("onnx_sha256")}
+                "asymmetry_threshold": self.asymmetry_threshold, "onnx_sha256": meta.get("onnx_sha256")}
 
 
 def read_meta(model_dir: str | Path) -> dict:
@@ -147,10 +176,11 @@ def read_meta(model_dir: str | Path) -> dict:
 
 
 def verdicts(scope: np.ndarray | None, scope_threshold: float | None, distance: np.ndarray | None,
-             distance_threshold: float | None) -> tuple[np.ndarray, list[str | None]]:
-    """Combine the two pixel signals: (in scope, bool (N,); reason per image, None when in scope). Either signal
-    firing puts an image out; its reason names each that fired, with its value."""
-    n = len(scope) if scope is not None else len(distance) if distance is not None else 0
+             distance_threshold: float | None, asym: np.ndarray | None = None,
+             asym_threshold: float | None = None) -> tuple[np.ndarray, list[str | None]]:
+    """Combine the pixel signals: (in scope, bool (N,); reason per image, None when in scope). Any signal firing
+    puts an image out; its reason names each that fired, with its value."""
+    n = next((len(a) for a in (scope, distance, asym) if a is not None), 0)
     inside = np.ones(n, bool)
     reasons: list[list[str]] = [[] for _ in range(n)]
     if scope is not None and scope_threshold is not None:
@@ -158,6 +188,11 @@ def verdicts(scope: np.ndarray | None, scope_threshold: float | None, distance: 
         inside &= ~low
         for i in np.flatnonzero(low):
             reasons[i].append(f"{NOT_FRONTAL} (scope {scope[i]:.2f} under {scope_threshold:.2f})")
+    if asym is not None and asym_threshold is not None:
+        mirrored = np.asarray(asym) < asym_threshold
+        inside &= ~mirrored
+        for i in np.flatnonzero(mirrored):
+            reasons[i].append(f"{NOT_FRONTAL} (mirror-symmetric: asymmetry {asym[i]:.2f} under {asym_threshold:.2f})")
     if distance is not None and distance_threshold is not None:
         far = np.asarray(distance) > distance_threshold
         inside &= ~far

@@ -126,7 +126,8 @@ def predict_fixed_batches(predictor, images: np.ndarray, batch_size: int) -> tup
 def _with_predictions(rows: list[dict], images: list[np.ndarray], engine: Engine, ood: str = "flag",
                       frontal: FrontalCheck | None = None) -> pd.DataFrame:
     """ood: "flag" keeps the probabilities of an image out of scope by its pixels (the frontal check's score
-    under its threshold, or the model's distance over its threshold: cxr.scope.frontal.verdicts) with
+    under its threshold, a mirror-symmetric picture, or the model's distance over its threshold:
+    cxr.scope.frontal.verdicts) with
     in_distribution false and the reason in ood_reason; "skip" makes it an out_of_scope row (stage "ood")
     without them."""
     frame = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
@@ -142,13 +143,14 @@ def _with_predictions(rows: list[dict], images: list[np.ndarray], engine: Engine
         frame.loc[ok, "label"] = np.asarray(CLASSES)[proba.argmax(axis=1)]
         threshold = getattr(predictor, "ood_threshold", None)
         dist = dist if threshold is not None else None
-        scope = frontal.scores(stack) if frontal is not None else None
+        scope, asym = frontal.assess(stack) if frontal is not None else (None, None)
         if dist is not None:
             frame.loc[ok, "ood_distance"] = dist
         if scope is not None:
             frame.loc[ok, "scope_score"] = scope
         if dist is not None or scope is not None:
-            inside, reasons = verdicts(scope, frontal.threshold if frontal else None, dist, threshold)
+            inside, reasons = (frontal.verdicts(scope, asym, dist, threshold) if frontal is not None
+                               else verdicts(None, None, dist, threshold))
             frame.loc[ok, "in_distribution"] = inside
             frame.loc[ok, "ood_reason"] = np.array(reasons, dtype=object)
             if ood == "skip" and not inside.all():
