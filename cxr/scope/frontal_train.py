@@ -30,7 +30,7 @@ narrows that tail.
 Deterministic: seeds fixed (SEED + member, recorded), TF op determinism on, fixed epochs, no early stopping.
 
     python -m cxr.scope.frontal_train [--shared ../shared/data] [--out cxr/scope/frontal_model] [--epochs N]
-                                      [--recalibrate]
+                                      [--folds K] [--recalibrate]
 """
 from __future__ import annotations
 
