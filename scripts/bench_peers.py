@@ -264,18 +264,19 @@ def _side_server(arg: dict):
 def _server(name: str, model: str, root: str, before: str | None) -> ChildServer:
     arg = {"side": name, "model": model, "root": root}
     log = CACHE / "logs" / f"peers-{name}.log"
-    env = {}
+    env, cwd = {}, None
     if name == "score-before":   # the other checkout's cxr, in the child and its Spark workers
         script = Path(before) / "scripts" / "bench_peers.py"
         shutil.copy(__file__, script)
         env["PYTHONPATH"] = str(before)
+        cwd = Path(before)   # `python -m pyspark.daemon` puts the JVM's cwd first on the workers' sys.path
     else:
         script = Path(__file__)
     python = str(PEERS_PYTHON) if name in PEERS else sys.executable
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        return ChildServer(script, name, arg, log, python=python)
+        return ChildServer(script, name, arg, log, cwd=cwd, python=python)
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -421,7 +422,7 @@ def submit(root: str, model: str, rounds: int, before: str | None = None) -> dic
         cmd = ["bash", str(home / "scripts" / "submit.sh"), "--master", f"local[{WORKERS}]", str(home / "jobs" / "score.py"),
                "--input", root, "--model", model, "--output", str(out), *(["--full"] if full else [])]
         extra = {"CXR_VENV": str(ROOT / ".venv"), "PYTHONPATH": str(home)} if checkout else {}
-        r = run_child(cmd, log, env={**env, **extra}, answer=False, append=True)
+        r = run_child(cmd, log, env={**env, **extra}, answer=False, append=True, cwd=home)   # cwd: the workers' cxr
         record = json.loads(max((out / "runs").glob("*.json"), key=os.path.getmtime).read_text())
         return {"seconds": r.wall_s, "cpu": r.cpu_s, "spark_jobs": record.get("spark_jobs"),
                 "timings_s": record.get("timings_s"), "counts": record.get("counts")}

@@ -138,3 +138,26 @@ def test_the_run_record_counts_the_spark_jobs_of_the_run(spark, archive, model, 
     assert started[1] == 0   # an unchanged night starts no Spark job at all
     assert 0 < started[0] <= 8, records[0]["timings_s"]
     assert json.loads((out / "runs" / "first.json").read_text())["spark_jobs"] == started[0]
+
+
+def test_a_capped_read_returns_the_file_and_stops_one_byte_past_the_cap(tmp_path):
+    """read_bytes(max_bytes) sizes its buffer by the file, and a file longer than its stat said (a pipe says 0)
+    is still read on to the cap, so a file that grew after the listing is rejected, never cut short."""
+    from cxr.image.source import read_bytes
+
+    f = tmp_path / "a.png"
+    f.write_bytes(bytes(range(256)) * 40)
+    assert read_bytes(str(f), 10_240) == f.read_bytes() == read_bytes(f"file:{f}", 10**9)
+    with pytest.raises(ValueError, match="grew past 10239 bytes"):
+        read_bytes(str(f), 10_239)
+    fifo = tmp_path / "growing.png"
+    os.mkfifo(fifo)
+    pid = os.fork()
+    if pid == 0:   # the writer: 10,240 bytes the reader's fstat cannot see
+        with open(fifo, "wb") as w:
+            w.write(f.read_bytes())
+        os._exit(0)
+    try:
+        assert read_bytes(str(fifo), 20_000) == f.read_bytes()
+    finally:
+        os.waitpid(pid, 0)

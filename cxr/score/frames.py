@@ -123,50 +123,56 @@ def predict_fixed_batches(predictor, images: np.ndarray, batch_size: int) -> tup
     return out, (dist if has_dist else None)
 
 
+FLOAT_COLUMNS = (*PROB_COLUMNS, "ood_distance", "scope_score", "mean_intensity")
+NULLABLE_INTS = {"size": "Int64", "mtime_ms": "Int64", "orig_height": "Int32", "orig_width": "Int32"}
+
+
 def _with_predictions(rows: list[dict], images: list[np.ndarray], engine: Engine, ood: str = "flag",
                       frontal: FrontalCheck | None = None) -> pd.DataFrame:
     """ood: "flag" keeps the probabilities of an image out of scope by its pixels (the frontal check's score
     under its threshold, a mirror-symmetric picture, or the model's distance over its threshold:
-    cxr.scope.frontal.verdicts) with
-    in_distribution false and the reason in ood_reason; "skip" makes it an out_of_scope row (stage "ood")
-    without them."""
-    frame = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
-    ok = (frame["status"] == "ok").to_numpy()
+    cxr.scope.frontal.verdicts) with in_distribution false and the reason in ood_reason; "skip" makes it an
+    out_of_scope row (stage "ood") without them.
+
+    The columns are filled as arrays and typed once (a pandas .loc per column and batch cost a worker more
+    than the frontal check)."""
+    n = len(rows)
+    col = {c: [r[c] for r in rows] for c in RESULT_COLUMNS}
+    num = {c: np.array([np.nan if v is None else v for v in col[c]], np.float32) for c in FLOAT_COLUMNS}
+    ok = np.array([s == "ok" for s in col["status"]], bool)
     if ok.any():
         predictor = engine.predictor()
         stack = np.stack(images)
-        frame.loc[ok, "mean_intensity"] = stack.reshape(len(stack), -1).mean(axis=1)
+        num["mean_intensity"][ok] = stack.reshape(len(stack), -1).mean(axis=1)
         proba, dist = predict_fixed_batches(predictor, stack, engine.batch_size)
         proba = apply_temperature(proba, temperature_of(predictor.metadata))  # None (uncalibrated): unchanged
-        for j, col in enumerate(PROB_COLUMNS):
-            frame.loc[ok, col] = proba[:, j]
-        frame.loc[ok, "label"] = np.asarray(CLASSES)[proba.argmax(axis=1)]
+        for j, c in enumerate(PROB_COLUMNS):
+            num[c][ok] = proba[:, j]
+        for c in ("label", "in_distribution", "ood_reason", "status", "stage", "reason"):
+            col[c] = np.array(col[c], object)
+        col["label"][ok] = np.asarray(CLASSES)[proba.argmax(axis=1)]
         threshold = getattr(predictor, "ood_threshold", None)
         dist = dist if threshold is not None else None
         scope, asym = frontal.assess(stack) if frontal is not None else (None, None)
         if dist is not None:
-            frame.loc[ok, "ood_distance"] = dist
+            num["ood_distance"][ok] = dist
         if scope is not None:
-            frame.loc[ok, "scope_score"] = scope
+            num["scope_score"][ok] = scope
         if dist is not None or scope is not None:
             inside, reasons = (frontal.verdicts(scope, asym, dist, threshold) if frontal is not None
                                else verdicts(None, None, dist, threshold))
-            frame.loc[ok, "in_distribution"] = inside
-            frame.loc[ok, "ood_reason"] = np.array(reasons, dtype=object)
+            reasons = np.array(reasons, dtype=object)
+            col["in_distribution"][ok], col["ood_reason"][ok] = inside, reasons
             if ood == "skip" and not inside.all():
                 away = np.flatnonzero(ok)[~inside]
-                frame.loc[away, "status"], frame.loc[away, "stage"] = "out_of_scope", OOD_STAGE
-                frame.loc[away, "reason"] = [f"out of distribution: {r} (scope.ood: skip)"
-                                             for r in np.array(reasons, dtype=object)[~inside]]
-                frame.loc[away, ["label", *PROB_COLUMNS]] = None
-    for col in (*PROB_COLUMNS, "ood_distance", "scope_score", "mean_intensity"):
-        frame[col] = frame[col].astype("float32")
-    frame["in_distribution"] = frame["in_distribution"].astype("boolean")
-    for col in ("size", "mtime_ms"):
-        frame[col] = frame[col].astype("Int64")
-    for col in ("orig_height", "orig_width"):
-        frame[col] = frame[col].astype("Int32")
-    return with_column_types(frame)
+                col["status"][away], col["stage"][away] = "out_of_scope", OOD_STAGE
+                col["reason"][away] = [f"out of distribution: {r} (scope.ood: skip)" for r in reasons[~inside]]
+                col["label"][away] = None
+                for c in PROB_COLUMNS:
+                    num[c][away] = np.nan
+    typed = {**num, "in_distribution": pd.array(list(col["in_distribution"]), dtype="boolean"),
+             **{c: pd.array(col[c], dtype=kind) for c, kind in NULLABLE_INTS.items()}}
+    return with_column_types(pd.DataFrame({c: typed.get(c, col[c]) for c in RESULT_COLUMNS}, index=range(n)))
 
 
 def read_error(exc: BaseException) -> str:

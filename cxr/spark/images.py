@@ -28,6 +28,7 @@ from cxr.scope.dicom_header import COLUMN_KINDS, DICOM_COLUMNS, PATIENT_KEY, SIT
 from cxr.scope.rules import ScopeGate
 from cxr.common.splits import assign_split
 from cxr.spark import fs
+from cxr.spark.worker import with_frozen_heap
 
 # Spark types of the row columns that are not strings (every other column of an images or errors row is one)
 COLUMN_TYPES = {"image": T.BinaryType(), "height": T.IntegerType(), "width": T.IntegerType(),
@@ -285,7 +286,7 @@ def preprocess_files(files: DataFrame, rows: ImageRows) -> DataFrame:
             if len(out):
                 yield out
 
-    return files.mapInPandas(run, schema=row_schema(rows.columns))
+    return files.mapInPandas(with_frozen_heap(run), schema=row_schema(rows.columns))
 
 
 def rejected_files(files: DataFrame, rows: ImageRows) -> DataFrame:
@@ -294,4 +295,4 @@ def rejected_files(files: DataFrame, rows: ImageRows) -> DataFrame:
         for frame in batches:
             yield rows.errors(frame)
 
-    return files.mapInPandas(run, schema=row_schema(ERROR_COLUMNS))
+    return files.mapInPandas(with_frozen_heap(run), schema=row_schema(ERROR_COLUMNS))

@@ -58,6 +58,7 @@ from cxr.spark.images import COLUMN_TYPES, unread_reason, unread_rows as listed_
 from cxr.spark.jobs import JobCount
 from cxr.spark.preprocess import Stopwatch
 from cxr.spark.session import classic_context, default_parallelism, master_url, session_conf
+from cxr.spark.worker import with_frozen_heap
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +371,8 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
             passes, scored = 2, _scored_shas(spark, out, mid, table_format)
             to_read = frame_of("read").select("path", F.col("length").alias("size"), "mtime_ms")
             hashed = (to_read.repartition(_tasks(spark, n["read"], files_per_task * 4))
-                      .mapInPandas(lambda frames: (hash_frame(f, max_bytes) for f in frames), schema=HASH_SCHEMA)
+                      .mapInPandas(with_frozen_heap(lambda frames: (hash_frame(f, max_bytes) for f in frames)),
+                                   schema=HASH_SCHEMA)
                       .cache())
             found = hashed.join(scored, "sha256", "left_semi")
             state_rows.append(found.select("path", "size", "mtime_ms", "sha256", F.lit(ALREADY_SCORED).alias("status")))
@@ -394,7 +396,8 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
 
             # rows in are paths, rows out have no image: Arrow batches of one model batch, not the session's 16
             with session_conf(spark, ARROW_BATCH, runner.batch_size):
-                to_read.mapInPandas(score, schema=SUMMARISED_SCHEMA).write.parquet(f"{staging}/results")
+                (to_read.mapInPandas(with_frozen_heap(score), schema=SUMMARISED_SCHEMA)
+                 .write.parquet(f"{staging}/results"))
         clock.lap("score", "%d files read and scored on the executors", n["read"] - n_known)
     results, summary = _summarised(spark, staging, SUMMARISED_SCHEMA, unread_rows, page)
     if results is not None:
@@ -452,9 +455,12 @@ def _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, ru
                              *[c for c in CARRIED_COLUMNS if c in images.columns])
         if scored is not None:
             todo = todo.join(new, ["path", "sha256"], "left_semi")
-        (todo.mapInPandas(lambda frames: with_summaries((score_preprocessed_frame(f, runner, gate.rules.ood,
-                                                                                  gate.frontal) for f in frames),
-                                                        *page), schema=SUMMARISED_SCHEMA)
+
+        def score(frames):
+            yield from with_summaries((score_preprocessed_frame(f, runner, gate.rules.ood, gate.frontal)
+                                       for f in frames), *page)
+
+        (todo.mapInPandas(with_frozen_heap(score), schema=SUMMARISED_SCHEMA)
          .write.parquet(f"{staging}/results"))
     clock.lap("score", "%d images scored on the executors", n_new)
     results, summary = _summarised(spark, staging, SUMMARISED_SCHEMA, None, page)
