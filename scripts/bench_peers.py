@@ -341,7 +341,8 @@ def throughput(args, files: list[str], root: str, model: str, label: str) -> dic
 def profile(files: list[str], root: str, model: str) -> dict:
     """Where one image's time goes in a score worker, in ONE process (this one; warm: imports, model, 8 files
     first): CPU ms per image of each step, then the whole worker function (cxr.score.frames.score_raw_frame on
-    batches of 32, the task summary per 64 files) for what the steps leave out (rows, pandas, types)."""
+    batches of 32 and the job's file size cap, the task summary per task of score.files_per_task files) for
+    what the steps leave out (rows, pandas, types)."""
     import hashlib
 
     import numpy as np
@@ -377,9 +378,11 @@ def profile(files: list[str], root: str, model: str) -> dict:
                           "mtime_ms": 0})
     batches = [frame.iloc[i:i + BATCH] for i in range(0, len(frame), BATCH)]
     t = clock()
-    for i in range(0, len(batches), 2):   # tasks of 64 files, as score.files_per_task
-        for _ in with_summaries((score_raw_frame(b, f"file:{root}", params, s["aliases"], engine, None, gate)
-                                 for b in batches[i:i + 2]), 6, 200):
+    per_task = int(config["score"]["files_per_task"]) // BATCH
+    max_bytes = int(float(config["preprocess"]["max_file_mb"]) * 1024 * 1024)
+    for i in range(0, len(batches), per_task):
+        for _ in with_summaries((score_raw_frame(b, f"file:{root}", params, s["aliases"], engine, max_bytes, gate)
+                                 for b in batches[i:i + per_task]), 6, 200):
             pass
     whole = clock() - t
     n = len(files)

@@ -152,9 +152,11 @@ def _dealt(spark: SparkSession, files, n_tasks: int, batch: int):
 
 
 def _tasks(spark: SparkSession, n_rows: int, per_task: int) -> int:
-    """Enough tasks to keep every core busy, no more than one per `per_task` files."""
+    """Enough tasks to keep every core busy, about one per `per_task` files, a multiple of the cores (the files
+    are dealt out equally, so the cores finish together)."""
     cores = default_parallelism(spark)
-    return max(1, min(max(cores, -(-n_rows // per_task)), n_rows))
+    rounds = -(-n_rows // (per_task * cores))   # of one task per core
+    return max(1, min(rounds * cores, n_rows))
 
 
 def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, config: Mapping[str, Any],
