@@ -323,3 +323,19 @@ def test_two_concurrent_spark_submits_one_scores_the_other_exits_3(archive, kera
     record = json.loads((out / "runs" / f"{winner}.json").read_text())
     pred = _predictions(out)
     assert len(pred) == record["counts"]["scored"] > 10 and not pred.duplicated(["path"]).any()
+
+
+def test_result_frames_are_grouped_without_losing_a_row_or_a_type():
+    """The scoring pass hands Spark result rows 256 at a time, not one model batch (32) at a time."""
+    import pandas as pd
+
+    from cxr.score.frames import grouped
+
+    frames = [pd.DataFrame({"path": [f"f{i}-{j}" for j in range(n)], "p": np.arange(n, dtype=np.float32),
+                            "h": pd.array([None] * n, dtype="Int32")}) for i, n in enumerate([32, 32, 0, 32, 7])]
+    out = list(grouped(iter(frames), 64))
+    assert [len(f) for f in out] == [64, 39]
+    joined = pd.concat(out, ignore_index=True)
+    assert list(joined["path"]) == [p for f in frames for p in f["path"]]
+    assert joined["p"].dtype == np.float32 and str(joined["h"].dtype) == "Int32"
+    assert list(grouped(iter([]), 64)) == []

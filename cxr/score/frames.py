@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -173,6 +173,21 @@ def _with_predictions(rows: list[dict], images: list[np.ndarray], engine: Engine
     typed = {**num, "in_distribution": pd.array(list(col["in_distribution"]), dtype="boolean"),
              **{c: pd.array(col[c], dtype=kind) for c, kind in NULLABLE_INTS.items()}}
     return with_column_types(pd.DataFrame({c: typed.get(c, col[c]) for c in RESULT_COLUMNS}, index=range(n)))
+
+
+def grouped(frames: Iterable[pd.DataFrame], rows: int) -> Iterator[pd.DataFrame]:
+    """Consecutive frames joined into frames of at least `rows` rows (the last one shorter): result rows hold no
+    image, and a frame per model batch of 32 would cost pyspark's Arrow conversion and the JVM's reader their
+    per-batch set-up 8 times as often."""
+    held, n = [], 0
+    for frame in frames:
+        held.append(frame)
+        n += len(frame)
+        if n >= rows:
+            yield pd.concat(held, ignore_index=True)
+            held, n = [], 0
+    if held:
+        yield pd.concat(held, ignore_index=True)
 
 
 def read_error(exc: BaseException) -> str:

@@ -43,8 +43,8 @@ from cxr.common.labels import alias_table
 from cxr.models import store
 from cxr.common.provenance import package_versions
 from cxr.score.frames import (CARRIED_COLUMNS, HASH_COLUMNS, OOD_COLUMNS, PROB_COLUMNS, RESULT_COLUMNS, Engine,
-                              hash_frame, model_id, params_mismatch, score_preprocessed_frame, score_raw_frame,
-                              scoring_params)
+                              grouped, hash_frame, model_id, params_mismatch, score_preprocessed_frame,
+                              score_raw_frame, scoring_params)
 from cxr.scope.dicom_header import DICOM_COLUMNS
 from cxr.scope.rules import ScopeGate
 from cxr.models import card
@@ -68,6 +68,7 @@ RESULT_SCHEMA = T.StructType([T.StructField(c, _TYPES.get(c, T.StringType())) fo
 SUMMARISED_SCHEMA = T.StructType([*RESULT_SCHEMA.fields, T.StructField(SUMMARY_COLUMN, T.StringType())])
 HASH_SCHEMA = T.StructType([T.StructField(c, _TYPES.get(c, T.StringType())) for c in HASH_COLUMNS])
 ARROW_BATCH = "spark.sql.execution.arrow.maxRecordsPerBatch"
+RESULT_ROWS = 256   # result rows per Arrow batch out of the scoring pass (cxr.score.frames.grouped)
 TABLES = ("predictions", "errors", "out_of_scope", "state")
 TABLE_FORMATS = ("parquet", "delta")
 
@@ -393,10 +394,11 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
 
             def score(frames):
                 digests = shipped() if shipped else None
-                yield from with_summaries((score_raw_frame(frame, root, params, aliases, runner, max_bytes, gate,
-                                                           source, digests) for frame in files_of(frames)), *page)
+                results = (score_raw_frame(frame, root, params, aliases, runner, max_bytes, gate, source, digests)
+                           for frame in files_of(frames))
+                yield from with_summaries(grouped(results, RESULT_ROWS), *page)
 
-            # rows in are paths, rows out have no image: Arrow batches of one model batch, not the session's 16
+            # rows in are paths, one model batch per Arrow batch (not the session's 16); rows out have no image
             with session_conf(spark, ARROW_BATCH, runner.batch_size):
                 (to_read.mapInPandas(with_frozen_heap(score), schema=SUMMARISED_SCHEMA)
                  .write.parquet(f"{staging}/results"))
