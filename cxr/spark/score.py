@@ -461,8 +461,8 @@ def _score_preprocessed(spark, input_uri, model_params, name, mid, out, full, ru
             todo = todo.join(new, ["path", "sha256"], "left_semi")
 
         def score(frames):
-            yield from with_summaries((score_preprocessed_frame(f, runner, gate.rules.ood, gate.frontal)
-                                       for f in frames), *page)
+            results = (score_preprocessed_frame(f, runner, gate.rules.ood, gate.frontal) for f in frames)
+            yield from with_summaries(grouped(results, RESULT_ROWS), *page)
 
         (todo.mapInPandas(with_frozen_heap(score), schema=SUMMARISED_SCHEMA)
          .write.parquet(f"{staging}/results"))
