@@ -214,7 +214,7 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
         else:
             mode = "raw"
             done = _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, runner, staging, stamp,
-                              clock, int(score_conf.get("files_per_task", 256)), gate, table_format, run_id, page)
+                              clock, int(score_conf.get("files_per_task", 512)), gate, table_format, run_id, page)
         counts, bytes_read, flagged = done.counts, done.bytes_read, done.flagged
         rows = done.results
         if counts["scored"]:
