@@ -8,7 +8,8 @@ the films as filed, for each model.
 PRE_OUT is the preprocess job's output the models were trained on (its images table names each film's raw file,
 source, class and split). With --crossval each CV_DIR is a jobs/crossval.py run kept with --keep-models: every
 film is called by the fold model that held it out, and recall is the mean (± sd) over its seeds. Models run in
-ONNX Runtime on their own preprocessing. Prints the markdown table; --json writes the rows.
+ONNX Runtime on their own preprocessing. Prints the markdown table; --json writes the rows. --probe frames puts
+a black or white frame around each film instead, --probe resolution shrinks it to the NIH files' 224 px.
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data", required=True, help="the preprocess job's output folder")
     parser.add_argument("--split", default="val,test", help="comma list of splits (default: val,test)")
     parser.add_argument("--crossval", action="store_true", help="the folders are jobs/crossval.py runs")
+    parser.add_argument("--probe", default="framing", choices=["framing", "frames", "resolution"],
+                        help="what to change in each film: its shape (default), a black or white frame around it, "
+                             "its resolution (cxr.evaluate.framing.PROBES)")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("models", nargs="+", help="NAME=MODEL_DIR (NAME=CV_DIR with --crossval)")
     args = parser.parse_args(argv)
@@ -50,13 +54,13 @@ def main(argv=None) -> int:
     def pixels(paths, params):
         return [equalization_input(decode_with(read_bytes(p), params)) for p in paths]
 
-    results = {}
+    results, variants = {}, framing.PROBES[args.probe]
     for spec in args.models:
         name, _, folder = spec.partition("=")
         if args.crossval:
             path_of = dict(zip(table["sha256"], table["path"]))
             results[name] = framing.crossval_probe(
-                folder, lambda shas, params: pixels([path_of[s] for s in shas], params), predictor_of)
+                folder, lambda shas, params: pixels([path_of[s] for s in shas], params), predictor_of, variants)
             continue
         rows = table[table["split"].isin(args.split.split(","))].sort_values("path")
         if rows.empty:
@@ -64,7 +68,7 @@ def main(argv=None) -> int:
             return 2
         params = PreprocessParams.from_dict(store.read_metadata(folder)["preprocess"])
         results[name] = framing.probe(predictor_of(folder), pixels(rows["path"], params), rows["label"],
-                                      rows["source"], params)
+                                      rows["source"], params, variants)
     print(framing.markdown(results))
     if args.json:
         Path(args.json).write_text(json.dumps({n: t.to_dict("records") for n, t in results.items()}, indent=1))

@@ -82,3 +82,28 @@ def test_framed_images_are_the_model_inputs_of_each_shape():
     # the square film as filed and cut square are the same image; cut landscape it gains bands
     assert np.array_equal(out["as filed"][1], out["square"][1])
     assert _content_box(out["landscape 1.22"][1])[0] > 0
+
+
+def test_the_other_probes_change_only_what_they_name():
+    """A frame is the film with its outer bands set black (or white); the 224 px variant only shrinks, keeps the
+    shape, and leaves a small film alone."""
+    from cxr.evaluate.framing import PROBES, at_most, framed
+
+    film = _film(100, 150).astype(np.uint16) * 200
+    black = framed(film, 0.08, False)
+    assert black.dtype == film.dtype and black.shape == film.shape
+    assert (black[:8] == 0).all() and (black[-8:] == 0).all() and (black[:, :12] == 0).all()
+    assert (black[:, -12:] == 0).all() and np.array_equal(black[8:-8, 12:-12], film[8:-8, 12:-12])
+    white = framed(film, 0.08, True)
+    assert (white[:8] == 65535).all() and np.array_equal(white[8:-8, 12:-12], film[8:-8, 12:-12])
+    assert np.array_equal(framed(film, 0.0, False), film)
+    small = at_most(_film(400, 600), 224)
+    assert small.shape == (149, 224)
+    assert at_most(_film(100, 150), 224).shape == (100, 150)
+    params = PreprocessParams(size=32, resize_mode="pad")
+    for name, variants in PROBES.items():
+        out = framed_images([_film(90, 120)], params, variants)
+        assert set(out) == set(variants) and "as filed" in out
+        assert all(x.shape == (1, 32, 32) and x.dtype == np.uint8 for x in out.values())
+    out = framed_images([_film(90, 120)], params, PROBES["frames"])
+    assert not np.array_equal(out["black frame 8%"], out["as filed"])

@@ -6,13 +6,15 @@ cross-validation over the same files can see it: every held-out film is framed a
 hospital's films have their own shapes. The probe cuts each held-out raw film at its centre to a few common
 shapes (only cut, never padded: no pixel invented), runs the model's own preprocessing and the model on each,
 and reports the recall of each (source, class) per shape beside the film as filed. A class whose recall falls
-when only the frame changes is known by its frame.
+when only the frame changes is known by its frame. The same machinery asks the same of other changes a film
+makes between archives and that say nothing about disease (PROBES): a black or white frame around it (scanned and
+collimated films), or the film coming at the NIH files' 224 px.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -21,16 +23,53 @@ from cxr import CLASSES
 from cxr.image.enhance import centre_cut
 from cxr.image.pipeline import PreprocessParams, preprocess_pixels
 
-# width / height; None: the film as filed
-FRAMINGS: dict[str, float | None] = {"as filed": None, "portrait 0.82": 0.82, "square": 1.0, "landscape 1.22": 1.22}
+# a variant of the raw film: a width / height to cut it to, a function of the decoded film, or None (as filed)
+Variant = Union[float, Callable[[np.ndarray], np.ndarray], None]
+
+FRAMINGS: dict[str, Variant] = {"as filed": None, "portrait 0.82": 0.82, "square": 1.0, "landscape 1.22": 1.22}
+
+
+def framed(film: np.ndarray, fraction: float, white: bool) -> np.ndarray:
+    """The film with a band of `fraction` of each side set to black or to its type's white: the frame a scanned
+    or collimated film carries."""
+    out = film.copy()
+    h, w = out.shape[:2]
+    a, b = int(h * fraction), int(w * fraction)
+    value = (np.iinfo(out.dtype).max if np.issubdtype(out.dtype, np.integer) else out.max()) if white else 0
+    out[:a], out[h - a:], out[:, :b], out[:, w - b:] = value, value, value, value
+    return out
+
+
+def at_most(film: np.ndarray, side: int) -> np.ndarray:
+    """The film shrunk (INTER_AREA) so its longer side is at most `side` px: how sharp a 224 px file is."""
+    import cv2
+
+    h, w = film.shape[:2]
+    scale = side / max(h, w)
+    if scale >= 1:
+        return film
+    return cv2.resize(film, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+
+PROBES: dict[str, dict[str, Variant]] = {
+    "framing": FRAMINGS,
+    "frames": {"as filed": None, "black frame 4%": lambda f: framed(f, 0.04, False),
+               "black frame 8%": lambda f: framed(f, 0.08, False), "white frame 8%": lambda f: framed(f, 0.08, True)},
+    "resolution": {"as filed": None, "at most 224 px": lambda f: at_most(f, 224)},
+}
+
+
+def _variant(film: np.ndarray, variant: Variant) -> np.ndarray:
+    if variant is None:
+        return film
+    return variant(film) if callable(variant) else centre_cut(film, variant)
 
 
 def framed_images(pixels: Sequence[np.ndarray], params: PreprocessParams,
-                  framings: Mapping[str, float | None] = FRAMINGS) -> dict[str, np.ndarray]:
-    """Decoded films (2-D, any dtype the decoder gives) -> {framing: (N, size, size) uint8 model inputs}."""
-    return {name: np.stack([preprocess_pixels(p if aspect is None else centre_cut(p, aspect), params)
-                            for p in pixels])
-            for name, aspect in framings.items()}
+                  framings: Mapping[str, Variant] = FRAMINGS) -> dict[str, np.ndarray]:
+    """Decoded films (2-D, any dtype the decoder gives) -> {variant: (N, size, size) uint8 model inputs}."""
+    return {name: np.stack([preprocess_pixels(_variant(p, variant), params) for p in pixels])
+            for name, variant in framings.items()}
 
 
 def recall_table(labels: Sequence[str], sources: Sequence[str], calls: Mapping[str, np.ndarray]) -> pd.DataFrame:
@@ -49,7 +88,7 @@ def recall_table(labels: Sequence[str], sources: Sequence[str], calls: Mapping[s
 
 
 def probe(predict, pixels: Sequence[np.ndarray], labels: Sequence[str], sources: Sequence[str],
-          params: PreprocessParams, framings: Mapping[str, float | None] = FRAMINGS) -> pd.DataFrame:
+          params: PreprocessParams, framings: Mapping[str, Variant] = FRAMINGS) -> pd.DataFrame:
     """predict: (N, size, size) uint8 -> (N, 3) probabilities (the model as it scores). The recall table."""
     calls = {name: np.asarray(CLASSES)[np.asarray(predict(x)).argmax(axis=1)]
              for name, x in framed_images(pixels, params, framings).items()}
@@ -72,7 +111,8 @@ def markdown(tables: Mapping[str, pd.DataFrame]) -> str:
     return "\n".join(table(["source", "class", "framing", "films", *names], rows))
 
 
-def crossval_probe(cv_dir: str | Path, pixels_of, predictor_of) -> pd.DataFrame:
+def crossval_probe(cv_dir: str | Path, pixels_of, predictor_of,
+                   framings: Mapping[str, Variant] = FRAMINGS) -> pd.DataFrame:
     """The probe out of fold: each film framed every way and called by the model of the fold that held it out,
     for every seed of a jobs/crossval.py run kept with --keep-models (its folds.csv and models/seed*/fold*/).
     pixels_of(sha256s, params) -> decoded films; predictor_of(model_dir) -> a predict function as probe() takes.
@@ -85,7 +125,7 @@ def crossval_probe(cv_dir: str | Path, pixels_of, predictor_of) -> pd.DataFrame:
     if first is None:
         raise FileNotFoundError(f"{cv}/models holds no fold models: run jobs/crossval.py with --keep-models")
     params = PreprocessParams.from_dict(json.loads(first.read_text())["preprocess"])
-    framed = framed_images(pixels_of(list(films["sha256"]), params), params)
+    framed = framed_images(pixels_of(list(films["sha256"]), params), params, framings)
     per_seed = []
     for seed, part in folds.groupby("seed"):
         calls = {name: np.empty(len(films), object) for name in framed}
