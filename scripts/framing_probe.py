@@ -9,7 +9,7 @@ PRE_OUT is the preprocess job's output the models were trained on (its images ta
 source, class and split). With --crossval each CV_DIR is a jobs/crossval.py run kept with --keep-models: every
 film is called by the fold model that held it out, and recall is the mean (± sd) over its seeds. Models run in
 ONNX Runtime on their own preprocessing. Prints the markdown table; --json writes the rows. --probe frames puts
-a black or white frame around each film instead, --probe resolution shrinks it to the NIH files' 224 px.
+a black or white frame around each film instead, --probe resolution shrinks it to the NIH files' 224 px, --probe markers burns in side and position text.
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data", required=True, help="the preprocess job's output folder")
     parser.add_argument("--split", default="val,test", help="comma list of splits (default: val,test)")
     parser.add_argument("--crossval", action="store_true", help="the folders are jobs/crossval.py runs")
-    parser.add_argument("--probe", default="framing", choices=["framing", "frames", "resolution"],
+    parser.add_argument("--probe", default="framing", choices=["framing", "frames", "resolution", "markers"],
                         help="what to change in each film: its shape (default), a black or white frame around it, "
-                             "its resolution (cxr.evaluate.framing.PROBES)")
+                             "its resolution, burnt-in markers (cxr.evaluate.framing.PROBES)")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("models", nargs="+", help="NAME=MODEL_DIR (NAME=CV_DIR with --crossval)")
     args = parser.parse_args(argv)

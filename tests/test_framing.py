@@ -87,7 +87,7 @@ def test_framed_images_are_the_model_inputs_of_each_shape():
 def test_the_other_probes_change_only_what_they_name():
     """A frame is the film with its outer bands set black (or white); the 224 px variant only shrinks, keeps the
     shape, and leaves a small film alone."""
-    from cxr.evaluate.framing import PROBES, at_most, framed
+    from cxr.evaluate.framing import PROBES, at_most, framed, marked
 
     film = _film(100, 150).astype(np.uint16) * 200
     black = framed(film, 0.08, False)
@@ -107,3 +107,6 @@ def test_the_other_probes_change_only_what_they_name():
         assert all(x.shape == (1, 32, 32) and x.dtype == np.uint8 for x in out.values())
     out = framed_images([_film(90, 120)], params, PROBES["frames"])
     assert not np.array_equal(out["black frame 8%"], out["as filed"])
+    text = marked(np.zeros((400, 300), np.uint8), "R", "top left", 0.05)
+    ys, xs = np.nonzero(text)
+    assert text.max() == 255 and ys.max() < 60 and xs.max() < 60   # white letters, in the top left corner only

@@ -8,7 +8,7 @@ shapes (only cut, never padded: no pixel invented), runs the model's own preproc
 and reports the recall of each (source, class) per shape beside the film as filed. A class whose recall falls
 when only the frame changes is known by its frame. The same machinery asks the same of other changes a film
 makes between archives and that say nothing about disease (PROBES): a black or white frame around it (scanned and
-collimated films), or the film coming at the NIH files' 224 px.
+collimated films), the film coming at the NIH files' 224 px, or side and position markers burnt into it.
 """
 from __future__ import annotations
 
@@ -51,11 +51,31 @@ def at_most(film: np.ndarray, side: int) -> np.ndarray:
     return cv2.resize(film, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
 
 
+def marked(film: np.ndarray, text: str, corner: str, height: float = 0.035) -> np.ndarray:
+    """The film with white text burnt in near a corner ("top left", "bottom right", ...), its letters `height` of
+    the film's longer side tall: the side and position markers many archives write on their films."""
+    import cv2
+
+    out = np.ascontiguousarray(film.copy())
+    h, w = out.shape[:2]
+    scale = max(h, w) * height / 22.0   # FONT_HERSHEY_SIMPLEX capitals are ~22 px tall at scale 1
+    thickness = max(1, int(round(scale * 2)))
+    (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    x = int(0.04 * w) if corner.endswith("left") else w - tw - int(0.04 * w)
+    y = int(0.04 * h) + th if corner.startswith("top") else h - int(0.04 * h)
+    white = int(np.iinfo(out.dtype).max) if np.issubdtype(out.dtype, np.integer) else float(out.max())
+    cv2.putText(out, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, white, thickness, cv2.LINE_AA)
+    return out
+
+
 PROBES: dict[str, dict[str, Variant]] = {
     "framing": FRAMINGS,
     "frames": {"as filed": None, "black frame 4%": lambda f: framed(f, 0.04, False),
                "black frame 8%": lambda f: framed(f, 0.08, False), "white frame 8%": lambda f: framed(f, 0.08, True)},
     "resolution": {"as filed": None, "at most 224 px": lambda f: at_most(f, 224)},
+    "markers": {"as filed": None, "R top left": lambda f: marked(f, "R", "top left", 0.05),
+                "PORTABLE top left": lambda f: marked(f, "PORTABLE", "top left"),
+                "AP SUPINE bottom right": lambda f: marked(f, "AP SUPINE", "bottom right")},
 }
 
 
