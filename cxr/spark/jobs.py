@@ -2,6 +2,8 @@
 the Python workers a fixed price (scheduling, tasks, a Python runner per task) whatever its size."""
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 from cxr.spark.session import classic_context
 
 _GROUP = "spark.jobGroup.id"
@@ -30,3 +32,30 @@ class JobCount:
         if self.sc is None:
             return None
         return len(self.sc.statusTracker().getJobIdsForGroup(self.group))
+
+
+def together(spark, actions: Sequence[Callable[[], object]]) -> None:
+    """Run Spark actions side by side (each from its own thread, so their jobs share the cores) and wait for all;
+    the first error is raised. The threads carry the caller's job group and other local properties
+    (pyspark's InheritableThread), so JobCount still counts their jobs. Over Spark Connect: one after another."""
+    if len(actions) < 2 or classic_context(spark) is None:
+        for action in actions:
+            action()
+        return
+    from pyspark import InheritableThread
+
+    errors: list[BaseException] = []
+
+    def guarded(action):
+        try:
+            action()
+        except BaseException as e:   # raised in the caller's thread below
+            errors.append(e)
+
+    threads = [InheritableThread(target=guarded, args=(a,)) for a in actions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]

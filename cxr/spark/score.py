@@ -55,7 +55,7 @@ from cxr.score.summary import SUMMARY_COLUMN, combine, with_summaries
 from cxr.score.lease import Lease, LocalLeaseFiles
 from cxr.spark import fs, monitor
 from cxr.spark.images import COLUMN_TYPES, unread_reason, unread_rows as listed_errors
-from cxr.spark.jobs import JobCount
+from cxr.spark.jobs import JobCount, together
 from cxr.spark.preprocess import Stopwatch
 from cxr.spark.session import classic_context, default_parallelism, master_url, session_conf
 from cxr.spark.worker import with_frozen_heap
@@ -216,23 +216,29 @@ def run(spark: SparkSession, input_uri: str, model_dir: str, output_dir: str, co
             done = _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, runner, staging, stamp,
                               clock, int(score_conf.get("files_per_task", 512)), gate, table_format, run_id, page)
         counts, bytes_read, flagged = done.counts, done.bytes_read, done.flagged
-        rows = done.results
+        rows, tables = done.results, {"state": done.state}
         if counts["scored"]:
-            (rows.where(F.col("status") == "ok")
-             .select("path", "sha256", F.lit(mid).alias("model_id"), F.lit(name).alias("model_name"),
-                     F.lit(registry.get("name")).cast("string").alias("registered_model"),
-                     F.lit(registry.get("version")).cast("int").alias("registered_version"), "source", "label",
-                     *PROB_COLUMNS, *OOD_COLUMNS, "folder_label", "decode_warnings", *DICOM_COLUMNS,
-                     stamp.alias("scored_at"))  # run_date, run_id: partition columns
-             .coalesce(_files_for(counts["scored"])).sortWithinPartitions("path")
-             .write.parquet(f"{staging}/predictions"))
+            tables["predictions"] = (
+                rows.where(F.col("status") == "ok")
+                .select("path", "sha256", F.lit(mid).alias("model_id"), F.lit(name).alias("model_name"),
+                        F.lit(registry.get("name")).cast("string").alias("registered_model"),
+                        F.lit(registry.get("version")).cast("int").alias("registered_version"), "source", "label",
+                        *PROB_COLUMNS, *OOD_COLUMNS, "folder_label", "decode_warnings", *DICOM_COLUMNS,
+                        stamp.alias("scored_at"))  # run_date, run_id: partition columns
+                .coalesce(_files_for(counts["scored"])).sortWithinPartitions("path"))
         if counts["out_of_scope"]:
-            (rows.where(F.col("status") == "out_of_scope")
-             .select("path", "sha256", "stage", "reason", "folder_label", F.lit(mid).alias("model_id"),
-                     "ood_distance", "scope_score", *DICOM_COLUMNS, stamp.alias("seen_at"))
-             .coalesce(1).sortWithinPartitions("path").write.parquet(f"{staging}/out_of_scope"))
+            tables["out_of_scope"] = (
+                rows.where(F.col("status") == "out_of_scope")
+                .select("path", "sha256", "stage", "reason", "folder_label", F.lit(mid).alias("model_id"),
+                        "ood_distance", "scope_score", *DICOM_COLUMNS, stamp.alias("seen_at"))
+                .coalesce(1).sortWithinPartitions("path"))
         if counts["rejected"]:
-            _error_rows(rows, done.unread).coalesce(1).write.parquet(f"{staging}/errors")
+            tables["errors"] = _error_rows(rows, done.unread).coalesce(1)
+        # small jobs of one task or a few each: side by side they finish in the time of the longest
+        together(spark, [lambda t=t, f=f: f.write.parquet(f"{staging}/{t}")
+                         for t, f in tables.items() if f is not None])
+        if done.hashed is not None:
+            done.hashed.unpersist()
         clock.lap("write", "predictions, errors and state of run %s", run_id)
         watched = monitor.watch(done.summary)   # run statistics: the scoring tasks' summaries added up
         clock.lap("monitor", "run statistics of run %s", run_id)
@@ -316,7 +322,8 @@ def _files_for(rows: int, per_file: int = 1_000_000) -> int:
 class Scored:
     """What scoring left for the rest of the run: its results (the staged result rows), the listed files never
     read (errors rows, or None), the counts, the task summaries added up (cxr.score.summary.combine), and how
-    many times each read file was opened (1: hashed and scored in one pass; 2: hashed first, then scored)."""
+    many times each read file was opened (1: hashed and scored in one pass; 2: hashed first, then scored), the
+    state rows to write (raw input) and the cached hash pass to let go of once they are written."""
     results: DataFrame | None
     unread: DataFrame | None
     counts: dict[str, int]
@@ -324,18 +331,28 @@ class Scored:
     flagged: int
     summary: dict[str, Any]
     read_passes: int = 1
+    state: DataFrame | None = None
+    hashed: DataFrame | None = None
 
 
 def _summarised(spark: SparkSession, staging: str, schema: T.StructType, extra_rows, page) -> tuple[DataFrame, dict]:
-    """The staged results (explicit schema: no Spark job to infer it) and their tasks' summaries combined (one
-    job reading one column)."""
+    """The staged results (explicit schema: no Spark job to infer it) and their tasks' summaries combined: one
+    column of a few rows, read on the driver with pyarrow when the staging is on a local disk (a Spark job costs
+    a tenth of a second of a small run's wall clock), else by one Spark job."""
     path = f"{staging}/results"
     if not fs.exists(spark, path):   # nothing read (an unchanged night): no DataFrame, no Spark call
         return None, combine([], extra_rows, *page)
     results = spark.read.schema(schema).parquet(path)
-    summaries = [json.loads(r[0]) for r in results.where(F.col(SUMMARY_COLUMN).isNotNull())
-                 .select(SUMMARY_COLUMN).collect()]
-    return results, combine(summaries, extra_rows, *page)
+    local = local_path(path)
+    if local is not None:
+        import pyarrow.dataset as pads
+
+        texts = (pads.dataset(local, format="parquet")   # Spark's _SUCCESS and .crc files are skipped
+                 .to_table(columns=[SUMMARY_COLUMN], filter=pads.field(SUMMARY_COLUMN).is_valid())
+                 .column(0).to_pylist())
+    else:
+        texts = [r[0] for r in results.where(F.col(SUMMARY_COLUMN).isNotNull()).select(SUMMARY_COLUMN).collect()]
+    return results, combine([json.loads(t) for t in texts], extra_rows, *page)
 
 
 def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, runner, staging, stamp, clock,
@@ -409,23 +426,21 @@ def _score_raw(spark, input_uri, config, params, mid, out, full, retry_errors, r
             "path", "size", "mtime_ms", "sha256",
             F.when(F.col("status") == "ok", "scored").when(F.col("status") == "out_of_scope", "out_of_scope")
             .when(F.col("status") == ALREADY_SCORED, ALREADY_SCORED).otherwise("rejected").alias("status")))
+    state = None
     if state_rows:
         frame = state_rows[0]
         for more in state_rows[1:]:
             frame = frame.unionByName(more)
         in_file = [F.lit(run_id).alias("run_id")] if table_format == "delta" else []   # Delta: not a partition
-        (frame.select("path", "size", F.timestamp_millis("mtime_ms").alias("mtime"), "sha256", "status",
-                      stamp.alias("seen_at"), *in_file)
-         .coalesce(1).write.parquet(f"{staging}/state"))
-    if hashed is not None:
-        hashed.unpersist()
+        state = frame.select("path", "size", F.timestamp_millis("mtime_ms").alias("mtime"), "sha256", "status",
+                             stamp.alias("seen_at"), *in_file).coalesce(1)
     c = summary["counts"]
     counts = {"input": n["unchanged"] + n["unread"] + n["read"], "scored": c["scored"], "rejected": c["rejected"],
               "out_of_scope": c["out_of_scope"], "skipped_unchanged": n["unchanged"],
               "skipped_already_scored": n_known + c[ALREADY_SCORED]}
     if hashed is not None:   # changed files were read once to hash them, the new content again to score it
         bytes_read += summary["bytes"]
-    return Scored(results, unread, counts, int(bytes_read), summary["flagged"], summary, passes)
+    return Scored(results, unread, counts, int(bytes_read), summary["flagged"], summary, passes, state, hashed)
 
 
 def _ship(spark: SparkSession, known):
