@@ -140,6 +140,35 @@ def test_the_run_record_counts_the_spark_jobs_of_the_run(spark, archive, model, 
     assert json.loads((out / "runs" / "first.json").read_text())["spark_jobs"] == started[0]
 
 
+def test_the_summaries_read_by_spark_equal_the_local_read(spark, archive, model, read_config, tmp_path,
+                                                            monkeypatch):
+    """The task summaries are read with pyarrow when the staging is on a local disk; on any other file system
+    (HDFS, S3: no local path) by a Spark job. Both give the run the same counts, statistics and page rows."""
+    local = score.run(spark, str(archive), str(model), str(tmp_path / "a"), read_config, run_id="local")
+    monkeypatch.setattr(score, "local_path", lambda uri: None)
+    remote = score.run(spark, str(archive), str(model), str(tmp_path / "b"), read_config, run_id="remote")
+    assert remote["counts"] == local["counts"] and remote["accounted"]
+    assert remote["spark_jobs"] == local["spark_jobs"] + 1   # the one job the local read saves
+    watched = [json.loads((tmp_path / d / "runs" / f"{r}.json").read_text())["monitoring"]
+               for d, r in (("a", "local"), ("b", "remote"))]
+    assert watched[0]["stats"] == watched[1]["stats"] and watched[0]["stats"]
+
+
+def test_spark_actions_run_together_carry_the_job_group_and_raise_the_first_error(spark):
+    from cxr.spark.jobs import JobCount, together
+
+    one_job = spark.sparkContext.parallelize(range(10), 1).count   # one Spark job each
+    with JobCount(spark, f"together-{uuid.uuid4().hex}") as jobs:
+        together(spark, [one_job, one_job, one_job])
+    assert jobs.count() == 3   # every thread's job under the caller's group
+
+    def broken():
+        raise RuntimeError("the second table could not be written")
+
+    with pytest.raises(RuntimeError, match="could not be written"):
+        together(spark, [one_job, broken])
+
+
 def test_a_capped_read_returns_the_file_and_stops_one_byte_past_the_cap(tmp_path):
     """read_bytes(max_bytes) sizes its buffer by the file, and a file longer than its stat said (a pipe says 0)
     is still read on to the cap, so a file that grew after the listing is rejected, never cut short."""
