@@ -504,11 +504,16 @@ def submit_table(runs: dict) -> list[str]:
                      "Spark jobs"], rows)
 
 
-def section() -> str:
-    """BENCHMARKS.md's peers section from the saved measurements (RESULTS, SUBMIT): whatever has been measured."""
+def _saved(path: Path, args) -> Path:
+    """Where a run keeps its measurements: a trial (--no-write) beside, not over, the ones the section is from."""
+    return path.with_name(f"{path.stem}-trial{path.suffix}") if args.no_write else path
+
+
+def section(results: Path = RESULTS, submitted: Path = SUBMIT) -> str:
+    """BENCHMARKS.md's peers section from saved measurements: whatever has been measured."""
     lines = [SECTION, ""]
-    if RESULTS.exists():
-        state = json.loads(RESULTS.read_text())
+    if results.exists():
+        state = json.loads(results.read_text())
         loads = [x for res in state["results"].values() for rs in res["runs"].values() for r in rs for x in r["load"]]
         lines += [f"{state.get('date', '?')}, {machine()}, 1-minute load {load_range(loads)}; "
                   f"{', '.join(f'{k} {v}' for k, v in state['versions'].items())}. Every side runs "
@@ -525,8 +530,8 @@ def section() -> str:
             lines += [f"### {name}: {d['files']} files ({kinds_text(d['kinds'])}, {d['mb']:.0f} MB)", "",
                       *table(res), "", "Cold start (a fresh child process: the engine started, then the first "
                       f"{FIRST} files):", "", *cold_table(res), ""]
-    if SUBMIT.exists():
-        state = json.loads(SUBMIT.read_text())
+    if submitted.exists():
+        state = json.loads(submitted.read_text())
         lines += ["### The whole `spark-submit jobs/score.py --full` as a user runs it (450 real X-rays)", "",
                   f"{state.get('date', '?')}: `scripts/submit.sh --master local[2] jobs/score.py --full` (MLflow on, "
                   "a sqlite store) vs a fresh Python process running a spawn Pool(2) of the same function and model "
@@ -571,17 +576,19 @@ def main() -> int:
         return 0
     if args.submit:
         results["submit"] = submit(str(REAL.resolve()), model, args.rounds, args.before)
-        SUBMIT.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), **results}, indent=1, default=str))
-        publish(section(), Path(args.out), SECTION, not args.no_write)
+        saved = _saved(SUBMIT, args)
+        saved.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), **results}, indent=1, default=str))
+        publish(section(submitted=saved), Path(args.out), SECTION, not args.no_write)
         return 0
     for name in args.inputs:
         root = _input(name).resolve()
         files = input_files(root, pre)
         results[name] = throughput(args, files, str(root), model, name)
         print("\n".join(table(results[name])), flush=True)
-    RESULTS.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "versions": versions(), "results": results,
-                                   "args": vars(args)}, indent=1, default=str))
-    publish(section(), Path(args.out), SECTION, not args.no_write)
+    saved = _saved(RESULTS, args)
+    saved.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "versions": versions(), "results": results,
+                                 "args": vars(args)}, indent=1, default=str))
+    publish(section(results=saved), Path(args.out), SECTION, not args.no_write)
     return 0
 
 
