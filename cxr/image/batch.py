@@ -12,6 +12,7 @@ from typing import Mapping
 import pandas as pd
 
 from cxr.image.deadline import TimeLimitExceeded, time_limit
+from cxr.image.frame import framed_sides
 from cxr.image.pipeline import PreprocessParams, preprocess_bytes
 from cxr.image.rejection import RejectedImage
 from cxr.common.labels import infer_label
@@ -34,10 +35,12 @@ def relative_to(path: str, root: str | tuple[str, ...]) -> str:
 
 
 def process_file(path: str, content: bytes | None, root: str | tuple[str, ...], params: PreprocessParams,
-                 aliases: Mapping[str, str], gate=None, sha256: str | None = None) -> dict:
+                 aliases: Mapping[str, str], gate=None, sha256: str | None = None, frame: bool = False) -> dict:
     """gate (cxr.scope.rules.ScopeGate): read a DICOM's header into the row and keep an out-of-scope file
     (lateral, CT, no pixels, ...) from being decoded: status out_of_scope, stage "scope", the reason.
-    sha256: the content's digest when the caller already computed it (not hashed twice)."""
+    sha256: the content's digest when the caller already computed it (not hashed twice). frame: also count the
+    sides of the decoded film a uniform frame runs along (`framed_sides`, not a column: the score job's frame
+    check, cxr.image.frame)."""
     rel = relative_to(path, root)
     row = dict.fromkeys(COLUMNS)
     row.update(path=path, rel_path=rel, label=infer_label(rel, aliases), status="error")
@@ -71,6 +74,8 @@ def process_file(path: str, content: bytes | None, root: str | tuple[str, ...], 
                orig_height=decoded.orig_height, orig_width=decoded.orig_width, orig_dtype=decoded.orig_dtype,
                source_format=decoded.source_format, color_mode=decoded.color_mode,
                decode_warnings="; ".join(decoded.warnings) or None)
+    if frame:
+        row["framed_sides"] = framed_sides(decoded.pixels)
     return row
 
 

@@ -35,6 +35,8 @@ from typing import Any, Mapping
 import cv2
 import numpy as np
 
+from cxr.image import frame
+
 BUILTIN_DIR = Path(__file__).resolve().parent / "frontal_model"
 ONNX_FILE, WEIGHTS_FILE, META_FILE = "frontal.onnx", "frontal.weights.npz", "frontal.json"
 INPUT_SIDE = 64          # the network's input: the model's preprocessed image resized to 64 x 64
@@ -158,8 +160,10 @@ class FrontalCheck:
                                for i in range(0, len(x), self.batch_size)]).astype(np.float32)
 
     def verdicts(self, scores: np.ndarray, asym: np.ndarray, distance: np.ndarray | None = None,
-                 distance_threshold: float | None = None) -> tuple[np.ndarray, list[str | None]]:
-        return verdicts(scores, self.threshold, distance, distance_threshold, asym, self.asymmetry_threshold)
+                 distance_threshold: float | None = None,
+                 framed_sides: np.ndarray | None = None) -> tuple[np.ndarray, list[str | None]]:
+        return verdicts(scores, self.threshold, distance, distance_threshold, asym, self.asymmetry_threshold,
+                        framed_sides)
 
     def summary(self) -> dict:
         meta = read_meta(self.model_dir)
@@ -177,10 +181,13 @@ def read_meta(model_dir: str | Path) -> dict:
 
 def verdicts(scope: np.ndarray | None, scope_threshold: float | None, distance: np.ndarray | None,
              distance_threshold: float | None, asym: np.ndarray | None = None,
-             asym_threshold: float | None = None) -> tuple[np.ndarray, list[str | None]]:
+             asym_threshold: float | None = None,
+             framed_sides: np.ndarray | None = None) -> tuple[np.ndarray, list[str | None]]:
     """Combine the pixel signals: (in scope, bool (N,); reason per image, None when in scope). Any signal firing
-    puts an image out; its reason names each that fired, with its value."""
-    n = next((len(a) for a in (scope, distance, asym) if a is not None), 0)
+    puts an image out; its reason names each that fired, with its value. framed_sides: the sides of each raw
+    film a uniform frame runs along (cxr.image.frame): from frame.SIDES on, the film is unlike the training
+    films (the models were measured to misread framed films)."""
+    n = next((len(a) for a in (scope, distance, asym, framed_sides) if a is not None), 0)
     inside = np.ones(n, bool)
     reasons: list[list[str]] = [[] for _ in range(n)]
     if scope is not None and scope_threshold is not None:
@@ -198,4 +205,10 @@ def verdicts(scope: np.ndarray | None, scope_threshold: float | None, distance: 
         inside &= ~far
         for i in np.flatnonzero(far):
             reasons[i].append(f"{UNLIKE_TRAINING} (distance {distance[i]:.2f} over {distance_threshold:.2f})")
+    if framed_sides is not None:
+        boxed = np.asarray(framed_sides) >= frame.SIDES
+        inside &= ~boxed
+        for i in np.flatnonzero(boxed):
+            reasons[i].append(f"{UNLIKE_TRAINING} (a uniform frame along {framed_sides[i]} sides, "
+                              f"{frame.DEPTH:.0%} deep or more)")
     return inside, ["; ".join(r) if r else None for r in reasons]

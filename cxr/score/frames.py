@@ -128,11 +128,12 @@ NULLABLE_INTS = {"size": "Int64", "mtime_ms": "Int64", "orig_height": "Int32", "
 
 
 def _with_predictions(rows: list[dict], images: list[np.ndarray], engine: Engine, ood: str = "flag",
-                      frontal: FrontalCheck | None = None) -> pd.DataFrame:
+                      frontal: FrontalCheck | None = None, framed_sides: np.ndarray | None = None) -> pd.DataFrame:
     """ood: "flag" keeps the probabilities of an image out of scope by its pixels (the frontal check's score
-    under its threshold, a mirror-symmetric picture, or the model's distance over its threshold:
-    cxr.scope.frontal.verdicts) with in_distribution false and the reason in ood_reason; "skip" makes it an
-    out_of_scope row (stage "ood") without them.
+    under its threshold, a mirror-symmetric picture, the model's distance over its threshold, or a uniform
+    frame around the raw film: cxr.scope.frontal.verdicts) with in_distribution false and the reason in
+    ood_reason; "skip" makes it an out_of_scope row (stage "ood") without them. framed_sides: per image, the
+    sides of its raw film a frame runs along (cxr.image.frame; None: not measured, e.g. preprocessed input).
 
     The columns are filled as arrays and typed once (a pandas .loc per column and batch cost a worker more
     than the frontal check)."""
@@ -158,9 +159,9 @@ def _with_predictions(rows: list[dict], images: list[np.ndarray], engine: Engine
             num["ood_distance"][ok] = dist
         if scope is not None:
             num["scope_score"][ok] = scope
-        if dist is not None or scope is not None:
-            inside, reasons = (frontal.verdicts(scope, asym, dist, threshold) if frontal is not None
-                               else verdicts(None, None, dist, threshold))
+        if dist is not None or scope is not None or framed_sides is not None:
+            inside, reasons = (frontal.verdicts(scope, asym, dist, threshold, framed_sides) if frontal is not None
+                               else verdicts(None, None, dist, threshold, framed_sides=framed_sides))
             reasons = np.array(reasons, dtype=object)
             col["in_distribution"][ok], col["ood_reason"][ok] = inside, reasons
             if ood == "skip" and not inside.all():
@@ -220,7 +221,7 @@ def score_raw_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, al
     (with the scope gate: DICOM columns, out-of-scope files not decoded), then the model. `source`: the run's
     source (score.source), for files whose DICOM header names no site. known: the digests of the content this
     model already scored (cxr.score.known): such a file is hashed, not decoded, and its row says already_scored."""
-    rows, images = [], []
+    rows, images, sides = [], [], []
     for path, size, mtime in zip(frame["path"], frame["size"], frame["mtime_ms"]):
         row = dict.fromkeys(RESULT_COLUMNS)
         row.update(path=path, size=size, mtime_ms=mtime, source=source)
@@ -233,7 +234,7 @@ def score_raw_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, al
                 row.update(sha256=sha, status=ALREADY_SCORED)
                 rows.append(row)
                 continue
-            done = process_file(path, content, root, params, aliases, gate, sha256=sha)
+            done = process_file(path, content, root, params, aliases, gate, sha256=sha, frame=True)
             row.update({c: done[c] for c in DICOM_COLUMNS})
             row.update(source=site_source(done.get(SITE_KEY)) or source)
             row.update(sha256=done["sha256"], folder_label=done["label"], status=done["status"],
@@ -241,8 +242,10 @@ def score_raw_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, al
                        **{c: done[c] for c in INPUT_COLUMNS})
             if done["status"] == "ok":
                 images.append(np.frombuffer(done["image"], np.uint8).reshape(done["height"], done["width"]))
+                sides.append(done["framed_sides"])
         rows.append(row)
-    return _with_predictions(rows, images, engine, gate.rules.ood if gate else "flag", gate.frontal if gate else None)
+    return _with_predictions(rows, images, engine, gate.rules.ood if gate else "flag", gate.frontal if gate else None,
+                             np.array(sides, int))
 
 
 def score_preprocessed_frame(frame: pd.DataFrame, engine: Engine, ood: str = "flag",
