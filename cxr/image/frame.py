@@ -3,7 +3,7 @@
 Why: a black frame around an adult normal film (a collimated film, a scanned film's edge) makes the shipped
 profile call it COVID more often than not (out of fold: recall 0.944 -> 0.411 with 8% of each side black;
 docs/sources.md "Frames, resolution and markers"), and its training films almost never carry one (a band of at
-least 4% on three sides or more: 2 of 1,037 films). The score job flags such a film as unlike the training films
+least 4% on three sides or more: 3 of 1,037 films). The score job flags such a film as unlike the training films
 instead of trusting its call.
 """
 from __future__ import annotations
