@@ -73,3 +73,9 @@ def test_the_score_job_flags_a_framed_film_and_scores_it(spark, tmp_path):
     assert not preds.loc[boxed, "in_distribution"].any() and preds.loc[boxed, "p_normal"].notna().all()
     assert not reason[~boxed].str.contains("uniform frame").any()
     assert record["scope_reasons"]["unlike_training"] >= 3
+    # scope.frame: false leaves the frames unmeasured
+    off = load_config(overrides={**{f"preprocess.{k}": v for k, v in params.items()}, "score.batch_size": 8,
+                                 "scope.frame": False})
+    run(spark, str(tmp_path / "archive"), str(model), str(tmp_path / "preds-off"), off)
+    unframed = pd.read_parquet(tmp_path / "preds-off" / "predictions")
+    assert len(unframed) == 6 and not unframed["ood_reason"].fillna("").str.contains("uniform frame").any()

@@ -86,15 +86,18 @@ class ScopeRules:
 @dataclass(frozen=True)
 class ScopeGate:
     """What a worker needs to judge one file: the header reader (with the site secret) and the rules, before
-    decoding it; the frontal-film check (conf scope.frontal; None: off), after preprocessing it (the score job).
-    Both jobs ship one to their Python workers."""
+    decoding it; the frontal-film check (conf scope.frontal; None: off), after preprocessing it, and whether to
+    measure the raw film's frame (conf scope.frame, cxr.image.frame) (the score job). Both jobs ship one to their
+    Python workers."""
     reader: HeaderReader
     rules: ScopeRules
     frontal: FrontalCheck | None = None
+    frame: bool = False
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ScopeGate":
-        return cls(HeaderReader.from_config(config), ScopeRules.from_config(config), FrontalCheck.from_config(config))
+        return cls(HeaderReader.from_config(config), ScopeRules.from_config(config), FrontalCheck.from_config(config),
+                   bool((config.get("scope") or {}).get("frame", True)))
 
     def check(self, data: bytes) -> tuple[dict[str, Any], str | None]:
         """(DICOM columns, all null for other files; why the file is out of scope, or None)."""

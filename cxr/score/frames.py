@@ -222,6 +222,7 @@ def score_raw_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, al
     source (score.source), for files whose DICOM header names no site. known: the digests of the content this
     model already scored (cxr.score.known): such a file is hashed, not decoded, and its row says already_scored."""
     rows, images, sides = [], [], []
+    measure_frame = bool(gate and gate.frame)
     for path, size, mtime in zip(frame["path"], frame["size"], frame["mtime_ms"]):
         row = dict.fromkeys(RESULT_COLUMNS)
         row.update(path=path, size=size, mtime_ms=mtime, source=source)
@@ -234,7 +235,7 @@ def score_raw_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, al
                 row.update(sha256=sha, status=ALREADY_SCORED)
                 rows.append(row)
                 continue
-            done = process_file(path, content, root, params, aliases, gate, sha256=sha, frame=True)
+            done = process_file(path, content, root, params, aliases, gate, sha256=sha, frame=measure_frame)
             row.update({c: done[c] for c in DICOM_COLUMNS})
             row.update(source=site_source(done.get(SITE_KEY)) or source)
             row.update(sha256=done["sha256"], folder_label=done["label"], status=done["status"],
@@ -242,10 +243,10 @@ def score_raw_frame(frame: pd.DataFrame, root: str, params: PreprocessParams, al
                        **{c: done[c] for c in INPUT_COLUMNS})
             if done["status"] == "ok":
                 images.append(np.frombuffer(done["image"], np.uint8).reshape(done["height"], done["width"]))
-                sides.append(done["framed_sides"])
+                sides.append(done.get("framed_sides", 0))
         rows.append(row)
     return _with_predictions(rows, images, engine, gate.rules.ood if gate else "flag", gate.frontal if gate else None,
-                             np.array(sides, int))
+                             np.array(sides, int) if measure_frame else None)
 
 
 def score_preprocessed_frame(frame: pd.DataFrame, engine: Engine, ood: str = "flag",
